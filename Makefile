@@ -1,0 +1,40 @@
+# Quick start: `make run` (set up + train on the embedded Fashion-MNIST lake), `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data run test lint bench clean
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# Fashion-MNIST ships in Debian (dataset-fashion-mnist); without apt the code falls back to
+# torchvision's download on first use.
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then true; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else echo "no apt-get: Fashion-MNIST will be downloaded by torchvision on first use"; fi
+
+run: setup
+	$(BIN)/streamssl run
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/pipeline_efficiency.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

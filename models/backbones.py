@@ -1,0 +1,106 @@
+"""Backbones: the image encoders every SSL method trains and every published artifact contains.
+
+`build_backbone(name, in_channels)` returns a module mapping float images [B, C, H, W] to features
+[B, feature_dim], plus that feature_dim. Two choices:
+
+* "convnet": four conv3x3-BN-ReLU blocks (32/64/128/256 channels, max-pool after blocks 2-4) and a
+  global average pool; ~0.39 M parameters, small enough to train at useful speed on a CPU.
+* "resnet18": torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool), since the
+  ImageNet stem throws away most of a 32x32 image in its first two layers; meant for GPUs.
+
+With `bn_splits > 1` every BatchNorm2d becomes a `SplitBatchNorm2d`, which normalises each of
+`bn_splits` chunks of the batch on its own, like per-GPU BN in a multi-GPU run. MoCo needs this on a
+single device: with one BN over the whole batch, queries and their keys share batch statistics and the
+network can cheat the pretext task through them (He et al. 2020, "Shuffling BN").
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BACKBONES = ("convnet", "resnet18")
+
+NormLayer = Callable[[int], nn.Module]
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training mode, normalises `num_splits` equal chunks of the batch separately.
+
+    The running statistics are updated with the average of the chunks' statistics. In eval mode it is
+    plain BatchNorm2d. It adds no parameters or buffers, so its state_dict has exactly BatchNorm2d's keys
+    and a model trained with it loads into one built with plain BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, num_splits: int) -> None:
+        super().__init__(num_features)
+        self.num_splits = num_splits
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        batch, channels, height, width = x.shape
+        if batch % self.num_splits:
+            raise ValueError(f"batch size {batch} is not divisible by bn_splits={self.num_splits}")
+        # Lay the chunks side by side as channels ([S, B/S, C] -> [B/S, S*C]) so one batch_norm call
+        # computes separate statistics for every (chunk, channel) pair.
+        grouped = x.unflatten(0, (self.num_splits, -1)).transpose(0, 1).flatten(1, 2)
+        self.num_batches_tracked.add_(1)
+        # As in BatchNorm2d, momentum=None means a cumulative average over all batches seen.
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        running_mean = self.running_mean.repeat(self.num_splits)
+        running_var = self.running_var.repeat(self.num_splits)
+        out = F.batch_norm(grouped, running_mean, running_var, self.weight.repeat(self.num_splits),
+                           self.bias.repeat(self.num_splits), True, momentum, self.eps)
+        self.running_mean.copy_(running_mean.view(self.num_splits, channels).mean(0))
+        self.running_var.copy_(running_var.view(self.num_splits, channels).mean(0))
+        return out.unflatten(1, (self.num_splits, channels)).transpose(0, 1).flatten(0, 1)
+
+
+def build_backbone(name: str, in_channels: int, bn_splits: int = 1) -> tuple[nn.Module, int]:
+    """Returns (backbone, feature_dim) for one of BACKBONES."""
+    if bn_splits < 1:
+        raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
+    norm_layer: NormLayer = nn.BatchNorm2d if bn_splits == 1 else partial(SplitBatchNorm2d, num_splits=bn_splits)
+    if name == "convnet":
+        return _convnet(in_channels, norm_layer), 256
+    if name == "resnet18":
+        return _cifar_resnet18(in_channels, norm_layer), 512
+    raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(BACKBONES)}")
+
+
+def _conv_block(in_channels: int, out_channels: int, norm_layer: NormLayer, downsample: bool) -> nn.Sequential:
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),  # BN supplies the bias
+        norm=norm_layer(out_channels),
+        relu=nn.ReLU(inplace=True),
+    )
+    if downsample:
+        layers["pool"] = nn.MaxPool2d(2)  # floors odd sizes: 28 -> 14 -> 7 -> 3 for Fashion-MNIST
+    return nn.Sequential(layers)
+
+
+def _convnet(in_channels: int, norm_layer: NormLayer) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(
+        block1=_conv_block(in_channels, 32, norm_layer, downsample=False),
+        block2=_conv_block(32, 64, norm_layer, downsample=True),
+        block3=_conv_block(64, 128, norm_layer, downsample=True),
+        block4=_conv_block(128, 256, norm_layer, downsample=True),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(),
+    ))
+
+
+def _cifar_resnet18(in_channels: int, norm_layer: NormLayer) -> nn.Module:
+    # Imported here: torchvision adds ~1.5 s to `import streamssl.models`, and the CPU default is the convnet.
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, norm_layer=norm_layer)
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    model.fc = nn.Identity()  # forward then ends at the flattened 512-d average pool
+    return model

@@ -1,0 +1,121 @@
+"""Prometheus metrics of a training run, and the HTTP exporter that serves them.
+
+Every run owns its own `CollectorRegistry`, so several runs (or tests) in one process never
+collide. Names follow Prometheus conventions: `streamssl_` prefix, base units (`_seconds`,
+ratios in 0..1), `_total` for counters. The trainer pushes values in; nothing here knows about
+models or streams.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Not among the ports of the usual exporters (Prometheus 9090, Pushgateway 9091, Alertmanager
+# 9093, node 9100, mysqld 9104, blackbox 9115, OpenTelemetry 9464, Grafana 3000).
+DEFAULT_METRICS_PORT = 9765
+
+# Step times of small CPU nets are tens of ms, of ResNets on CPU seconds.
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """All gauges, counters and histograms a run exports."""
+
+    def __init__(self, method: str = "") -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.samples = Counter("streamssl_samples", "Samples trained on.", registry=r)
+        self.steps = Counter("streamssl_steps", "Optimizer steps taken.", registry=r)
+        self.skipped_steps = Counter(
+            "streamssl_skipped_steps", "Steps skipped because the loss was not finite.", registry=r
+        )
+        self.step_seconds = Histogram(
+            "streamssl_step_duration_seconds", "Wall time of one training step (augment + forward + backward).",
+            buckets=STEP_BUCKETS, registry=r,
+        )
+        self.wait_seconds = Counter(
+            "streamssl_input_wait_seconds", "Time the trainer waited for the next batch from the stream.", registry=r
+        )
+        self.loss = Gauge("streamssl_loss", "Training loss of the last step.", registry=r)
+        self.learning_rate = Gauge("streamssl_learning_rate", "Learning rate of the last step.", registry=r)
+        self.samples_per_second = Gauge(
+            "streamssl_samples_per_second", "Training throughput over the last progress interval.", registry=r
+        )
+        self.knn_top1 = Gauge("streamssl_knn_top1_ratio", "Weighted kNN top-1 accuracy of the monitor (0..1).", registry=r)
+        self.queue_fill = Gauge("streamssl_queue_fill_ratio", "Fill of the method's queue or memory bank (0..1).", registry=r)
+        self.embedding_std = Gauge(
+            "streamssl_embedding_std",
+            "Mean per-dimension std of L2-normalised embeddings; ~1/sqrt(d) healthy, 0 means collapse.", registry=r,
+        )
+        self.method_stat = Gauge(
+            "streamssl_method_stat", "Other values a method reports, by name.", ["stat"], registry=r
+        )
+        self.checkpoint_seconds = Histogram(
+            "streamssl_checkpoint_duration_seconds", "Time to write one checkpoint durably.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
+        )
+        self.last_checkpoint = Gauge(
+            "streamssl_last_checkpoint_timestamp_seconds", "Unix time of the last durable checkpoint.", registry=r
+        )
+        self.checkpoint_age = Gauge(
+            "streamssl_checkpoint_age_seconds", "Seconds since the last durable checkpoint (since start if none).",
+            registry=r,
+        )
+        self._last_checkpoint_time = time.time()
+        self.checkpoint_age.set_function(lambda: time.time() - self._last_checkpoint_time)
+        self.last_publish = Gauge(
+            "streamssl_last_publish_timestamp_seconds", "Unix time of the last published encoder.", registry=r
+        )
+        self.published_version = Gauge("streamssl_published_version", "Last published encoder version.", registry=r)
+        self.rejected = Counter(
+            "streamssl_records_rejected", "Records or shards skipped as bad input, by reason.", ["reason"], registry=r
+        )
+        self.source_position = Gauge(
+            "streamssl_source_position", "Stream position and lag as the source reports it, by field.", ["field"],
+            registry=r,
+        )
+        self.info = Gauge("streamssl_run_info", "Constant 1, labelled with the run's method.", ["method"], registry=r)
+        self.info.labels(method=method).set(1)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe_step(self, samples: int, seconds: float, learning_rate: float) -> None:
+        self.samples.inc(samples)
+        self.steps.inc()
+        self.step_seconds.observe(seconds)
+        self.learning_rate.set(learning_rate)
+
+    def observe_logs(self, logs: dict[str, float]) -> None:
+        """Exports a method's logs: well-known names to their own gauges, the rest by name."""
+        named = {"loss": self.loss, "queue_fill": self.queue_fill, "embedding_std": self.embedding_std}
+        for name, value in logs.items():
+            gauge = named.get(name)
+            (gauge if gauge is not None else self.method_stat.labels(stat=name)).set(value)
+
+    def observe_checkpoint(self, seconds: float) -> None:
+        self._last_checkpoint_time = time.time()
+        self.checkpoint_seconds.observe(seconds)
+        self.last_checkpoint.set(self._last_checkpoint_time)
+
+    def observe_publish(self, version: int) -> None:
+        self.last_publish.set(time.time())
+        self.published_version.set(version)
+
+    def observe_source(self, stats: dict[str, float]) -> None:
+        for field, value in stats.items():
+            self.source_position.labels(field=field).set(value)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Starts the exporter in a daemon thread and returns the port it is bound to."""
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

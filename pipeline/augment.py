@@ -1,0 +1,124 @@
+"""Batched augmentation with independent random parameters for every sample.
+
+A torchvision v2 transform applied to a batch tensor draws one set of parameters for the whole
+batch; SSL needs each sample to get its own crop, flip, jitter and blur. Here every parameter is
+drawn as a [B]-shaped tensor and applied in one batched op: crops and flips as one per-sample
+affine `grid_sample`, jitter as per-sample factors broadcast over the image, blur as a grouped
+convolution with one kernel per sample. All draws come from one `torch.Generator`, whose state
+goes into the checkpoint, so a resumed run sees the same views.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from streamssl.pipeline.config import AugmentConfig
+
+
+def _uniform(low: float, high: float, n: int, gen: torch.Generator, device: torch.device) -> Tensor:
+    return torch.rand(n, generator=gen, device=device) * (high - low) + low
+
+
+def _coin(prob: float, n: int, gen: torch.Generator, device: torch.device) -> Tensor:
+    return torch.rand(n, generator=gen, device=device) < prob
+
+
+def crop_flip_grids(n: int, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                    flip_prob: float, gen: torch.Generator, device: torch.device) -> Tensor:
+    """Sampling grids for per-sample random-resized crops (with horizontal flips), [N,H,W,2].
+
+    Area fraction s ~ U(scale), log aspect ratio ~ U(log ratio): the crop is w = sqrt(s·r),
+    h = sqrt(s/r) of the image (clipped to 1), centred uniformly where it fits.
+    """
+    area = _uniform(scale[0], scale[1], n, gen, device)
+    log_ratio = _uniform(math.log(ratio[0]), math.log(ratio[1]), n, gen, device)
+    aspect = torch.exp(log_ratio)
+    width = torch.sqrt(area * aspect).clamp(max=1.0)
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    # affine_grid works in [-1, 1] coordinates: a crop of relative size w can move by ±(1 - w).
+    centre_x = _uniform(-1.0, 1.0, n, gen, device) * (1 - width)
+    centre_y = _uniform(-1.0, 1.0, n, gen, device) * (1 - height)
+    flip = torch.where(_coin(flip_prob, n, gen, device), -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = width * flip
+    theta[:, 0, 2] = centre_x
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = centre_y
+    return F.affine_grid(theta, [n, 1, size, size], align_corners=False)
+
+
+def colour_jitter(images: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
+    """Per-sample brightness, contrast (and saturation for RGB) factors, applied with prob jitter_prob."""
+    n, channels = images.shape[:2]
+    device = images.device
+    apply = _coin(cfg.jitter_prob, n, gen, device)
+
+    def factors(strength: float) -> Tensor:
+        drawn = _uniform(1 - strength, 1 + strength, n, gen, device)
+        return torch.where(apply, drawn, torch.ones_like(drawn)).view(n, 1, 1, 1)
+
+    images = images * factors(cfg.brightness)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    images = (images - mean) * factors(cfg.contrast) + mean
+    if channels == 3:
+        grey = (images * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        images = (images - grey) * factors(cfg.saturation) + grey
+    return images.clamp(0.0, 1.0)
+
+
+def gaussian_blur(images: Tensor, sigma_range: tuple[float, float], prob: float, gen: torch.Generator) -> Tensor:
+    """Separable Gaussian blur with a per-sample sigma; samples not drawn keep a delta kernel."""
+    n, channels, height, width = images.shape
+    device = images.device
+    sigma = _uniform(sigma_range[0], sigma_range[1], n, gen, device)
+    apply = _coin(prob, n, gen, device)
+    radius = max(1, min(height, width) // 10)  # ~10% of the image, as SimCLR's kernel size
+    offsets = torch.arange(-radius, radius + 1, device=device, dtype=images.dtype)
+    kernel = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    delta = (offsets == 0).to(images.dtype).expand_as(kernel)
+    kernel = torch.where(apply.view(-1, 1), kernel, delta)
+    # One group per (sample, channel): each sample is convolved with its own kernel.
+    weight = kernel.repeat_interleave(channels, dim=0)
+    flat = images.reshape(1, n * channels, height, width)
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, weight.view(n * channels, 1, 1, -1), groups=n * channels)
+    flat = F.conv2d(flat, weight.view(n * channels, 1, -1, 1), groups=n * channels)
+    return flat.view(n, channels, height, width)
+
+
+class BatchAugment:
+    """Turns a uint8 batch [B,C,H,W] into normalised float views, each sample augmented independently."""
+
+    def __init__(self, cfg: AugmentConfig, mean: list[float], std: list[float], size: int) -> None:
+        self.cfg = cfg
+        self.size = size
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def view(self, images: Tensor, gen: torch.Generator) -> Tensor:
+        cfg = self.cfg
+        pixels = images.float() / 255.0
+        grids = crop_flip_grids(
+            pixels.shape[0], self.size, (cfg.crop_scale[0], cfg.crop_scale[-1]),
+            (cfg.crop_ratio[0], cfg.crop_ratio[-1]), cfg.flip_prob, gen, pixels.device,
+        )
+        pixels = F.grid_sample(pixels, grids, mode="bilinear", padding_mode="reflection", align_corners=False)
+        pixels = colour_jitter(pixels, cfg, gen)
+        pixels = gaussian_blur(pixels, (cfg.blur_sigma[0], cfg.blur_sigma[-1]), cfg.blur_prob, gen)
+        return (pixels - self.mean.to(pixels.device)) / self.std.to(pixels.device)
+
+    def __call__(self, images: Tensor, gen: torch.Generator, views: int = 2) -> list[Tensor]:
+        return [self.view(images, gen) for _ in range(views)]
+
+
+def normalise(images: Tensor, mean: list[float], std: list[float]) -> Tensor:
+    """uint8 [B,C,H,W] → normalised float, no augmentation (evaluation)."""
+    device = images.device
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean_t) / std_t

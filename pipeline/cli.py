@@ -1,0 +1,138 @@
+"""The `streamssl` command: `run` trains on a stream, `eval` scores a published encoder, `lake` writes shards.
+
+Expected failures (bad config, missing data, a tampered encoder) print one `streamssl: error: …`
+line and exit 2; SIGINT/SIGTERM stop a run cleanly (finish the step, checkpoint, publish, exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from streamssl.models.encoder_io import EncoderLoadError
+from streamssl.pipeline.config import ConfigError, load_config
+from streamssl.streams.records import SourceError
+
+log = logging.getLogger("streamssl")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamssl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train continuously on a stream (resumes from --run-dir)")
+    run.add_argument("--config", help="YAML config file (keys as in `--set`)")
+    run.add_argument("--method", help="self-supervised method (default moco)")
+    run.add_argument("--data", help="shard directory, brace pattern or URL; default: embedded Fashion-MNIST lake")
+    run.add_argument("--run-dir", help="checkpoints, published encoders, dead letters (default runs/default)")
+    run.add_argument("--max-steps", type=int, help="total steps for the run dir; 0 = unlimited")
+    run.add_argument("--max-minutes", type=float, help="wall-clock budget of this invocation; 0 = unlimited")
+    run.add_argument("--metrics-port", type=int, help="Prometheus exporter port (default 9765; 0 = off)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any config value, e.g. --set train.batch_size=128 (repeatable)")
+
+    evaluate = commands.add_parser("eval", help="kNN top-1 of a published encoder, printed as JSON")
+    evaluate.add_argument("--encoder", required=True,
+                          help="published version folder (or its `latest` link); `raw` = raw-pixel baseline")
+    evaluate.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
+    evaluate.add_argument("--k", type=int, default=200)
+    evaluate.add_argument("--temperature", type=float, default=0.1)
+    evaluate.add_argument("--bank-size", type=int, default=0, help="train images in the bank; 0 = all 60k")
+    evaluate.add_argument("--test-size", type=int, default=0, help="test images scored; 0 = all 10k")
+
+    lake = commands.add_parser("lake", help="write Fashion-MNIST as WebDataset shards (PNG + json)")
+    lake.add_argument("--out", required=True, help="directory to write shards into")
+    lake.add_argument("--limit", type=int, default=0, help="only the first N training images; 0 = all")
+    lake.add_argument("--shard-size", type=int, default=1000)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {
+        "method": args.method, "data.source": args.data, "run_dir": args.run_dir,
+        "train.max_steps": args.max_steps, "train.max_minutes": args.max_minutes, "metrics.port": args.metrics_port,
+    }
+    cfg = load_config(args.config, overrides, args.set)
+    if cfg.data.source and "://" not in cfg.data.source and "{" not in cfg.data.source \
+            and not Path(cfg.data.source).exists():
+        raise SourceError(f"data path not found: {cfg.data.source}")
+    from streamssl.pipeline.trainer import Trainer  # torch import only once the arguments are known good
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        if stop.is_set():  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        log.info("%s received: finishing the step, then checkpoint and publish", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    Trainer(cfg, stop).run()
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from streamssl.models import load_encoder
+    from streamssl.pipeline.config import EvalConfig
+    from streamssl.pipeline.data import knn_sets
+    from streamssl.pipeline.knn import knn_top1
+
+    started = time.monotonic()
+    bank, bank_labels, test, test_labels = knn_sets(EvalConfig(bank_size=args.bank_size, test_size=args.test_size))
+    result: dict[str, Any] = {"encoder": args.encoder}
+    if args.encoder == "raw":
+        encoder: torch.nn.Module = torch.nn.Flatten()
+    else:
+        if not Path(args.encoder).exists():
+            raise SourceError(f"encoder folder not found: {args.encoder}")
+        encoder = load_encoder(args.encoder)
+        manifest = encoder.manifest
+        result.update(version=manifest["version"], step=manifest["step"], method=manifest["method"],
+                      samples_seen=manifest["samples_seen"])
+    # A published encoder normalises its own input: feed it plain [0, 1] pixels.
+    top1 = knn_top1(encoder, bank, bank_labels, test, test_labels, [0.0], [1.0], torch.device("cpu"),
+                    k=args.k, temperature=args.temperature)
+    result.update(dataset=args.dataset, knn_top1=round(top1, 4), k=args.k, temperature=args.temperature,
+                  bank_size=len(bank), test_size=len(test), seconds=round(time.monotonic() - started, 1))
+    print(json.dumps(result))
+    return 0
+
+
+def _lake(args: argparse.Namespace) -> int:
+    from streamssl.streams.fashion_mnist import load_fashion_mnist
+    from streamssl.streams.lake import build_lake
+
+    images, labels = load_fashion_mnist("train")
+    if args.limit:
+        images, labels = images[:args.limit], labels[:args.limit]
+    shards = build_lake(Path(args.out), images, labels, shard_size=args.shard_size)
+    print(json.dumps({"out": args.out, "shards": len(shards), "samples": len(images)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return {"run": _run, "eval": _eval, "lake": _lake}[args.command](args)
+    except (ConfigError, SourceError, EncoderLoadError) as err:
+        print(f"streamssl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamssl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""One typed config tree for a run: defaults here, then a YAML file, then `--set key=value`.
+
+Every schedule is in steps or seconds (a stream has no epochs). Unknown keys and values of the
+wrong type are refused with a `ConfigError` whose message fits on one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streamssl.monitoring.metrics import DEFAULT_METRICS_PORT
+
+
+class ConfigError(Exception):
+    """A bad config key or value; the CLI prints it as one line."""
+
+
+@dataclass
+class DataConfig:
+    source: str = ""  # shard dir, brace pattern or URL; "" = the embedded Fashion-MNIST lake
+    mode: str = "auto"  # cycle | once | follow; auto = follow for a directory, cycle otherwise
+    shuffle_buffer: int = 2048  # records; part of the stream position, so resume stays exact
+    poll_seconds: float = 2.0  # follow mode: how often to look for new shards
+    image_field: str = "png"  # which extension of a record holds the image (png / jpg / jpeg)
+    channels: int = 1
+    size: int = 28  # images are decoded and resized to size x size
+    mean: list[float] = field(default_factory=lambda: [0.286])  # Fashion-MNIST train statistics
+    std: list[float] = field(default_factory=lambda: [0.353])
+    prefetch_batches: int = 4
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "convnet"  # convnet (CPU default) | resnet18 (for GPUs)
+    bn_splits: int = 8  # split BN in training, so a single device behaves like MoCo's multi-GPU shuffle BN
+
+
+@dataclass
+class MocoConfig:
+    dim: int = 128
+    queue_size: int = 4096
+    momentum: float = 0.99
+    temperature: float = 0.1
+    mlp: bool = True  # False = MoCo v1 linear head
+    symmetric: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4  # only for 3-channel input
+    blur_prob: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.06  # for batch 256; scaled linearly with batch size
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 200
+    schedule: str = "cosine"  # cosine | constant
+    total_steps: int = 0  # cosine horizon; 0 = train.max_steps, or constant LR when that is 0 too
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256
+    max_steps: int = 0  # total for the run dir (a resumed run continues up to it); 0 = no limit
+    max_minutes: float = 5.0  # this invocation's wall-clock budget; 0 = no limit
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    channels_last: bool = True
+    seed: int = 0
+    deterministic: bool = False  # bit-exact CPU resume (torch deterministic algorithms)
+    log_every_seconds: float = 10.0
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    every_seconds: float = 300.0
+    keep: int = 3
+    publish_every: int = 1  # publish after every N-th checkpoint (and always at the end)
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 500  # 0 = only at the end
+    dataset: str = "fashion-mnist"  # fashion-mnist | none
+    bank_size: int = 10000  # labelled reference subset of the train split
+    test_size: int = 2000  # held-out subset of the test split
+    k: int = 200
+    temperature: float = 0.1
+
+
+@dataclass
+class MetricsConfig:
+    port: int = DEFAULT_METRICS_PORT  # 0 = off
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class Config:
+    method: str = "moco"
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def method_options(self) -> dict[str, Any]:
+        """The config section named after the method (e.g. `moco`), as keyword options."""
+        section = getattr(self, self.method, None)
+        return dataclasses.asdict(section) if section is not None else {}
+
+
+CHOICES = {
+    "data.mode": ("auto", "cycle", "once", "follow"),
+    "data.image_field": ("png", "jpg", "jpeg"),
+    "model.backbone": ("convnet", "resnet18"),
+    "optim.schedule": ("cosine", "constant"),
+    "train.precision": ("fp32", "bf16"),
+    "eval.dataset": ("fashion-mnist", "none"),
+    "method": ("moco",),
+}
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Checks/converts one YAML value against a dataclass field type."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            value = [value]
+        return [_convert(v, item, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _set(node: Any, dotted: str, value: Any, prefix: str = "") -> None:
+    name, _, rest = dotted.partition(".")
+    hints = typing.get_type_hints(type(node))
+    if name not in hints:
+        full = prefix + name
+        options = [prefix + n for n in hints]
+        close = difflib.get_close_matches(full, options, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key '{prefix + dotted}'{hint}")
+    current = getattr(node, name)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _set(current, rest, value, prefix + name + ".")
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{prefix + name}: expected a mapping")
+        for sub, sub_value in value.items():
+            _set(current, str(sub), sub_value, prefix + name + ".")
+        return
+    if rest:
+        raise ConfigError(f"unknown config key '{prefix + dotted}' ({prefix + name} is not a section)")
+    setattr(node, name, _convert(value, hints[name], prefix + name))
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        if node not in allowed:
+            raise ConfigError(f"{key}: {node!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "train.batch_size": cfg.train.batch_size, "data.size": cfg.data.size, "data.channels": cfg.data.channels,
+        "checkpoint.keep": cfg.checkpoint.keep, "eval.k": cfg.eval.k, "model.bn_splits": cfg.model.bn_splits,
+        "checkpoint.publish_every": cfg.checkpoint.publish_every, "data.prefetch_batches": cfg.data.prefetch_batches,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if len(cfg.data.mean) != cfg.data.channels or len(cfg.data.std) != cfg.data.channels:
+        raise ConfigError("data.mean and data.std need one value per channel (data.channels)")
+    if cfg.train.batch_size % cfg.model.bn_splits:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by model.bn_splits")
+    if not 0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[-1] <= 1:
+        raise ConfigError("augment.crop_scale must be [min, max] with 0 < min <= max <= 1")
+    if cfg.eval.dataset == "fashion-mnist" and cfg.data.channels != 1:
+        raise ConfigError("eval.dataset fashion-mnist needs data.channels 1 (set eval.dataset none otherwise)")
+    if cfg.train.max_steps < 0 or cfg.train.max_minutes < 0:
+        raise ConfigError("train.max_steps and train.max_minutes must be >= 0")
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
+                sets: list[str] | None = None) -> Config:
+    """Defaults ← YAML file ← explicit overrides (CLI flags) ← `key=value` strings."""
+    cfg = Config()
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        for key, value in loaded.items():
+            _set(cfg, str(key), value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(cfg, key, value)
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, key.strip(), value)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

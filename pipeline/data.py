@@ -1,0 +1,39 @@
+"""Turns the `data` config into a stream source, and the `eval` config into a labelled kNN set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import Tensor
+
+from streamssl.pipeline.config import DataConfig, EvalConfig
+from streamssl.pipeline.knn import subset
+from streamssl.streams.fashion_mnist import load_fashion_mnist
+from streamssl.streams.lake import default_lake
+from streamssl.streams.records import RejectFn
+from streamssl.streams.webdataset_source import WebDatasetSource
+
+
+def resolve_mode(source: str, mode: str) -> str:
+    """`auto`: a directory is a lake that keeps growing (follow); a fixed list or the demo lake cycles."""
+    if mode != "auto":
+        return mode
+    return "follow" if source and "://" not in source and Path(source).is_dir() else "cycle"
+
+
+def open_source(cfg: DataConfig, seed: int, on_reject: RejectFn) -> WebDatasetSource:
+    spec = cfg.source or str(default_lake())
+    mode = resolve_mode(cfg.source, cfg.mode)
+    return WebDatasetSource(spec, mode=mode, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
+                            poll_seconds=cfg.poll_seconds, on_reject=on_reject)
+
+
+def knn_sets(cfg: EvalConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(bank images, bank labels, test images, test labels): fixed subsets, the same for every run."""
+    root = os.environ.get("STREAMSSL_FASHION_MNIST")  # a folder of the idx .gz files, if not the Debian one
+    train_images, train_labels = load_fashion_mnist("train", root)
+    test_images, test_labels = load_fashion_mnist("test", root)
+    bank_images, bank_labels = subset(train_images, train_labels, cfg.bank_size, seed=0)
+    query_images, query_labels = subset(test_images, test_labels, cfg.test_size, seed=1)
+    return bank_images, bank_labels, query_images, query_labels

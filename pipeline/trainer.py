@@ -1,0 +1,268 @@
+"""The training loop: stream → batched augment → method step, with checkpoints, eval, publishing, metrics.
+
+Stopping (SIGINT/SIGTERM via `stop`, max_steps, max_minutes, end of a finite stream) always ends
+the same way: the current step finishes, then eval, checkpoint, publish. Resuming from the run
+dir restores model, optimizer, method buffers, RNGs and the stream position, so N steps in one go
+and N/2 + N/2 across a restart train on the same samples with the same views.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from streamssl.models import build_backbone, build_method
+from streamssl.monitoring.metrics import Metrics
+from streamssl.pipeline.augment import BatchAugment
+from streamssl.pipeline.checkpoint import Checkpointer
+from streamssl.pipeline.config import Config, ConfigError, to_dict
+from streamssl.pipeline.data import knn_sets, open_source
+from streamssl.pipeline.deadletter import DeadLetters
+from streamssl.pipeline.knn import knn_top1
+from streamssl.pipeline.loader import Batch, BatchLoader
+from streamssl.pipeline.publish import Publisher
+from streamssl.pipeline.schedule import learning_rate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """Counters that go into every checkpoint next to the model."""
+
+    step: int = 0
+    samples_seen: int = 0
+    checkpoints_written: int = 0
+    position: dict[str, Any] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    published_step: int = -1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, stop: threading.Event | None = None) -> None:
+        self.cfg = cfg
+        self.stop = stop or threading.Event()
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+
+        backbone, self.feature_dim = build_backbone(cfg.model.backbone, cfg.data.channels, bn_splits=cfg.model.bn_splits)
+        self.method = build_method(cfg.method, backbone, self.feature_dim, cfg.method_options()).to(self.device)
+        if cfg.train.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        self.base_lr = cfg.optim.lr * cfg.train.batch_size / 256  # linear scaling rule
+        self.optimizer = torch.optim.SGD(self.method.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
+                                         weight_decay=cfg.optim.weight_decay)
+        self.augment = BatchAugment(cfg.augment, cfg.data.mean, cfg.data.std, cfg.data.size)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
+
+        self.metrics = Metrics(cfg.method)
+        self.dead_letters = DeadLetters(self.run_dir / "dead-letter.jsonl", self.metrics)
+        self.source = open_source(cfg.data, cfg.train.seed, self.dead_letters.reject)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.publisher = Publisher(self.run_dir / "published")
+        self.state = RunState()
+        self._knn_data: tuple[torch.Tensor, ...] | None = None
+        self.metrics_port = 0
+        self._checkpointed_step = -1
+
+    # --- checkpoint / resume -------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "augment": self.generator.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": 1, "method_name": self.cfg.method, "step": self.state.step,
+            "samples_seen": self.state.samples_seen, "checkpoints_written": self.state.checkpoints_written,
+            "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": {"base_lr": self.base_lr, "step": self.state.step},  # the LR is a pure function of step
+            "source": self.state.position, "rng": rng, "eval_metrics": self.state.eval_metrics,
+            "config": to_dict(self.cfg),
+        }
+
+    def resume(self) -> bool:
+        found = self.checkpointer.load_latest(map_location=self.device)
+        if found is None:
+            return False
+        ckpt, path = found
+        if ckpt.get("method_name") != self.cfg.method:
+            raise ConfigError(f"run dir {self.run_dir} holds a '{ckpt.get('method_name')}' run, not '{self.cfg.method}'")
+        self.method.load_state_dict(ckpt["method"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        self.generator.set_state(ckpt["rng"]["augment"].cpu())
+        random.setstate(ckpt["rng"]["python"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        self.source.load_state_dict(ckpt["source"])
+        self.state = RunState(ckpt["step"], ckpt["samples_seen"], ckpt["checkpoints_written"], ckpt["source"],
+                              dict(ckpt["eval_metrics"]), self.publisher.latest_step())
+        self._checkpointed_step = self.state.step
+        log.info("resumed from %s at step %d (%d samples seen)", path.name, self.state.step, self.state.samples_seen)
+        return True
+
+    def save_checkpoint(self) -> None:
+        started = time.perf_counter()
+        self.state.checkpoints_written += 1
+        self.checkpointer.save(self.checkpoint_state(), self.state.step)
+        self._checkpointed_step = self.state.step
+        self.metrics.observe_checkpoint(time.perf_counter() - started)
+
+    def publish(self) -> None:
+        cfg = self.cfg
+        manifest = {
+            "step": self.state.step, "samples_seen": self.state.samples_seen, "method": cfg.method,
+            "backbone": cfg.model.backbone, "backbone_options": {}, "embedding_dim": self.feature_dim,
+            "input": {"channels": cfg.data.channels, "height": cfg.data.size, "width": cfg.data.size,
+                      "range": "float in [0, 1], normalised inside the encoder",
+                      "mean": cfg.data.mean, "std": cfg.data.std},
+            "metrics": dict(self.state.eval_metrics),
+        }
+        version, folder = self.publisher.publish(self.method.encoder(), manifest)
+        self.state.published_step = self.state.step
+        self.metrics.observe_publish(version)
+        log.info("published %s", folder)
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> None:
+        cfg = self.cfg.eval
+        if cfg.dataset == "none":
+            return
+        if self._knn_data is None:
+            self._knn_data = knn_sets(cfg)
+        top1 = knn_top1(self.method.encoder(), *self._knn_data, self.cfg.data.mean, self.cfg.data.std, self.device,
+                        k=cfg.k, temperature=cfg.temperature, autocast=self.cfg.train.precision == "bf16")
+        self.state.eval_metrics = {"knn_top1": top1, "knn_step": float(self.state.step)}
+        self.metrics.knn_top1.set(top1)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def train_step(self, batch: Batch) -> tuple[float, dict[str, float]] | None:
+        """One optimizer step; returns (loss, logs), or None when the loss was not finite (step skipped)."""
+        cfg = self.cfg
+        images = batch.images.to(self.device, non_blocking=True)
+        views = self.augment(images, self.generator, self.method.num_views)
+        if cfg.train.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        lr = learning_rate(self.state.step, self.base_lr, cfg.optim.warmup_steps, cfg.optim.schedule,
+                           cfg.optim.total_steps or cfg.train.max_steps, cfg.optim.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            loss, logs = self.method(views)
+        loss_value = float(loss.detach())
+        if not torch.isfinite(torch.tensor(loss_value)):
+            self.metrics.skipped_steps.inc()
+            log.warning("step %d: non-finite loss, step skipped", self.state.step)
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.method.on_step_end(self.state.step)
+        self.metrics.learning_rate.set(lr)
+        return loss_value, {name: float(value) for name, value in logs.items()}
+
+    def run(self) -> RunState:
+        cfg = self.cfg
+        if cfg.metrics.port:
+            self.metrics_port = self.metrics.serve(cfg.metrics.port, cfg.metrics.host)
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
+        self.resume()
+        loader = BatchLoader(self.source, cfg.train.batch_size, cfg.data.image_field, cfg.data.channels,
+                             cfg.data.size, self.dead_letters, cfg.data.prefetch_batches)
+        started = time.monotonic()
+        deadline = started + cfg.train.max_minutes * 60 if cfg.train.max_minutes else float("inf")
+        last_checkpoint_time = started
+        last_log_time, last_log_samples = started, self.state.samples_seen
+        last_loss = float("nan")
+        reason = "stop requested"
+        try:
+            while True:
+                if self.stop.is_set():
+                    break
+                if cfg.train.max_steps and self.state.step >= cfg.train.max_steps:
+                    reason = f"reached max_steps {cfg.train.max_steps}"
+                    break
+                if time.monotonic() >= deadline:
+                    reason = f"time budget of {cfg.train.max_minutes} min used"
+                    break
+                waited = time.perf_counter()
+                try:
+                    batch = loader.next(timeout=0.5)
+                except queue.Empty:
+                    self.metrics.wait_seconds.inc(time.perf_counter() - waited)
+                    continue
+                self.metrics.wait_seconds.inc(time.perf_counter() - waited)
+                if batch is None:
+                    reason = "stream ended"
+                    break
+                step_started = time.perf_counter()
+                result = self.train_step(batch)
+                # A skipped step still consumed its batch: the position moves on, the step count does not.
+                self.state.position = batch.position
+                self.metrics.observe_source(batch.source_stats)
+                if result is None:
+                    continue
+                last_loss, logs = result
+                self.state.step += 1
+                self.state.samples_seen += batch.images.shape[0]
+                self.metrics.observe_step(batch.images.shape[0], time.perf_counter() - step_started,
+                                          self.optimizer.param_groups[0]["lr"])
+                self.metrics.observe_logs({"loss": last_loss, **logs})
+
+                now = time.monotonic()
+                if cfg.eval.every_steps and self.state.step % cfg.eval.every_steps == 0:
+                    self.evaluate()
+                if now - last_log_time >= cfg.train.log_every_seconds:
+                    rate = (self.state.samples_seen - last_log_samples) / (now - last_log_time)
+                    self.metrics.samples_per_second.set(rate)
+                    self.print_progress(rate, last_loss, logs)
+                    last_log_time, last_log_samples = now, self.state.samples_seen
+                due_by_steps = cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0
+                due_by_time = cfg.checkpoint.every_seconds and now - last_checkpoint_time >= cfg.checkpoint.every_seconds
+                if due_by_steps or due_by_time:
+                    self.save_checkpoint()
+                    last_checkpoint_time = time.monotonic()
+                    if self.state.checkpoints_written % cfg.checkpoint.publish_every == 0:
+                        self.publish()
+        finally:
+            loader.close()
+        self.finish(reason)
+        return self.state
+
+    def finish(self, reason: str) -> None:
+        log.info("stopping: %s", reason)
+        if self.state.eval_metrics.get("knn_step") != float(self.state.step) and self.state.step > 0:
+            self.evaluate()
+        if self._checkpointed_step != self.state.step:
+            self.save_checkpoint()
+        if self.state.published_step != self.state.step:
+            self.publish()
+        top1 = self.state.eval_metrics.get("knn_top1")
+        print(f"done: {reason}; step {self.state.step}, {self.state.samples_seen} samples"
+              + (f", kNN top-1 {top1:.4f}" if top1 is not None else ""), flush=True)
+        self.metrics.close()
+
+    def print_progress(self, rate: float, loss: float, logs: dict[str, float]) -> None:
+        top1 = self.state.eval_metrics.get("knn_top1")
+        knn = f"{top1:.4f} @ {int(self.state.eval_metrics['knn_step'])}" if top1 is not None else "-"
+        extra = " | ".join(f"{name} {value:.3f}" for name, value in logs.items())
+        print(f"step {self.state.step} | {rate:.0f} samples/s | loss {loss:.4f} | "
+              f"lr {self.optimizer.param_groups[0]['lr']:.4f} | knn {knn} | {extra}", flush=True)

@@ -1,0 +1,40 @@
+"""Shared fixtures: a small real lake of Fashion-MNIST shards, and a tiny, fast training config."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from streamssl.pipeline.config import Config, load_config
+from streamssl.streams.fashion_mnist import load_fashion_mnist
+from streamssl.streams.lake import build_lake
+
+LAKE_IMAGES = 640  # 5 shards of 128: enough for several batches of 32 and a pass boundary
+
+
+@pytest.fixture(scope="session")
+def small_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    images, labels = load_fashion_mnist("train")
+    lake = tmp_path_factory.mktemp("lake")
+    build_lake(lake, images[:LAKE_IMAGES], labels[:LAKE_IMAGES], shard_size=128)
+    return lake
+
+
+def tiny_config(run_dir: Path, data: Path, *sets: str) -> Config:
+    """A config that trains in well under a second per step on 2 CPU cores."""
+    base = [
+        f"run_dir={run_dir}", f"data.source={data}", "data.mode=cycle", "data.shuffle_buffer=64",
+        "train.batch_size=32", "model.bn_splits=4", "moco.queue_size=128", "train.max_minutes=0",
+        "train.deterministic=true", "checkpoint.every_steps=2", "checkpoint.every_seconds=0",
+        "eval.dataset=none", "eval.every_steps=0", "metrics.port=0", "train.log_every_seconds=1000",
+        "optim.warmup_steps=2",
+    ]
+    return load_config(sets=[*base, *sets])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
