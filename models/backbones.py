@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -43,29 +44,32 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return super().forward(x)
-        batch, channels, height, width = x.shape
-        if batch % self.num_splits:
-            raise ValueError(f"batch size {batch} is not divisible by bn_splits={self.num_splits}")
-        # Lay the chunks side by side as channels ([S, B/S, C] -> [B/S, S*C]) so one batch_norm call
-        # computes separate statistics for every (chunk, channel) pair.
-        grouped = x.unflatten(0, (self.num_splits, -1)).transpose(0, 1).flatten(1, 2)
+        if len(x) % self.num_splits:
+            raise ValueError(f"batch size {len(x)} is not divisible by bn_splits={self.num_splits}")
         self.num_batches_tracked.add_(1)
         # As in BatchNorm2d, momentum=None means a cumulative average over all batches seen.
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        running_mean = self.running_mean.repeat(self.num_splits)
-        running_var = self.running_var.repeat(self.num_splits)
-        out = F.batch_norm(grouped, running_mean, running_var, self.weight.repeat(self.num_splits),
-                           self.bias.repeat(self.num_splits), True, momentum, self.eps)
-        self.running_mean.copy_(running_mean.view(self.num_splits, channels).mean(0))
-        self.running_var.copy_(running_var.view(self.num_splits, channels).mean(0))
-        return out.unflatten(1, (self.num_splits, channels)).transpose(0, 1).flatten(0, 1)
+        # Every chunk updates its own copy of the running stats, as every GPU would; the copies are averaged.
+        # A loop over batch slices, not one reshaped batch_norm call: slices keep channels_last, and on a
+        # CPU this measured as fast as plain BatchNorm2d while the reshaping copies cost ~40%.
+        outputs, running_means, running_vars = [], [], []
+        for chunk in x.chunk(self.num_splits):
+            running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+            outputs.append(F.batch_norm(chunk, running_mean, running_var, self.weight, self.bias,
+                                        True, momentum, self.eps))
+            running_means.append(running_mean)
+            running_vars.append(running_var)
+        self.running_mean.copy_(torch.stack(running_means).mean(0))
+        self.running_var.copy_(torch.stack(running_vars).mean(0))
+        return torch.cat(outputs)
 
 
 def build_backbone(name: str, in_channels: int, bn_splits: int = 1) -> tuple[nn.Module, int]:
     """Returns (backbone, feature_dim) for one of BACKBONES."""
     if bn_splits < 1:
         raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
-    norm_layer: NormLayer = nn.BatchNorm2d if bn_splits == 1 else partial(SplitBatchNorm2d, num_splits=bn_splits)
+    norm_layer: NormLayer = (nn.BatchNorm2d if bn_splits == 1
+                             else partial(SplitBatchNorm2d, num_splits=bn_splits))
     if name == "convnet":
         return _convnet(in_channels, norm_layer), 256
     if name == "resnet18":
@@ -73,7 +77,8 @@ def build_backbone(name: str, in_channels: int, bn_splits: int = 1) -> tuple[nn.
     raise ValueError(f"unknown backbone '{name}'; valid: {', '.join(BACKBONES)}")
 
 
-def _conv_block(in_channels: int, out_channels: int, norm_layer: NormLayer, downsample: bool) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int, norm_layer: NormLayer, *,
+                downsample: bool) -> nn.Sequential:
     layers: OrderedDict[str, nn.Module] = OrderedDict(
         conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),  # BN supplies the bias
         norm=norm_layer(out_channels),

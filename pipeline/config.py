@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from streamssl.models.registry import METHODS
 from streamssl.monitoring.metrics import DEFAULT_METRICS_PORT
 
 
@@ -140,7 +141,6 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16"),
     "eval.dataset": ("fashion-mnist", "none"),
-    "method": ("moco",),
 }
 
 
@@ -190,6 +190,8 @@ def _set(node: Any, dotted: str, value: Any, prefix: str = "") -> None:
 
 
 def validate(cfg: Config) -> None:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(sorted(METHODS))}")
     for key, allowed in CHOICES.items():
         node: Any = cfg
         for part in key.split("."):

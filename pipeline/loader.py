@@ -1,7 +1,7 @@
 """Background decoding: records → uint8 image batches, each tagged with the stream position after it.
 
-One thread reads the source, decodes every image once (torchvision's C++ decoders, which release
-the GIL), and queues ready batches so the next batch is waiting while the model trains. Each batch
+One thread reads the source, decodes every image once (Pillow, whose decoders release the GIL),
+and queues ready batches so the next batch is waiting while the model trains. Each batch
 carries the source's `state_dict()` taken right after its last record: the trainer checkpoints that
 position for the batch it has trained on, not for where the read-ahead happens to be, so the
 prefetch never costs exactness.
@@ -9,17 +9,17 @@ prefetch never costs exactness.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from streamssl.pipeline.deadletter import DeadLetters
 from streamssl.streams.records import Record
@@ -42,11 +42,12 @@ def decode_record(record: Record, image_field: str, channels: int, size: int) ->
     data = next((record.fields[name] for name in names if name in record.fields), None)
     if data is None:
         raise ValueError("missing_image")
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"corrupt_image: {str(err).splitlines()[0] if str(err) else ''}") from None
+        with Image.open(io.BytesIO(data)) as opened:
+            pixels = np.asarray(opened.convert("L" if channels == 1 else "RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"corrupt_image: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    image = torch.from_numpy(pixels.copy()).reshape(pixels.shape[0], pixels.shape[1], channels).permute(2, 0, 1)
     if image.shape[1:] != (size, size):
         image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True)
         image = image[0].round().clamp(0, 255).to(torch.uint8)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from streamssl.models import build_backbone, build_method
 from streamssl.monitoring.metrics import Metrics
@@ -58,6 +59,7 @@ class Trainer:
         self.stop = stop or threading.Event()
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.device = resolve_device(cfg.train.device)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -82,6 +84,7 @@ class Trainer:
         self.state = RunState()
         self._knn_data: tuple[torch.Tensor, ...] | None = None
         self.metrics_port = 0
+        self.loop_seconds = 0.0
         self._checkpointed_step = -1
 
     # --- checkpoint / resume -------------------------------------------------------------------
@@ -244,6 +247,7 @@ class Trainer:
                         self.publish()
         finally:
             loader.close()
+            self.loop_seconds = time.monotonic() - started
         self.finish(reason)
         return self.state
 

@@ -16,28 +16,34 @@ STEPS = 8  # 256 samples of a 640-sample lake with a 64-record shuffle buffer
 
 
 class RecordingTrainer(Trainer):
-    """Remembers the keys of every batch it trains on."""
+    """Remembers the keys of every batch it trains on; can be stopped (as by SIGTERM) after a given step."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, stop_after: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.keys: list[str] = []
+        self.stop_after = stop_after
 
     def train_step(self, batch: Batch):
         self.keys.extend(batch.keys)
-        return super().train_step(batch)
+        result = super().train_step(batch)
+        if self.state.step + 1 == self.stop_after:
+            self.stop.set()
+        return result
 
 
-def _train(run_dir: Path, lake: Path, max_steps: int) -> RecordingTrainer:
-    trainer = RecordingTrainer(tiny_config(run_dir, lake, f"train.max_steps={max_steps}"))
+def _train(run_dir: Path, lake: Path, max_steps: int, stop_after: int = 0) -> RecordingTrainer:
+    # The cosine LR horizon is max_steps, so both halves run with the same max_steps; the first one is
+    # stopped half-way the way a preemption would stop it.
+    trainer = RecordingTrainer(tiny_config(run_dir, lake, f"train.max_steps={max_steps}"), stop_after=stop_after)
     trainer.run()
     return trainer
 
 
 def test_resume_is_bit_exact_and_consumes_the_same_samples(tmp_path: Path, small_lake: Path) -> None:
     straight = _train(tmp_path / "straight", small_lake, STEPS)
-    first_half = _train(tmp_path / "split", small_lake, STEPS // 2)
+    first_half = _train(tmp_path / "split", small_lake, STEPS, stop_after=STEPS // 2)
     second_half = _train(tmp_path / "split", small_lake, STEPS)
-
+    assert first_half.state.step == STEPS // 2
     assert straight.state.step == second_half.state.step == STEPS
     assert len(straight.keys) == STEPS * 32
     assert first_half.keys + second_half.keys == straight.keys

@@ -1,0 +1,121 @@
+"""Published encoders: what a downstream consumer loads, without any training code.
+
+A published encoder is a folder with two files:
+* `encoder.safetensors`: the backbone's state_dict (weights and BN running statistics; no pickle).
+* `manifest.json`: version, step, samples seen, method, backbone name, embedding size, the input spec
+  with its normalisation, eval metrics, and `files`: the sha256 of every other file in the folder.
+
+`load_encoder(folder)` checks every hash, rebuilds the backbone by name and returns a
+`PublishedEncoder` that takes images in [0, 1] and applies the manifest's normalisation itself, so a
+consumer cannot get the preprocessing wrong. This module imports only torch, safetensors and the
+backbone definitions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from streamssl.models.backbones import build_backbone
+
+WEIGHTS_FILE = "encoder.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class EncoderLoadError(Exception):
+    """A published encoder folder is missing, incomplete, tampered with or does not fit its backbone."""
+
+
+class PublishedEncoder(nn.Module):
+    """A backbone plus its input normalisation: float images [B, C, H, W] in [0, 1] -> embeddings [B, D]."""
+
+    def __init__(self, backbone: nn.Module, manifest: dict[str, Any]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.manifest = manifest
+        spec = manifest["input"]
+        # Not persistent: they come from the manifest, the weights file holds the backbone alone.
+        self.register_buffer("mean", torch.tensor(spec["mean"], dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(spec["std"], dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():
+            # uint8 pixels in 0..255 would be normalised into nonsense without any error
+            raise TypeError(f"expected float images in [0, 1], got dtype {x.dtype}")
+        return self.backbone((x - self.mean) / self.std)
+
+
+def save_encoder(folder: Path, backbone: nn.Module, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Writes `backbone` and `manifest` (plus `files`: the weights' sha256) into `folder`.
+
+    Returns the manifest as written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # contiguous: channels_last weights would otherwise be saved with their strides lost
+    tensors = {name: value.detach().cpu().contiguous() for name, value in backbone.state_dict().items()}
+    weights = save_safetensors(tensors)
+    (folder / WEIGHTS_FILE).write_bytes(weights)
+    full_manifest = {**manifest, "files": {WEIGHTS_FILE: hashlib.sha256(weights).hexdigest()}}
+    # The manifest goes last and by rename, so a folder with a manifest always has complete weights.
+    temp = folder / f".{MANIFEST_FILE}.tmp"
+    temp.write_text(json.dumps(full_manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(temp, folder / MANIFEST_FILE)
+    return full_manifest
+
+
+def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder:
+    """Loads a published encoder (a version folder or a `latest` symlink to one) in eval mode."""
+    # Resolve the symlink once: if `latest` flips while we read, we still read one consistent version.
+    folder = Path(folder).resolve()
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise EncoderLoadError(f"{folder / MANIFEST_FILE}: cannot read manifest ({error})") from error
+    files = manifest.get("files", {})
+    if WEIGHTS_FILE not in files:
+        raise EncoderLoadError(f"{folder / MANIFEST_FILE}: lists no sha256 for {WEIGHTS_FILE}")
+    contents = {name: _read_verified(folder / name, expected) for name, expected in files.items()}
+
+    try:
+        backbone, _ = build_backbone(manifest["backbone"], manifest["input"]["channels"])
+        encoder = PublishedEncoder(backbone, manifest)
+    except (KeyError, ValueError, TypeError) as error:
+        raise EncoderLoadError(f"{folder / MANIFEST_FILE}: invalid manifest ({error!r})") from error
+    # Loaded from the verified bytes, not re-read from disk, so what was hashed is what is used.
+    _load_weights_strictly(backbone, load_safetensors(contents[WEIGHTS_FILE]), folder / WEIGHTS_FILE)
+    return encoder.to(device).eval()
+
+
+def _read_verified(path: Path, expected_sha256: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise EncoderLoadError(f"{path}: in the manifest but unreadable ({error.strerror})") from error
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256:
+        raise EncoderLoadError(f"{path}: sha256 mismatch (manifest {expected_sha256[:12]}…, "
+                               f"file {actual[:12]}…)")
+    return data
+
+
+def _load_weights_strictly(backbone: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    expected = backbone.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shared = expected.keys() & state.keys()
+    misshapen = sorted(name for name in shared if expected[name].shape != state[name].shape)
+    if missing or unexpected or misshapen:
+        raise EncoderLoadError(f"{path}: does not fit the backbone (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}, wrong shape {misshapen[:3]})")
+    backbone.load_state_dict(state, strict=True)

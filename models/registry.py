@@ -1,0 +1,28 @@
+"""Method names to classes, and building a method from a name plus an options dict (from the config)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from streamssl.models.method import Method
+from streamssl.models.moco import MoCo
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MoCo,)}
+
+
+def build_method(name: str, backbone: nn.Module, feature_dim: int, options: dict[str, Any]) -> Method:
+    """Builds method `name` around `backbone`; `options` are its keyword-only hyper-parameters."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; valid: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    # A method's hyper-parameters are exactly its keyword-only constructor arguments.
+    valid = [param.name for param in inspect.signature(cls).parameters.values()
+             if param.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) for method '{name}': {', '.join(unknown)}; "
+                         f"valid: {', '.join(valid)}")
+    return cls(backbone, feature_dim, **options)
