@@ -88,7 +88,6 @@ def _eval(args: argparse.Namespace) -> int:
     from streamssl.pipeline.knn import knn_top1
 
     started = time.monotonic()
-    bank, bank_labels, test, test_labels = knn_sets(EvalConfig(bank_size=args.bank_size, test_size=args.test_size))
     result: dict[str, Any] = {"encoder": args.encoder}
     if args.encoder == "raw":
         encoder: torch.nn.Module = torch.nn.Flatten()
@@ -99,6 +98,7 @@ def _eval(args: argparse.Namespace) -> int:
         manifest = encoder.manifest
         result.update(version=manifest["version"], step=manifest["step"], method=manifest["method"],
                       samples_seen=manifest["samples_seen"])
+    bank, bank_labels, test, test_labels = knn_sets(EvalConfig(bank_size=args.bank_size, test_size=args.test_size))
     # A published encoder normalises its own input: feed it plain [0, 1] pixels.
     top1 = knn_top1(encoder, bank, bank_labels, test, test_labels, [0.0], [1.0], torch.device("cpu"),
                     k=args.k, temperature=args.temperature)

@@ -9,6 +9,7 @@ prefetch never costs exactness.
 
 from __future__ import annotations
 
+import io
 import queue
 import threading
 from collections.abc import Iterator
@@ -18,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from PIL import Image
+from torch import Tensor
 
 from streamssl.pipeline.deadletter import DeadLetters
 from streamssl.streams.records import Record

@@ -36,6 +36,30 @@ def list_complete_shards(directory: Path) -> list[str]:
     return sorted(str(p) for p in directory.glob("*.tar") if not p.name.startswith(".") and p.is_file())
 
 
+class _TailTracker:
+    """A read-only file wrapper remembering the last bytes read, to check for the end-of-archive marker."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.bytes_read = 0
+        self.tail = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        if data:
+            self.bytes_read += len(data)
+            self.tail = (self.tail + data)[-tarfile.BLOCKSIZE:]
+        return data
+
+    def ended_cleanly(self) -> bool:
+        # A complete tar ends with zero blocks (and writers pad to a whole record), so the last block
+        # tarfile read is all zeros; a file cut inside a member or header ends with data.
+        return self.bytes_read > 0 and self.tail == bytes(len(self.tail))
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 class WebDatasetSource:
     """Yields `Record`s from tar shards and knows its position.
 
@@ -123,16 +147,15 @@ class WebDatasetSource:
 
     def _read_shard(self, shard: str, skip: int) -> Iterator[Record]:
         """Samples of one shard from index `skip` on; unreadable, vanished or truncated shards are reported."""
-        key = ""
         try:
-            stream = gopen(shard)
+            stream = _TailTracker(gopen(shard))
         except FileNotFoundError:
             self.on_reject(shard, "", "shard_vanished")
             return
         except OSError:
             self.on_reject(shard, "", "unreadable_shard")
             return
-        index = 0
+        key, index, error = "", 0, ""
         try:
             files = ({**member, "__url__": shard} for member in tar_file_iterator(stream))
             for sample in group_by_keys(files):
@@ -142,11 +165,15 @@ class WebDatasetSource:
                     yield Record(key, fields, shard, index)
                 index += 1
         except (tarfile.ReadError, EOFError, OSError, ValueError) as err:
-            # Nothing read at all: not a tar. Otherwise it broke off mid-way (the last sample may be partial).
-            reason = "truncated_shard" if index or key else "unreadable_shard"
-            self.on_reject(shard, key, reason if "empty file" not in str(err) else "unreadable_shard")
+            error = str(err) or type(err).__name__
         finally:
             stream.close()
+        if error and not key:  # not a single sample could be read: not a tar (or an empty file)
+            self.on_reject(shard, "", "unreadable_shard")
+        elif error or not stream.ended_cleanly():
+            # tarfile treats a file cut at a member boundary as a normal end; the missing end-of-archive
+            # zero blocks are what give it away.
+            self.on_reject(shard, key, "truncated_shard")
 
     def _read_passes(self) -> Iterator[Record]:
         """cycle / once: whole passes over the shard list, from the saved (pass, shard, sample) on."""
