@@ -47,6 +47,15 @@ class RunState:
     published_step: int = -1
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast where the hardware runs it natively (≈2× the fp32 step on such CPUs), else fp32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,6 +70,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.device = resolve_device(cfg.train.device)
+        self.autocast = resolve_precision(cfg.train.precision, self.device) == "bf16"
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)
@@ -152,7 +162,7 @@ class Trainer:
         if self._knn_data is None:
             self._knn_data = knn_sets(cfg)
         top1 = knn_top1(self.method.encoder(), *self._knn_data, self.cfg.data.mean, self.cfg.data.std, self.device,
-                        k=cfg.k, temperature=cfg.temperature, autocast=self.cfg.train.precision == "bf16")
+                        k=cfg.k, temperature=cfg.temperature, autocast=self.autocast)
         self.state.eval_metrics = {"knn_top1": top1, "knn_step": float(self.state.step)}
         self.metrics.knn_top1.set(top1)
 
@@ -168,7 +178,7 @@ class Trainer:
                            cfg.optim.total_steps or cfg.train.max_steps, cfg.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, logs = self.method(views)
         loss_value = float(loss.detach())
         if not torch.isfinite(torch.tensor(loss_value)):

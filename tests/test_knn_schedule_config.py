@@ -45,7 +45,7 @@ def test_config_layers_and_types() -> None:
 @pytest.mark.parametrize(("sets", "message"), [
     (["train.bach_size=3"], "unknown config key 'train.bach_size' (did you mean train.batch_size?)"),
     (["train.batch_size=abc"], "train.batch_size: expected int"),
-    (["train.precision=fp8"], "train.precision: 'fp8' is not one of fp32, bf16"),
+    (["train.precision=fp8"], "train.precision: 'fp8' is not one of auto, fp32, bf16"),
     (["train.batch_size=0"], "train.batch_size: must be at least 1"),
     (["nonsense"], "--set expects key=value"),
     (["train=3"], "train: expected a mapping"),
