@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,36 +12,59 @@ from streamssl.streams.records import SourceError
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+_UBYTE = 0x08  # idx type code of unsigned bytes, the only one Fashion-MNIST uses
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An idx file (the MNIST format: magic, dims as big-endian int32, then uint8 data)."""
+    """A gzipped idx file (MNIST's format: 0, 0, type, ndim, dims as big-endian int32, then the data)."""
     with gzip.open(path, "rb") as handle:
         data = handle.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()  # writable
+    ndim = data[3] if len(data) >= 4 else 0
+    if ndim == 0 or data[:3] != bytes([0, 0, _UBYTE]):
+        raise SourceError(f"{path} is not an idx file of unsigned bytes")
+    shape = tuple(int.from_bytes(data[4 + 4 * axis: 8 + 4 * axis], "big") for axis in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(data) - offset != int(np.prod(shape)):
+        raise SourceError(f"{path} holds {len(data) - offset} bytes of data, its header says {shape}")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape).copy()  # writable, owns its memory
 
 
 def load_fashion_mnist(split: str, root: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N,28,28], labels int64 [N]) of split "train" or "test"."""
+    """One split of Fashion-MNIST.
+
+    Args:
+        split: "train" (60k) or "test" (10k).
+        root: Folder with the four idx .gz files. Given but without them is an error, not a silent
+            fallback to some other copy. Default: Debian's folder, else torchvision's download into
+            the streamssl cache.
+
+    Returns:
+        (images uint8 [N,28,28], labels int64 [N]).
+
+    Raises:
+        SourceError: Unknown split, files missing or malformed, or download impossible.
+    """
     if split not in _FILES:
         raise SourceError(f"unknown Fashion-MNIST split '{split}' (train or test)")
     image_file, label_file = _FILES[split]
-    for folder in [Path(root)] if root else [DEBIAN_ROOT]:
-        if (folder / image_file).is_file() and (folder / label_file).is_file():
-            return read_idx(folder / image_file), read_idx(folder / label_file).astype(np.int64)
+    folder = Path(root) if root else DEBIAN_ROOT
+    if (folder / image_file).is_file() and (folder / label_file).is_file():
+        return read_idx(folder / image_file), read_idx(folder / label_file).astype(np.int64)
     if root:
-        raise SourceError(f"Fashion-MNIST files not found in {root}")
+        raise SourceError(f"Fashion-MNIST files {image_file}, {label_file} not found in {root}")
     return _torchvision_download(split)
 
 
 def _torchvision_download(split: str) -> tuple[np.ndarray, np.ndarray]:
+    # Imported here: torchvision takes seconds to import and is only needed without the Debian files;
+    # lake imports this module, so importing lake at the top would be circular.
     from torchvision.datasets import FashionMNIST
 
-    cache = Path(os.environ.get("STREAMSSL_HOME") or Path.home() / ".cache" / "streamssl") / "torchvision"
+    from streamssl.streams.lake import cache_root
+
     try:
-        dataset = FashionMNIST(str(cache), train=split == "train", download=True)
+        dataset = FashionMNIST(str(cache_root() / "torchvision"), train=split == "train", download=True)
     except Exception as err:  # no network, proxy, disk: all end the same way for the user
-        raise SourceError(f"Fashion-MNIST not found in {DEBIAN_ROOT} and download failed: {err}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SourceError(f"Fashion-MNIST not in {DEBIAN_ROOT} and torchvision's download failed: {reason}") from None
     return dataset.data.numpy(), dataset.targets.numpy().astype(np.int64)
