@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from torch import Tensor
@@ -11,7 +13,6 @@ from streamssl.pipeline.config import DataConfig, EvalConfig
 from streamssl.pipeline.knn import subset
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import default_lake
-from streamssl.streams.records import RejectFn
 from streamssl.streams.webdataset_source import WebDatasetSource
 
 
@@ -22,11 +23,13 @@ def resolve_mode(source: str, mode: str) -> str:
     return "follow" if source and "://" not in source and Path(source).is_dir() else "cycle"
 
 
-def open_source(cfg: DataConfig, seed: int, on_reject: RejectFn) -> WebDatasetSource:
+def source_factory(cfg: DataConfig, seed: int) -> Callable[..., WebDatasetSource]:
+    """A picklable `make_source(on_reject=…)` for the loader process; builds one here first to validate the spec."""
     spec = cfg.source or str(default_lake())
-    mode = resolve_mode(cfg.source, cfg.mode)
-    return WebDatasetSource(spec, mode=mode, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
-                            poll_seconds=cfg.poll_seconds, on_reject=on_reject)
+    make_source = partial(WebDatasetSource, spec, mode=resolve_mode(cfg.source, cfg.mode),
+                          shuffle_buffer=cfg.shuffle_buffer, seed=seed, poll_seconds=cfg.poll_seconds)
+    make_source().close()  # a missing path or bad mode fails now, with a readable SourceError
+    return make_source
 
 
 def knn_sets(cfg: EvalConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:

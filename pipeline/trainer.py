@@ -25,7 +25,7 @@ from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.augment import BatchAugment
 from streamssl.pipeline.checkpoint import Checkpointer
 from streamssl.pipeline.config import Config, ConfigError, to_dict
-from streamssl.pipeline.data import knn_sets, open_source
+from streamssl.pipeline.data import knn_sets, source_factory
 from streamssl.pipeline.deadletter import DeadLetters
 from streamssl.pipeline.knn import knn_top1
 from streamssl.pipeline.loader import Batch, BatchLoader
@@ -88,7 +88,7 @@ class Trainer:
 
         self.metrics = Metrics(cfg.method)
         self.dead_letters = DeadLetters(self.run_dir / "dead-letter.jsonl", self.metrics)
-        self.source = open_source(cfg.data, cfg.train.seed, self.dead_letters.reject)
+        self.make_source = source_factory(cfg.data, cfg.train.seed)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         self.publisher = Publisher(self.run_dir / "published")
         self.state = RunState()
@@ -125,7 +125,6 @@ class Trainer:
         random.setstate(ckpt["rng"]["python"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-        self.source.load_state_dict(ckpt["source"])
         self.state = RunState(ckpt["step"], ckpt["samples_seen"], ckpt["checkpoints_written"], ckpt["source"],
                               dict(ckpt["eval_metrics"]), self.publisher.latest_step())
         self._checkpointed_step = self.state.step
@@ -198,8 +197,8 @@ class Trainer:
             self.metrics_port = self.metrics.serve(cfg.metrics.port, cfg.metrics.host)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
         self.resume()
-        loader = BatchLoader(self.source, cfg.train.batch_size, cfg.data.image_field, cfg.data.channels,
-                             cfg.data.size, self.dead_letters, cfg.data.prefetch_batches)
+        loader = BatchLoader(self.make_source, self.state.position, cfg.train.batch_size, cfg.data.image_field,
+                             cfg.data.channels, cfg.data.size, self.dead_letters, cfg.data.prefetch_batches)
         started = time.monotonic()
         deadline = started + cfg.train.max_minutes * 60 if cfg.train.max_minutes else float("inf")
         last_checkpoint_time = started
