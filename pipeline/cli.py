@@ -6,6 +6,12 @@ line and exit 2; SIGINT/SIGTERM stop a run cleanly (finish the step, checkpoint,
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: spinning OpenMP threads steal the cores the loader process needs
+# (measured on 2 cores: stream-fed 488 → 529 samples/s). An explicit setting by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import logging
