@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from functools import partial
@@ -15,6 +16,8 @@ from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import default_lake
 from streamssl.streams.webdataset_source import WebDatasetSource
 
+log = logging.getLogger(__name__)
+
 
 def resolve_mode(source: str, mode: str) -> str:
     """`auto`: a directory is a lake that keeps growing (follow); a fixed list or the demo lake cycles."""
@@ -25,6 +28,8 @@ def resolve_mode(source: str, mode: str) -> str:
 
 def source_factory(cfg: DataConfig, seed: int) -> Callable[..., WebDatasetSource]:
     """A picklable `make_source(on_reject=…)` for the loader process; builds one here first to validate the spec."""
+    if not cfg.source:
+        log.info("no --data: using the embedded Fashion-MNIST lake (written once, on first use)")
     spec = cfg.source or str(default_lake())
     make_source = partial(WebDatasetSource, spec, mode=resolve_mode(cfg.source, cfg.mode),
                           shuffle_buffer=cfg.shuffle_buffer, seed=seed, poll_seconds=cfg.poll_seconds)

@@ -9,6 +9,7 @@ and N/2 + N/2 across a restart train on the same samples with the same views.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
@@ -72,6 +73,8 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.autocast = resolve_precision(cfg.train.precision, self.device) == "bf16"
         if cfg.train.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
