@@ -1,4 +1,5 @@
 # Quick start: `make run` (set up + train on the embedded Fashion-MNIST lake), `make test`.
+# `make run ARGS="--max-minutes 1 --set train.batch_size=128"` passes arguments to `streamssl run`.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -24,7 +25,7 @@ data:
 	else echo "no apt-get: Fashion-MNIST will be downloaded by torchvision on first use"; fi
 
 run: setup
-	$(BIN)/streamssl run
+	$(BIN)/streamssl run $(ARGS)
 
 test: setup
 	$(BIN)/ruff check .
