@@ -46,6 +46,10 @@ class Publisher:
         temp.mkdir()
         save_encoder(temp, backbone, {**manifest, "version": version,
                                       "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        for file in temp.iterdir():  # durable before it becomes visible: a crash never publishes empty files
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(temp)
         os.replace(temp, self.directory / name)
         link = self.directory / ".latest.tmp"
         link.unlink(missing_ok=True)
