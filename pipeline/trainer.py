@@ -197,7 +197,11 @@ class Trainer:
     def run(self) -> RunState:
         cfg = self.cfg
         if cfg.metrics.port:
-            self.metrics_port = self.metrics.serve(cfg.metrics.port, cfg.metrics.host)
+            try:
+                self.metrics_port = self.metrics.serve(cfg.metrics.port, cfg.metrics.host)
+            except OSError as err:
+                raise ConfigError(f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port} ({err.strerror}); "
+                                  "pick another --metrics-port or 0 for none") from None
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
         self.resume()
         loader = BatchLoader(self.make_source, self.state.position, cfg.train.batch_size, cfg.data.image_field,

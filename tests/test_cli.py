@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,17 @@ def test_bad_input_exits_nonzero_with_one_line(args: list[str], message: str) ->
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_busy_metrics_port_is_one_readable_error(tmp_path: Path, small_lake: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _cli("run", "--data", str(small_lake), "--run-dir", str(tmp_path / "run"), "--max-steps", "1",
+                      "--metrics-port", str(port))
+    assert result.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_run_publishes_and_eval_scores_it(tmp_path: Path, small_lake: Path) -> None:
