@@ -66,10 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         "train.max_steps": args.max_steps, "train.max_minutes": args.max_minutes, "metrics.port": args.metrics_port,
     }
     cfg = load_config(args.config, overrides, args.set)
-    if cfg.data.source and "://" not in cfg.data.source and "{" not in cfg.data.source \
-            and not Path(cfg.data.source).exists():
-        raise SourceError(f"data path not found: {cfg.data.source}")
-    from streamssl.pipeline.trainer import Trainer  # torch import only once the arguments are known good
+    from streamssl.pipeline.trainer import Trainer  # the training stack loads only for `run`
 
     stop = threading.Event()
 

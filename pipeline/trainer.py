@@ -9,6 +9,7 @@ and N/2 + N/2 across a restart train on the same samples with the same views.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import random
@@ -67,6 +68,8 @@ class Trainer:
     def __init__(self, cfg: Config, stop: threading.Event | None = None) -> None:
         self.cfg = cfg
         self.stop = stop or threading.Event()
+        # First: a missing data path must fail before anything is written into the run dir.
+        self.make_source = source_factory(cfg.data, cfg.train.seed)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -91,7 +94,6 @@ class Trainer:
 
         self.metrics = Metrics(cfg.method)
         self.dead_letters = DeadLetters(self.run_dir / "dead-letter.jsonl", self.metrics)
-        self.make_source = source_factory(cfg.data, cfg.train.seed)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         self.publisher = Publisher(self.run_dir / "published")
         self.state = RunState()
@@ -183,7 +185,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, logs = self.method(views)
         loss_value = float(loss.detach())
-        if not torch.isfinite(torch.tensor(loss_value)):
+        if not math.isfinite(loss_value):
             self.metrics.skipped_steps.inc()
             log.warning("step %d: non-finite loss, step skipped", self.state.step)
             return None
