@@ -1,4 +1,4 @@
-"""Method names to classes, and building a method from a name plus an options dict (from the config)."""
+"""Method names to classes, and building a method from a name, its options and auxiliary pretext weights."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from streamssl.models.moco import MoCo
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MoCo,)}
 
 
-def build_method(name: str, backbone: nn.Module, feature_dim: int, options: dict[str, Any]) -> Method:
-    """Builds method `name` around `backbone`; `options` are its keyword-only hyper-parameters."""
+def build_method(name: str, backbone: nn.Module, feature_dim: int, options: dict[str, Any],
+                 aux: dict[str, float] | None = None) -> Method:
+    """Builds method `name` around `backbone`; `options` are its keyword-only hyper-parameters, `aux` maps
+    pretext tasks (rotation, jigsaw) to loss weights; non-zero ones become extra heads on the same backbone."""
     if name not in METHODS:
         raise ValueError(f"unknown method '{name}'; valid: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
@@ -25,4 +27,12 @@ def build_method(name: str, backbone: nn.Module, feature_dim: int, options: dict
     if unknown:
         raise ValueError(f"unknown option(s) for method '{name}': {', '.join(unknown)}; "
                          f"valid: {', '.join(valid)}")
-    return cls(backbone, feature_dim, **options)
+    method = cls(backbone, feature_dim, **options)
+    weights = {task: weight for task, weight in (aux or {}).items() if weight}
+    if not weights:
+        return method
+    if name in weights:
+        raise ValueError(f"'{name}' cannot also be its own auxiliary task")
+    from streamssl.models.multitask import MultiTask
+
+    return MultiTask(method, weights)

@@ -33,6 +33,9 @@ class Metrics:
         self.skipped_steps = Counter(
             "streamssl_skipped_steps", "Steps skipped because the loss was not finite.", registry=r
         )
+        self.rollbacks = Counter(
+            "streamssl_rollbacks", "Returns to the last checkpoint after repeated non-finite losses.", registry=r
+        )
         self.step_seconds = Histogram(
             "streamssl_step_duration_seconds", "Wall time of one training step (augment + forward + backward).",
             buckets=STEP_BUCKETS, registry=r,

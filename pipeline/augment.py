@@ -100,11 +100,13 @@ class BatchAugment:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
-    def view(self, images: Tensor, gen: torch.Generator) -> Tensor:
+    def view(self, images: Tensor, gen: torch.Generator, size: int | None = None,
+             scale: tuple[float, float] | None = None) -> Tensor:
+        """One augmented view of every image; `size`/`scale` override the crop's output side and area range."""
         cfg = self.cfg
         pixels = images.float() / 255.0
         grids = crop_flip_grids(
-            pixels.shape[0], self.size, (cfg.crop_scale[0], cfg.crop_scale[-1]),
+            pixels.shape[0], size or self.size, scale or (cfg.crop_scale[0], cfg.crop_scale[-1]),
             (cfg.crop_ratio[0], cfg.crop_ratio[-1]), cfg.flip_prob, gen, pixels.device,
         )
         pixels = F.grid_sample(pixels, grids, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -112,8 +114,11 @@ class BatchAugment:
         pixels = gaussian_blur(pixels, (cfg.blur_sigma[0], cfg.blur_sigma[-1]), cfg.blur_prob, gen)
         return (pixels - self.mean.to(pixels.device)) / self.std.to(pixels.device)
 
-    def __call__(self, images: Tensor, gen: torch.Generator, views: int = 2) -> list[Tensor]:
-        return [self.view(images, gen) for _ in range(views)]
+    def __call__(self, images: Tensor, gen: torch.Generator, views: int = 2, small_crops: int = 0,
+                 small_size: int = 0, small_scale: tuple[float, float] = (0.05, 0.4)) -> list[Tensor]:
+        """`views` full-size views, then `small_crops` multi-crop views of side `small_size` (SwAV)."""
+        full = [self.view(images, gen) for _ in range(views)]
+        return full + [self.view(images, gen, small_size, small_scale) for _ in range(small_crops)]
 
 
 def normalise(images: Tensor, mean: list[float], std: list[float]) -> Tensor:

@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
         "train.max_steps": args.max_steps, "train.max_minutes": args.max_minutes, "metrics.port": args.metrics_port,
     }
     cfg = load_config(args.config, overrides, args.set)
-    from streamssl.pipeline.trainer import Trainer  # the training stack loads only for `run`
+    from streamssl.pipeline.trainer import Trainer, TrainingDiverged  # the training stack loads only for `run`
 
     stop = threading.Event()
 
@@ -78,7 +78,11 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    Trainer(cfg, stop).run()
+    try:
+        Trainer(cfg, stop).run()
+    except TrainingDiverged as err:
+        print(f"streamssl: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,13 +1,16 @@
 """One typed config tree for a run: defaults here, then a YAML file, then `--set key=value`.
 
 Every schedule is in steps or seconds (a stream has no epochs). Unknown keys and values of the
-wrong type are refused with a `ConfigError` whose message fits on one line.
+wrong type are refused with a `ConfigError` whose message fits on one line. Each method gets a
+section named after it (`moco.queue_size`, `swav.epsilon`, …) generated from its keyword-only
+constructor options, so a method's defaults and types are written down once, in its own file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,16 +44,6 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "convnet"  # convnet (CPU default) | resnet18 (for GPUs)
     bn_splits: int = 8  # split BN in training, so a single device behaves like MoCo's multi-GPU shuffle BN
-
-
-@dataclass
-class MocoConfig:
-    dim: int = 128
-    queue_size: int = 4096
-    momentum: float = 0.99
-    temperature: float = 0.1
-    mlp: bool = True  # False = MoCo v1 linear head
-    symmetric: bool = False  # True doubles the step cost for one more loss term per pair
 
 
 @dataclass
@@ -88,6 +81,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # bit-exact CPU resume (torch deterministic algorithms)
     log_every_seconds: float = 10.0
+    nan_rollback_after: int = 3  # non-finite losses in a row (each step skipped) before rolling back
+    max_rollbacks: int = 3  # rollbacks per invocation before giving up with an error
 
 
 @dataclass
@@ -115,23 +110,55 @@ class MetricsConfig:
 
 
 @dataclass
-class Config:
+class AuxConfig:
+    """Pretext tasks added to any method as weighted auxiliary heads (0 = off)."""
+
+    rotation: float = 0.0
+    jigsaw: float = 0.0
+
+
+def options_section(method: type) -> type:
+    """A dataclass of a method's keyword-only constructor options: names, types and defaults from the method."""
+    hints = typing.get_type_hints(method.__init__)
+    fields: list[tuple[str, Any, Any]] = []
+    for param in inspect.signature(method.__init__).parameters.values():
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        hint = hints[param.name]
+        if typing.get_origin(hint) is tuple:  # a YAML list in the config, a tuple for the method
+            item = typing.get_args(hint)[0]
+            fields.append((param.name, list[item], field(default_factory=lambda d=param.default: list(d),
+                                                         metadata={"tuple": True})))
+        else:
+            fields.append((param.name, hint, field(default=param.default)))
+    return dataclasses.make_dataclass(f"{method.__name__}Options", fields)
+
+
+@dataclass
+class BaseConfig:
     method: str = "moco"
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    moco: MocoConfig = field(default_factory=MocoConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
 
     def method_options(self) -> dict[str, Any]:
-        """The config section named after the method (e.g. `moco`), as keyword options."""
-        section = getattr(self, self.method, None)
-        return dataclasses.asdict(section) if section is not None else {}
+        """The section named after the method (e.g. `moco`), as its keyword options."""
+        section = getattr(self, self.method)
+        return {f.name: tuple(getattr(section, f.name)) if f.metadata.get("tuple") else getattr(section, f.name)
+                for f in dataclasses.fields(section)}
+
+
+# The full tree: the fixed sections plus one per registered method.
+Config = dataclasses.make_dataclass(
+    "Config", [(name, options_section(cls), field(default_factory=options_section(cls)))
+               for name, cls in sorted(METHODS.items())], bases=(BaseConfig,))
 
 
 CHOICES = {
@@ -202,6 +229,7 @@ def validate(cfg: Config) -> None:
         "train.batch_size": cfg.train.batch_size, "data.size": cfg.data.size, "data.channels": cfg.data.channels,
         "checkpoint.keep": cfg.checkpoint.keep, "eval.k": cfg.eval.k, "model.bn_splits": cfg.model.bn_splits,
         "checkpoint.publish_every": cfg.checkpoint.publish_every, "data.prefetch_batches": cfg.data.prefetch_batches,
+        "train.nan_rollback_after": cfg.train.nan_rollback_after,
     }
     for key, value in positive.items():
         if value < 1:

@@ -14,6 +14,7 @@ their metric are written by the trainer's process.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import multiprocessing as mp
 import queue
@@ -41,6 +42,13 @@ class Batch:
     keys: list[str]
     position: dict[str, Any]  # source state right after the batch's last record
     source_stats: dict[str, float]
+    ids: Tensor  # int64 [B], record_id(key) of each record
+
+
+def record_id(key: str) -> int:
+    """A stable non-negative 63-bit id for a record key: the same record maps to the same id in every
+    process and run (Python's hash() is salted per process), as memory banks and cluster buffers need."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def decode_record(record: Record, image_field: str, channels: int, size: int) -> np.ndarray:
@@ -99,7 +107,8 @@ def _worker(make_source: Callable[..., Any], position: dict[str, Any], batch_siz
             if len(images) == batch_size:
                 # numpy, pickled by value: torch tensors would travel as shared-memory handles that die
                 # with this process if it exits before the trainer has read them.
-                if not _put(out, stop, ("batch", np.stack(images), keys, source.state_dict(), source.stats())):
+                ids = np.array([record_id(key) for key in keys], dtype=np.int64)
+                if not _put(out, stop, ("batch", np.stack(images), keys, source.state_dict(), source.stats(), ids)):
                     return
                 images, keys = [], []
             if stop.value:
@@ -141,7 +150,7 @@ class BatchLoader:
                 raise
             kind = message[0]
             if kind == "batch":
-                return Batch(torch.from_numpy(message[1]), *message[2:])
+                return Batch(torch.from_numpy(message[1]), *message[2:5], torch.from_numpy(message[5]))
             if kind == "reject":
                 self.dead_letters.reject(*message[1:])
             elif kind == "end":

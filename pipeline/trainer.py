@@ -8,6 +8,7 @@ and N/2 + N/2 across a restart train on the same samples with the same views.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -35,6 +36,10 @@ from streamssl.pipeline.publish import Publisher
 from streamssl.pipeline.schedule import learning_rate
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(Exception):
+    """The loss stayed non-finite after every allowed rollback; the CLI prints it as one line."""
 
 
 @dataclass
@@ -83,7 +88,11 @@ class Trainer:
         random.seed(cfg.train.seed)
 
         backbone, self.feature_dim = build_backbone(cfg.model.backbone, cfg.data.channels, bn_splits=cfg.model.bn_splits)
-        self.method = build_method(cfg.method, backbone, self.feature_dim, cfg.method_options()).to(self.device)
+        try:
+            method = build_method(cfg.method, backbone, self.feature_dim, cfg.method_options(), dataclasses.asdict(cfg.aux))
+        except ValueError as err:  # a method refusing an option value
+            raise ConfigError(f"{cfg.method}: {err}") from None
+        self.method = method.to(self.device)
         if cfg.train.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.base_lr = cfg.optim.lr * cfg.train.batch_size / 256  # linear scaling rule
@@ -101,6 +110,8 @@ class Trainer:
         self.metrics_port = 0
         self.loop_seconds = 0.0
         self._checkpointed_step = -1
+        self._nonfinite_in_a_row = 0
+        self._rollbacks = 0
 
     # --- checkpoint / resume -------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
@@ -123,6 +134,14 @@ class Trainer:
         ckpt, path = found
         if ckpt.get("method_name") != self.cfg.method:
             raise ConfigError(f"run dir {self.run_dir} holds a '{ckpt.get('method_name')}' run, not '{self.cfg.method}'")
+        self._restore(ckpt)
+        self.state = RunState(ckpt["step"], ckpt["samples_seen"], ckpt["checkpoints_written"], ckpt["source"],
+                              dict(ckpt["eval_metrics"]), self.publisher.latest_step())
+        self._checkpointed_step = self.state.step
+        log.info("resumed from %s at step %d (%d samples seen)", path.name, self.state.step, self.state.samples_seen)
+        return True
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
@@ -130,11 +149,24 @@ class Trainer:
         random.setstate(ckpt["rng"]["python"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-        self.state = RunState(ckpt["step"], ckpt["samples_seen"], ckpt["checkpoints_written"], ckpt["source"],
-                              dict(ckpt["eval_metrics"]), self.publisher.latest_step())
-        self._checkpointed_step = self.state.step
-        log.info("resumed from %s at step %d (%d samples seen)", path.name, self.state.step, self.state.samples_seen)
-        return True
+
+    def roll_back(self) -> None:
+        """After `nan_rollback_after` non-finite losses in a row: back to the last good checkpoint's model,
+        optimizer and RNG, but not its stream position: the batches that diverged are skipped, not replayed."""
+        cfg = self.cfg.train
+        found = self.checkpointer.load_latest(map_location=self.device)
+        if found is None or self._rollbacks >= cfg.max_rollbacks:
+            why = "no checkpoint to roll back to" if found is None else f"{self._rollbacks} rollbacks did not help"
+            raise TrainingDiverged(f"loss was not finite for {self._nonfinite_in_a_row} steps in a row and {why}; "
+                                   "lower optim.lr or check the data")
+        ckpt, path = found
+        self._restore(ckpt)
+        self._rollbacks += 1
+        self._nonfinite_in_a_row = 0
+        self.metrics.rollbacks.inc()
+        log.warning("rolled back from step %d to %s (rollback %d of at most %d)", self.state.step, path.name,
+                    self._rollbacks, cfg.max_rollbacks)
+        self.state.step, self.state.samples_seen = ckpt["step"], ckpt["samples_seen"]
 
     def save_checkpoint(self) -> None:
         started = time.perf_counter()
@@ -175,7 +207,9 @@ class Trainer:
         """One optimizer step; returns (loss, logs), or None when the loss was not finite (step skipped)."""
         cfg = self.cfg
         images = batch.images.to(self.device, non_blocking=True)
-        views = self.augment(images, self.generator, self.method.num_views)
+        method = self.method
+        views = self.augment(images, self.generator, method.num_views, method.small_crops, method.small_crop_size,
+                             method.small_crop_scale)
         if cfg.train.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         lr = learning_rate(self.state.step, self.base_lr, cfg.optim.warmup_steps, cfg.optim.schedule,
@@ -183,12 +217,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, logs = self.method(views)
+            loss, logs = self.method(views, batch.ids.to(self.device, non_blocking=True))
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             self.metrics.skipped_steps.inc()
-            log.warning("step %d: non-finite loss, step skipped", self.state.step)
+            self._nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.state.step, self._nonfinite_in_a_row)
+            if self._nonfinite_in_a_row >= cfg.train.nan_rollback_after:
+                self.roll_back()
             return None
+        self._nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

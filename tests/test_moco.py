@@ -116,8 +116,8 @@ def test_loss_is_info_nce_against_the_queue_before_this_batch(symmetric: bool) -
 
     with torch.no_grad():
         k1, k2 = query(x1), query(x2)
-        one_direction = info_nce(query(x1), k2, negatives, 0.2)
-        both_directions = (one_direction + info_nce(query(x2), k1, negatives, 0.2)) / 2
+        one_direction = info_nce(query(x1), k2, negatives, moco.temperature)
+        both_directions = (one_direction + info_nce(query(x2), k1, negatives, moco.temperature)) / 2
 
     loss, logs = moco([x1, x2])
 
