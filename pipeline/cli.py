@@ -44,13 +44,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config value, e.g. --set train.batch_size=128 (repeatable)")
 
-    evaluate = commands.add_parser("eval", help="kNN top-1 of a published encoder, printed as JSON")
+    evaluate = commands.add_parser("eval", help="kNN / linear-probe / few-label top-1 of an encoder, printed as JSON")
     evaluate.add_argument("--encoder", required=True,
-                          help="published version folder (or its `latest` link); `raw` = raw-pixel baseline")
+                          help="published version folder (or its `latest` link); `raw` = raw pixels; "
+                               "`random` = a randomly initialised convnet (baselines)")
+    mode = evaluate.add_mutually_exclusive_group()
+    mode.add_argument("--linear", action="store_true", help="linear probe on frozen features (all train labels)")
+    mode.add_argument("--labels", type=float, metavar="FRACTION",
+                      help="fine-tune encoder + linear head on this stratified fraction of the train labels "
+                           "(e.g. 0.01 or 0.1)")
+    evaluate.add_argument("--steps", type=int, default=0, help="optimizer steps of --linear / --labels "
+                                                               "(default 3000 / 1000)")
+    evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
     evaluate.add_argument("--k", type=int, default=200)
     evaluate.add_argument("--temperature", type=float, default=0.1)
-    evaluate.add_argument("--bank-size", type=int, default=0, help="train images in the bank; 0 = all 60k")
+    evaluate.add_argument("--bank-size", type=int, default=0,
+                          help="train images used (kNN bank, linear-probe / fine-tune pool); 0 = all 60k")
     evaluate.add_argument("--test-size", type=int, default=0, help="test images scored; 0 = all 10k")
 
     lake = commands.add_parser("lake", help="write Fashion-MNIST as WebDataset shards (PNG + json)")
@@ -89,15 +99,23 @@ def _run(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from streamssl.models import load_encoder
+    from streamssl.models import build_backbone, load_encoder
     from streamssl.pipeline.config import EvalConfig
     from streamssl.pipeline.data import knn_sets
     from streamssl.pipeline.knn import knn_top1
+    from streamssl.pipeline.probe import fine_tune, labelled_fraction, linear_probe
 
+    if args.labels is not None and not 0 < args.labels <= 1:
+        raise ConfigError(f"--labels is a fraction in (0, 1], got {args.labels}")
     started = time.monotonic()
     result: dict[str, Any] = {"encoder": args.encoder}
     if args.encoder == "raw":
+        if args.labels is not None:
+            raise ConfigError("--labels fine-tunes an encoder; raw pixels have none (use --encoder random)")
         encoder: torch.nn.Module = torch.nn.Flatten()
+    elif args.encoder == "random":
+        torch.manual_seed(args.seed)
+        encoder = build_backbone("convnet", 1)[0]
     else:
         if not Path(args.encoder).exists():
             raise SourceError(f"encoder folder not found: {args.encoder}")
@@ -105,12 +123,29 @@ def _eval(args: argparse.Namespace) -> int:
         manifest = encoder.manifest
         result.update(version=manifest["version"], step=manifest["step"], method=manifest["method"],
                       samples_seen=manifest["samples_seen"])
-    bank, bank_labels, test, test_labels = knn_sets(EvalConfig(bank_size=args.bank_size, test_size=args.test_size))
-    # A published encoder normalises its own input: feed it plain [0, 1] pixels.
-    top1 = knn_top1(encoder, bank, bank_labels, test, test_labels, [0.0], [1.0], torch.device("cpu"),
-                    k=args.k, temperature=args.temperature)
-    result.update(dataset=args.dataset, knn_top1=round(top1, 4), k=args.k, temperature=args.temperature,
-                  bank_size=len(bank), test_size=len(test), seconds=round(time.monotonic() - started, 1))
+    device = torch.device("cpu")
+    if args.linear or args.labels is not None:
+        train, train_labels, test, test_labels = knn_sets(EvalConfig(bank_size=args.bank_size, test_size=args.test_size))
+        if args.linear:
+            steps = args.steps or 3000
+            top1 = linear_probe(encoder, train, train_labels, test, test_labels, device, steps=steps, seed=args.seed)
+            result.update(protocol="linear", linear_top1=round(top1, 4), train_labels=len(train))
+        else:
+            steps = args.steps or 1000
+            index = torch.from_numpy(labelled_fraction(train_labels, args.labels, args.seed))
+            top1 = fine_tune(encoder, train[index], train_labels[index], test, test_labels, device, steps=steps,
+                             seed=args.seed)
+            result.update(protocol="fine-tune", labels=args.labels, fine_tune_top1=round(top1, 4),
+                          train_labels=len(index))
+        result.update(dataset=args.dataset, steps=steps, test_size=len(test), seed=args.seed)
+    else:
+        bank, bank_labels, test, test_labels = knn_sets(EvalConfig(bank_size=args.bank_size, test_size=args.test_size))
+        # A published encoder normalises its own input: feed it plain [0, 1] pixels.
+        top1 = knn_top1(encoder, bank, bank_labels, test, test_labels, [0.0], [1.0], torch.device("cpu"),
+                        k=args.k, temperature=args.temperature)
+        result.update(protocol="knn", dataset=args.dataset, knn_top1=round(top1, 4), k=args.k,
+                      temperature=args.temperature, bank_size=len(bank), test_size=len(test))
+    result.update(seconds=round(time.monotonic() - started, 1))
     print(json.dumps(result))
     return 0
 
