@@ -74,9 +74,8 @@ def rotate_batch(images: Tensor) -> tuple[Tensor, Tensor]:
 class RotationHead(nn.Module):
     """Predicts which of the four rotations was applied to an image (Gidaris et al. 2018).
 
-    The paper feeds all four rotations of every image in the same batch (better than one random rotation
-    per image, their section 3.2); so does this head, at 4x the backbone cost of one view. It draws no
-    random numbers.
+    As in the paper, all four rotated copies of every image go into the same batch (rather than one random
+    rotation per image), at 4x the backbone cost of one view. The head draws no random numbers.
 
     Args:
         feature_dim: width of the backbone's features.
@@ -105,7 +104,7 @@ class RotationHead(nn.Module):
 def hamming_permutations(count: int, seed: int = 0) -> tuple[Tensor, int]:
     """A fixed set of `count` permutations of the 9 jigsaw tiles that are far apart in Hamming distance.
 
-    Greedy selection over all 9! permutations (Noroozi & Favaro 2016, section 3.3 and their Algorithm 1):
+    Greedy selection over all 9! permutations (Noroozi & Favaro 2016, Algorithm 1):
     start from one permutation drawn with `seed`, then repeatedly add the permutation whose minimum
     Hamming distance to those already chosen is largest. The paper's algorithm maximises the *average*
     distance instead; here that is only the tie-break, because a large minimum distance is what keeps any
@@ -164,7 +163,7 @@ def jigsaw_tiles(images: Tensor, tile: int, grid_origin: Tensor, tile_offsets: T
     """Cuts a 3x3 grid of square cells out of every image and one `tile`-sized piece out of every cell.
 
     Leaving a random gap between pieces (cell > tile) stops the network from solving the puzzle by
-    matching edges and continuing lines across tile borders (Noroozi & Favaro 2016, section 3.2).
+    matching edges and continuing lines across tile borders (Noroozi & Favaro 2016).
 
     Args:
         images: [B, C, H, W].
@@ -204,7 +203,7 @@ def normalize_tiles(tiles: Tensor, eps: float = 1e-5) -> Tensor:
     """Gives every tile zero mean and unit standard deviation over its pixels and channels.
 
     Neighbouring tiles share brightness and contrast, a shortcut to the puzzle that the paper removes the
-    same way (Noroozi & Favaro 2016, section 3.2). A constant tile (blank background) becomes all zeros.
+    same way (Noroozi & Favaro 2016). A constant tile (blank background) becomes all zeros.
 
     Args:
         tiles: [..., C, tile, tile].
@@ -224,9 +223,9 @@ class JigsawHead(nn.Module):
 
     Args:
         feature_dim: width of the backbone's features.
-        num_permutations: number of puzzle classes. The paper uses 1000; 100 keeps the classifier and the
-            per-class signal reasonable for short CPU runs, and the paper found the task still teaches
-            useful features at 100 (its Table 3) [100].
+        num_permutations: number of puzzle classes. The paper uses 1000; with 100 each class gets 10x the
+            examples in a short CPU run and the classifier's last layer is 10x smaller, at the price of an
+            easier puzzle [100].
         permutation_seed: seed of `hamming_permutations`; the set is also a buffer, so a checkpoint carries
             it [0].
         tile: side of each tile in pixels; the grid covers min(H, W) // 3 * 3 pixels and each tile is a
