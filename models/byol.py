@@ -50,7 +50,8 @@ class BYOL(Method):
         hidden_dim: hidden width of the projector and of the predictor MLPs [512] (paper: 4096).
         tau_base: τ_base, the target's EMA rate at step 0 [0.99]; the paper's 0.996 suits runs of
             hundreds of thousands of steps, a faster-moving target suits the short CPU runs.
-        tau_horizon_steps: K, steps over which τ rises to 1 on a cosine [10000]; τ stays 1 after K.
+        tau_horizon_steps: K, steps over which τ rises to 1 on a cosine [10000]; τ stays 1 after K, which
+            freezes the target, so set K to about the length of the run.
 
     State (parameters and buffers, so a checkpoint of `state_dict()` resumes exactly):
         target_backbone, target_projector: the EMA target network (requires_grad False); its BN running
@@ -60,7 +61,7 @@ class BYOL(Method):
     Loss: the normalised MSE 2 - 2 cos(p, sg(z')) of each view's prediction p against the other view's
     target projection z', with sg a stop-gradient. The paper *sums* the two directions; here they are
     *averaged*, so the loss lies in [0, 4] and equals 2 - 2 * `prediction_target_cosine`. With SGD this
-    halves the gradient against the paper's sum: the same as halving the learning rate.
+    halves the gradient against the paper's sum, like halving the learning rate (weight decay aside).
 
     Logs: `embedding_std` of the online projections (collapse signal), `tau` (the EMA rate the update
     after this step uses), `prediction_target_cosine` (mean cosine between predictions and targets).

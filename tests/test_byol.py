@@ -116,24 +116,26 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
     torch.manual_seed(0)
     trained = _tiny_byol(bn_splits=2, tau_horizon_steps=10)
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.05, momentum=0.9)
-    for step in range(3):
-        loss, logs = trained(_views(16))
+    for step in range(2):
+        loss, logs = trained(_views())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         trained.on_step_end(step)
         assert torch.isfinite(loss) and all(torch.isfinite(value) for value in logs.values())
-    assert trained.steps_done.item() == 3
-    assert {"steps_done", "target_backbone.0.conv.weight"} <= set(trained.state_dict()) or "steps_done" in trained.state_dict()
+    assert trained.steps_done.item() == 2
+    keys = set(trained.state_dict())
+    assert "steps_done" in keys
+    assert {key.split(".")[0] for key in keys} >= {"target_backbone", "target_projector", "predictor"}
 
     torch.manual_seed(123)  # a fresh process would start from other random weights
     resumed = _tiny_byol(bn_splits=2, tau_horizon_steps=10)
     resumed.load_state_dict(trained.state_dict())
-    views = _views(16)
+    views = _views()
     loss, logs = trained(views)
     resumed_loss, resumed_logs = resumed(views)
-    trained.on_step_end(3)
-    resumed.on_step_end(3)
+    trained.on_step_end(2)
+    resumed.on_step_end(2)
 
     torch.testing.assert_close(resumed_loss, loss, rtol=0, atol=0)
     torch.testing.assert_close(resumed_logs["tau"], logs["tau"], rtol=0, atol=0)

@@ -187,7 +187,7 @@ def test_registry_builds_moco_with_options() -> None:
 
 def test_registry_rejects_unknown_names_and_options() -> None:
     backbone, feature_dim = build_backbone("convnet", 1)
-    with pytest.raises(ValueError, match="valid: .*moco"):
+    with pytest.raises(ValueError, match=r"valid: .*moco"):
         build_method("mocov9", backbone, feature_dim, {})
     with pytest.raises(ValueError, match="queue_length"):
         build_method("moco", backbone, feature_dim, {"queue_length": 16})
