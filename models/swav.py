@@ -1,0 +1,243 @@
+"""SwAV: Swapping Assignments between Views (Caron et al. 2020, "Unsupervised Learning of Visual Features by
+Contrasting Cluster Assignments").
+
+Each image's embedding is scored against K learnable prototypes. For each of the two full-size views, a
+Sinkhorn-Knopp step turns the batch's scores into soft codes that spread the batch evenly over the prototypes
+(the equal-partition constraint that rules out the trivial "everything in one cluster" solution); every other
+view of the same image — the other full-size view and the low-resolution multi-crops — must then predict
+those codes from its own scores. `forward` follows the paper's Algorithm 1 and the official training loop:
+normalise the prototypes, embed all crops, compute codes without gradient (optionally with a queue of earlier
+embeddings to enlarge the Sinkhorn problem), and take the swapped cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from streamssl.models.method import Method, embedding_std
+
+
+@torch.no_grad()
+def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
+    """Soft codes Q for a batch of prototype scores by Sinkhorn-Knopp (SwAV, Sec. 3.1 and Algorithm 1).
+
+    Q = diag(u) · exp(scores / epsilon) · diag(v), with u and v found by alternating normalisations, is the
+    entropy-regularised transport of the B samples onto the K prototypes. Marginals, stated on Q itself
+    (total mass B):
+
+    * rows (samples): every row sums to exactly 1, so row i is sample i's distribution over prototypes;
+    * columns (prototypes): each iteration first rescales the columns so that every prototype holds B/K
+      (the equal partition), then rescales the rows to 1. The returned Q ends on the row step, so its
+      column sums are B/K only up to that last row rescale, and converge to B/K as `iterations` grows.
+
+    This is the official algorithm (which states the same polytope scaled by 1/B: prototype mass 1/K, sample
+    mass 1/B, then multiplies by B), computed in the log domain in float64: every normalisation subtracts
+    a log-sum-exp (itself max-shifted), so no exp can overflow or flush a whole row or column to zero, and
+    adding a constant to all scores changes nothing. No gradient flows through the codes.
+
+    Args:
+        scores: [B, K] similarities of B embeddings to K prototypes (any float dtype).
+        epsilon: entropy regularisation; lower gives sharper codes.
+        iterations: number of (prototype, sample) normalisation pairs, at least 1.
+
+    Returns:
+        [B, K] float32 codes whose rows sum to 1.
+    """
+    if iterations < 1:
+        raise ValueError(f"sinkhorn needs at least one iteration, got {iterations}")
+    num_samples, num_prototypes = scores.shape
+    log_q = scores.double() / epsilon
+    prototype_log_mass = math.log(num_samples / num_prototypes)
+    for _ in range(iterations):
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) + prototype_log_mass  # each column: B/K
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)  # each row: 1
+    return log_q.exp().float()
+
+
+def swapped_prediction_loss(scores: Sequence[Tensor], codes: Sequence[Tensor], temperature: float) -> Tensor:
+    """SwAV's swapped prediction loss, averaged as the official code does.
+
+    For every view i that gives codes q_i, every other view v predicts them with p_v = softmax(scores_v / T);
+    the loss is -sum_k q_i log p_v, averaged over the batch, then over the V - 1 predicting views, then over
+    the views that give codes.
+
+    Args:
+        scores: V tensors [B, K], z_v · C for every view (code views first, then the rest).
+        codes: tensors [B, K] for the first len(codes) views (no gradient expected).
+        temperature: T of the prediction softmax.
+    """
+    log_predictions = [F.log_softmax(view_scores.float() / temperature, dim=1) for view_scores in scores]
+    total = scores[0].new_zeros((), dtype=torch.float32)
+    for code_view, view_codes in enumerate(codes):
+        predictors = [log_p for view, log_p in enumerate(log_predictions) if view != code_view]
+        cross_entropies = [-(view_codes * log_p).sum(dim=1).mean() for log_p in predictors]
+        total = total + torch.stack(cross_entropies).mean()
+    return total / len(codes)
+
+
+class SwAV(Method):
+    """SwAV with multi-crop, a feature queue and a prototype freeze, on one device.
+
+    Hyper-parameters (keyword-only, defaults in brackets, chosen for the CPU default of 28x28 Fashion-MNIST,
+    batch 256 and runs of 1k-5k steps):
+        dim: width of the projected, L2-normalised embedding [128, as in the paper].
+        num_prototypes: K, number of prototype vectors [300: the paper over-clusters ImageNet's 1000 classes
+            3x with 3000; 300 over-clusters Fashion-MNIST's 10 generously while a Sinkhorn problem of
+            256 + 1024 queued rows still gives each prototype ~4 samples].
+        temperature: T of the prediction softmax [0.1, the paper's].
+        epsilon: Sinkhorn entropy regularisation [0.05, the paper's].
+        sinkhorn_iterations: Sinkhorn normalisation pairs [3, the paper's].
+        small_crops: low-resolution crops per image after the two full-size views; they only predict codes,
+            never give them [4: the paper uses 6; 4 of 12 px add about 0.75 of a 28 px view's compute, a
+            step ~1.4x a two-view one on a CPU].
+        small_crop_size: their side in pixels [12: 12/28 matches the paper's 96/224].
+        small_crop_scale: (min, max) share of the image area each small crop covers [(0.05, 0.4): wider than
+            the paper's (0.05, 0.14), since a 28 px item loses its shape in tinier crops].
+        queue_size: embeddings of earlier batches kept per full-size view and prepended to the batch's scores
+            for Sinkhorn; 0 disables it [1024: the paper adds a queue (3840) at batch 256, as the equal
+            partition over one small batch is too tight; 4 batches keeps the queued features fresh in short
+            runs and Sinkhorn cheap].
+        queue_start_step: step from which batches are enqueued; the queue joins Sinkhorn only once full,
+            since a part-empty queue can make training explode (lightly #1148) [500: after the prototypes
+            unfreeze and the early, fast-moving phase of training].
+        freeze_prototypes_steps: the prototypes get no gradient for this many first steps, as in the official
+            code, which lets the embeddings settle around the random prototypes first [250: the official
+            code freezes about one epoch; one pass over Fashion-MNIST's 60k images is ~234 steps].
+
+    State (buffers and parameters, so `state_dict()` resumes exactly):
+        prototypes.weight: [K, dim] prototypes, rows renormalised to unit length before each use.
+        queue: [2, queue_size, dim] float32 embeddings of earlier batches per full-size view, newest first.
+        features_enqueued: embeddings written to each view's queue so far (the fill counter).
+        step: optimizer steps done, advanced by `on_step_end`; drives the freeze and queue schedules.
+
+    Logs: `embedding_std` of the full-size views' embeddings (collapse signal); `loss_over_ln_k`, the loss
+    divided by ln K (the loss of uniform predictions: a value stuck near 1 means collapse); `queue_fill`
+    (share of the queue holding embeddings after this step's enqueue, 0 without a queue; it is used from
+    the step after it reaches 1); `prototype_usage` (share of prototypes that are the top code of at least
+    one sample of the batch in either full-size view).
+
+    Each forward reads the two counters from the device once (the trainer reads the loss every step anyway).
+    """
+
+    name = "swav"
+    num_views = 2
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        *,
+        dim: int = 128,
+        num_prototypes: int = 300,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        small_crops: int = 4,
+        small_crop_size: int = 12,
+        small_crop_scale: tuple[float, float] = (0.05, 0.4),
+        queue_size: int = 1024,
+        queue_start_step: int = 500,
+        freeze_prototypes_steps: int = 250,
+    ) -> None:
+        super().__init__(backbone, feature_dim)
+        if sinkhorn_iterations < 1:
+            raise ValueError(f"sinkhorn_iterations must be >= 1, got {sinkhorn_iterations}")
+        if queue_size < 0 or small_crops < 0:
+            raise ValueError("queue_size and small_crops must be >= 0")
+        self.temperature = temperature
+        self.epsilon = epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.small_crops = small_crops
+        self.small_crop_size = small_crop_size
+        self.small_crop_scale = (float(small_crop_scale[0]), float(small_crop_scale[1]))
+        self.queue_size = queue_size
+        self.queue_start_step = queue_start_step
+        self.freeze_prototypes_steps = freeze_prototypes_steps
+
+        self.head = nn.Sequential(
+            nn.Linear(feature_dim, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True),
+            nn.Linear(feature_dim, dim),
+        )
+        self.prototypes = nn.Linear(dim, num_prototypes, bias=False)
+        self._normalize_prototypes()
+
+        self.register_buffer("queue", torch.zeros(self.num_views, queue_size, dim))
+        self.register_buffer("features_enqueued", torch.zeros((), dtype=torch.long))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def forward(self, views: list[Tensor], ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        self._normalize_prototypes()  # C <- C / ||C|| row-wise, at the start of every step as the official code
+        steps_done, features_enqueued = torch.stack([self.step, self.features_enqueued]).tolist()
+        embeddings = self._embed(views)  # z = normalize(head(backbone(x))) for every crop
+        prototypes = self.prototypes.weight
+        if steps_done < self.freeze_prototypes_steps:
+            prototypes = prototypes.detach()  # no path to the prototypes: their .grad stays None, SGD skips them
+        scores = [_prototype_scores(z, prototypes) for z in embeddings]  # z · C
+        # The queue was full before this batch: only then may it take part (a part-empty one can explode).
+        queue_is_full = self.queue_size > 0 and features_enqueued >= self.queue_size
+        codes = [self._codes(scores[view], prototypes, view, queue_is_full) for view in range(self.num_views)]
+        if self.queue_size > 0 and steps_done >= self.queue_start_step:
+            self._enqueue(torch.stack(embeddings[: self.num_views]))
+        loss = swapped_prediction_loss(scores, codes, self.temperature)  # every other view predicts q
+        return loss, self._logs(loss, embeddings[: self.num_views], codes)
+
+    def on_step_end(self, step: int) -> None:
+        self.step.fill_(step + 1)
+
+    def _embed(self, views: list[Tensor]) -> list[Tensor]:
+        """L2-normalised float32 embeddings per view; crops of one size share one backbone pass (and its BN)."""
+        features, start = [], 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            features.append(self.backbone(torch.cat(views[start:end])))
+            start = end
+        # float32 so the codes and the loss do not inherit bf16 from autocast
+        embeddings = F.normalize(self.head(torch.cat(features)).float(), dim=1)
+        return list(embeddings.chunk(len(views)))
+
+    @torch.no_grad()
+    def _codes(self, scores: Tensor, prototypes: Tensor, view: int, use_queue: bool) -> Tensor:
+        """Sinkhorn codes of one full-size view; with the queue, its rows join the problem and are dropped after."""
+        batch_size = len(scores)
+        if use_queue:
+            scores = torch.cat([_prototype_scores(self.queue[view], prototypes), scores])
+        return sinkhorn(scores.detach(), self.epsilon, self.sinkhorn_iterations)[-batch_size:]
+
+    @torch.no_grad()
+    def _enqueue(self, embeddings: Tensor) -> None:
+        """Pushes [2, B, dim] embeddings to the front of each view's queue; the oldest fall off the end."""
+        self.queue.copy_(torch.cat([embeddings.to(self.queue.dtype), self.queue], dim=1)[:, : self.queue_size])
+        self.features_enqueued.add_(embeddings.shape[1])
+
+    @torch.no_grad()
+    def _normalize_prototypes(self) -> None:
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    @torch.no_grad()
+    def _logs(self, loss: Tensor, embeddings: list[Tensor], codes: list[Tensor]) -> dict[str, Tensor]:
+        num_prototypes = self.prototypes.weight.shape[0]
+        top_codes = torch.cat([view_codes.argmax(dim=1) for view_codes in codes])
+        used = torch.zeros(num_prototypes, dtype=torch.bool, device=top_codes.device).index_fill_(0, top_codes, True)
+        if self.queue_size:
+            queue_fill = (self.features_enqueued.float() / self.queue_size).clamp(max=1.0)
+        else:
+            queue_fill = torch.zeros((), device=loss.device)
+        return {
+            "embedding_std": embedding_std(torch.cat(embeddings)),
+            "loss_over_ln_k": loss.detach() / math.log(num_prototypes),
+            "queue_fill": queue_fill,
+            "prototype_usage": used.float().mean(),
+        }
+
+
+def _prototype_scores(embeddings: Tensor, prototypes: Tensor) -> Tensor:
+    """z · C in float32 even under autocast: bf16 scores divided by epsilon = 0.05 would blur the codes."""
+    with torch.autocast(embeddings.device.type, enabled=False):
+        return embeddings.float() @ prototypes.float().T
