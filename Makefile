@@ -35,7 +35,10 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
 bench: setup
+	$(BIN)/pip install -q -r requirements-bench.txt  # lightly: a bench-only dependency
 	$(BIN)/python bench/pipeline_efficiency.py
+	$(BIN)/python bench/vs_lightly.py
+	$(BIN)/python bench/methods.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
