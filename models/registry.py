@@ -7,10 +7,21 @@ from typing import Any
 
 from torch import nn
 
+from streamssl.models.byol import BYOL
+from streamssl.models.deepcluster import DeepCluster
+from streamssl.models.jigsaw import Jigsaw
 from streamssl.models.method import Method
 from streamssl.models.moco import MoCo
+from streamssl.models.multitask import MultiTask
+from streamssl.models.npid import NPID
+from streamssl.models.rotation import Rotation
+from streamssl.models.simclr import SimCLR
+from streamssl.models.simsiam import SimSiam
+from streamssl.models.swav import SwAV
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (MoCo,)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (MoCo, SwAV, BYOL, SimCLR, SimSiam, DeepCluster, NPID, Rotation, Jigsaw)
+}
 
 
 def build_method(name: str, backbone: nn.Module, feature_dim: int, options: dict[str, Any],
@@ -33,6 +44,4 @@ def build_method(name: str, backbone: nn.Module, feature_dim: int, options: dict
         return method
     if name in weights:
         raise ValueError(f"'{name}' cannot also be its own auxiliary task")
-    from streamssl.models.multitask import MultiTask
-
     return MultiTask(method, weights)
