@@ -22,10 +22,14 @@ from pathlib import Path
 from streamssl.models.registry import METHODS
 
 
+class CommandFailed(Exception):
+    pass
+
+
 def cli(*args: str) -> str:
     result = subprocess.run([sys.executable, "-m", "streamssl.pipeline.cli", *args], capture_output=True, text=True)
     if result.returncode:
-        sys.exit(f"streamssl {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+        raise CommandFailed(f"streamssl {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1:]}")
     return result.stdout
 
 
@@ -53,7 +57,10 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory(prefix="streamssl-methods-") as scratch:
         for method in args.methods.split(","):
-            rows.append(train(method, args.minutes, Path(scratch) / method, args.run_args))
+            try:
+                rows.append(train(method, args.minutes, Path(scratch) / method, args.run_args))
+            except CommandFailed as err:  # one broken method must not cost the other rows
+                rows.append({"method": method, "error": str(err), "knn_top1": float("nan")})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n| method | samples/s | steps in {args.minutes:g} min | kNN top-1 |\n|---|---|---|---|")
     for row in rows:

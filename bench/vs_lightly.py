@@ -1,10 +1,17 @@
 """MoCo v2, BYOL and SwAV training steps: ours vs lightly's implementation of the same method, side by side.
 
 Both sides get the same backbone (our ConvNet, plain BN, identical initial weights), the same heads'
-shapes, hyper-parameters, SGD optimizer, bf16 autocast (where the CPU has it) and the same
-pre-augmented Fashion-MNIST views (batch 256; SwAV: 2×28 px + 4×12 px crops), so the timed part
-is the method's step alone: forward, loss, backward, optimizer step, momentum updates, queue. Rounds
-alternate the two sides. lightly is a bench-only dependency (`requirements-bench.txt`).
+shapes, hyper-parameters, SGD optimizer and bf16 autocast (where the CPU has it), batch 256 of
+Fashion-MNIST. Two comparisons per method, rounds alternating the two sides:
+
+* `step`: the same pre-augmented views on both sides (SwAV: 2×28 px + 4×12 px crops), so the timed
+  part is the method alone: forward, loss, backward, optimizer step, momentum updates, queue.
+* `step+augment`: each side also makes its views from the decoded images the way the library does:
+  ours with the batched per-sample augmentation of pipeline/augment.py on the uint8 batch, lightly
+  with its transforms (MoCoV2Transform for MoCo and BYOL, SwaVTransform for SwAV) applied per PIL
+  image and stacked, set to the same recipe (crop scale, flip, jitter, blur, crop sizes and counts).
+
+lightly is a bench-only dependency (`requirements-bench.txt`).
 
     .venv/bin/python bench/vs_lightly.py [--steps 30] [--rounds 3] [--methods moco,byol,swav]
 """
@@ -27,7 +34,9 @@ from lightly.models.modules import (
     SwaVPrototypes,
 )
 from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.transforms import MoCoV2Transform, SwaVTransform
 from lightly.utils.scheduler import cosine_schedule
+from PIL import Image
 from torch import Tensor, nn
 
 from streamssl.models import build_backbone, build_method
@@ -107,25 +116,55 @@ class LightlySwAV(nn.Module):
 LIGHTLY: dict[str, Callable[[nn.Module], nn.Module]] = {"moco": LightlyMoCo, "byol": LightlyBYOL, "swav": LightlySwAV}
 
 
-def make_views(method: str, batches: int, autocast: bool) -> list[list[Tensor]]:
-    images, _ = load_fashion_mnist("train")
-    pixels = torch.from_numpy(images[: BATCH * batches]).unsqueeze(1)
-    augment = BatchAugment(AugmentConfig(), [0.286], [0.353], 28)
-    gen = torch.Generator().manual_seed(0)
-    small = OURS[method].get("small_crops", 0)
-    return [[v.contiguous(memory_format=torch.channels_last)
-             for v in augment(pixels[i * BATCH:(i + 1) * BATCH], gen, 2, small, 12, (0.05, 0.4))]
-            for i in range(batches)]
+def lightly_transform(method: str) -> Callable[[Image.Image], list[Tensor]]:
+    """lightly's transform set to our default recipe (AugmentConfig, SwAV's crops), for 1-channel images."""
+    common = {"cj_prob": 0.8, "cj_bright": 0.4, "cj_contrast": 0.4, "cj_sat": 0.4, "cj_hue": 0.0,
+              "random_gray_scale": 0.0, "gaussian_blur": 0.5, "sigmas": (0.1, 2.0), "hf_prob": 0.5,
+              "normalize": {"mean": [0.286], "std": [0.353]}}
+    if method == "swav":
+        return SwaVTransform(crop_sizes=(28, 12), crop_counts=(2, 4), crop_min_scales=(0.2, 0.05),
+                             crop_max_scales=(1.0, 0.4), **common)
+    return MoCoV2Transform(input_size=28, min_scale=0.2, **common)
 
 
-def timed_steps(model: nn.Module, step_fn: Callable[[list[Tensor], int], Tensor], views: list[list[Tensor]],
-                optimizer: torch.optim.Optimizer, steps: int, start: int, autocast: bool,
-                after_step: Callable[[int], None]) -> float:
+class ViewMaker:
+    """Views of batch i for one side: pre-augmented, or augmented inside the timed step."""
+
+    def __init__(self, method: str, batches: int, side: str, with_augment: bool) -> None:
+        images, _ = load_fashion_mnist("train")
+        self.pixels = [torch.from_numpy(images[i * BATCH:(i + 1) * BATCH]).unsqueeze(1) for i in range(batches)]
+        self.pil = [[Image.fromarray(image) for image in images[i * BATCH:(i + 1) * BATCH]] for i in range(batches)]
+        self.small = OURS[method].get("small_crops", 0)
+        self.augment = BatchAugment(AugmentConfig(), [0.286], [0.353], 28)
+        self.transform = lightly_transform(method)
+        self.gen = torch.Generator().manual_seed(0)
+        self.side, self.with_augment = side, with_augment
+        self.fixed = [self.ours(i) for i in range(batches)]
+
+    def ours(self, i: int) -> list[Tensor]:
+        views = self.augment(self.pixels[i], self.gen, 2, self.small, 12, (0.05, 0.4))
+        return [v.contiguous(memory_format=torch.channels_last) for v in views]
+
+    def lightly(self, i: int) -> list[Tensor]:
+        per_image = [self.transform(image) for image in self.pil[i]]
+        return [torch.stack([views[v] for views in per_image]).contiguous(memory_format=torch.channels_last)
+                for v in range(len(per_image[0]))]
+
+    def __call__(self, step: int) -> list[Tensor]:
+        i = step % len(self.fixed)
+        if not self.with_augment:
+            return self.fixed[i]
+        return self.ours(i) if self.side == "ours" else self.lightly(i)
+
+
+def timed_steps(step_fn: Callable[[list[Tensor], int], Tensor], views: ViewMaker, optimizer: torch.optim.Optimizer,
+                steps: int, start: int, autocast: bool, after_step: Callable[[int], None]) -> float:
     """Seconds for `steps` full training steps."""
     began = time.perf_counter()
     for step in range(start, start + steps):
+        batch_views = views(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = step_fn(views[step % len(views)], step)
+            loss = step_fn(batch_views, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -133,7 +172,7 @@ def timed_steps(model: nn.Module, step_fn: Callable[[list[Tensor], int], Tensor]
     return time.perf_counter() - began
 
 
-def compare(method: str, steps: int, rounds: int, autocast: bool) -> dict[str, float | str]:
+def compare(method: str, steps: int, rounds: int, autocast: bool, with_augment: bool) -> dict[str, float | str]:
     torch.manual_seed(0)
     backbone, _ = build_backbone("convnet", 1, bn_splits=1)
     ours = build_method(method, copy.deepcopy(backbone), FEATURES, OURS[method]).to(memory_format=torch.channels_last)
@@ -144,18 +183,19 @@ def compare(method: str, steps: int, rounds: int, autocast: bool) -> dict[str, f
     }
     optimizers = {name: torch.optim.SGD(model.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
                   for name, (model, _, _) in sides.items()}
-    views = make_views(method, 4, autocast)
+    view_makers = {name: ViewMaker(method, 4, name, with_augment) for name in sides}
     seconds = dict.fromkeys(sides, 0.0)
     done = dict.fromkeys(sides, 0)
     for round_index in range(rounds + 1):  # round 0 warms up both sides and is not counted
-        for name, (model, step_fn, after_step) in sides.items():
-            elapsed = timed_steps(model, step_fn, views, optimizers[name], steps, done[name], autocast, after_step)
+        for name, (_, step_fn, after_step) in sides.items():
+            elapsed = timed_steps(step_fn, view_makers[name], optimizers[name], steps, done[name], autocast, after_step)
             done[name] += steps
             if round_index:
                 seconds[name] += elapsed
     rate = {name: steps * rounds * BATCH / seconds[name] for name in sides}
-    return {"method": method, "ours_samples_per_s": round(rate["ours"], 1),
-            "lightly_samples_per_s": round(rate["lightly"], 1), "ratio": round(rate["ours"] / rate["lightly"], 3)}
+    return {"method": method, "timed": "step+augment" if with_augment else "step",
+            "ours_samples_per_s": round(rate["ours"], 1), "lightly_samples_per_s": round(rate["lightly"], 1),
+            "ratio": round(rate["ours"] / rate["lightly"], 3)}
 
 
 def main() -> None:
@@ -167,7 +207,8 @@ def main() -> None:
     autocast = resolve_precision("auto", torch.device("cpu")) == "bf16"
     print(json.dumps({"batch": BATCH, "autocast_bf16": autocast, "threads": torch.get_num_threads()}), flush=True)
     for method in args.methods.split(","):
-        print(json.dumps(compare(method, args.steps, args.rounds, autocast)), flush=True)
+        for with_augment in (False, True):
+            print(json.dumps(compare(method, args.steps, args.rounds, autocast, with_augment)), flush=True)
 
 
 if __name__ == "__main__":
