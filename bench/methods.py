@@ -48,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget per method")
     parser.add_argument("--methods", default=",".join(sorted(METHODS)))
+    parser.add_argument("--keep", default="", help="keep the run dirs (and published encoders) under this folder")
     parser.add_argument("run_args", nargs="*", help="passed to every `streamssl run` (after --)")
     args = parser.parse_args()
     rows: list[dict[str, float | str]] = []
@@ -56,9 +57,10 @@ def main() -> None:
         rows.append({"method": f"({baseline} {'pixels' if baseline == 'raw' else 'encoder'})", "knn_top1": top1})
         print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory(prefix="streamssl-methods-") as scratch:
+        root = Path(args.keep or scratch)
         for method in args.methods.split(","):
             try:
-                rows.append(train(method, args.minutes, Path(scratch) / method, args.run_args))
+                rows.append(train(method, args.minutes, root / method, args.run_args))
             except CommandFailed as err:  # one broken method must not cost the other rows
                 rows.append({"method": method, "error": str(err), "knn_top1": float("nan")})
             print(json.dumps(rows[-1]), flush=True)
