@@ -117,6 +117,24 @@ class AuxConfig:
     jigsaw: float = 0.0
 
 
+@dataclass
+class SeriesConfig:
+    """Time-series runs (`--method forecast` / `cpc`, `streamssl forecast`): windows, decomposition, grouping."""
+
+    value_column: str = "value"  # CSV/Parquet column with the values ("" = the only numeric column)
+    time_column: str = "timestamp"  # CSV/Parquet column with the time ("" = row order)
+    window: int = 128  # trailing window decomposed at each forecast origin (and CPC's input length)
+    lag: int = 12  # past points fed to the forecaster
+    horizon: int = 1  # steps ahead forecast
+    decomposition: str = "eemd"  # eemd | ceemdan
+    trials: int = 50  # EEMD ensemble size
+    noise_width: float = 0.05
+    max_imfs: int = 4  # IMFs kept per window (+ the residue); fewer are zero-padded
+    grouping: str = "two_means"  # two_means | threshold: how components split into aux targets / views
+    threshold: float = 0.5  # |Pearson| at or above it: aux target (grouping threshold)
+    eval_points: int = 500  # rolling (prequential) nRMSE over this many most recent points
+
+
 def options_section(method: type) -> type:
     """A dataclass of a method's keyword-only constructor options: names, types and defaults from the method."""
     hints = typing.get_type_hints(method.__init__)
@@ -147,6 +165,7 @@ class BaseConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     aux: AuxConfig = field(default_factory=AuxConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
 
     def method_options(self) -> dict[str, Any]:
         """The section named after the method (e.g. `moco`), as its keyword options."""
@@ -168,6 +187,8 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
     "eval.dataset": ("fashion-mnist", "none"),
+    "series.decomposition": ("eemd", "ceemdan"),
+    "series.grouping": ("two_means", "threshold"),
 }
 
 
