@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,35 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.286])  # Fashion-MNIST train statistics
     std: list[float] = field(default_factory=lambda: [0.353])
     prefetch_batches: int = 4
+
+
+@dataclass
+class KafkaConfig:
+    """Client settings for `--data kafka://HOST:PORT[,HOST:PORT]/TOPIC[?group=G]`, passed through to kafka-python."""
+
+    group: str = "streamssl"  # consumer group (the URL's ?group= wins); one consumer per worker in it
+    client_id: str = "streamssl"
+    auto_offset_reset: str = "earliest"  # where a new group starts on a partition with no committed offset
+    session_timeout_ms: int = 10000
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    sasl_mechanism: str = ""  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | OAUTHBEARER
+    sasl_plain_username: str = ""
+    sasl_plain_password: str = ""  # prefer the STREAMSSL_KAFKA_PASSWORD environment variable
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    dead_letter_topic: str = ""  # undecodable records are also produced here ("" = dead-letter file only)
+
+    def client_options(self) -> dict[str, Any]:
+        """kafka-python keyword arguments: only the ones set, so the client's own defaults stay in force."""
+        options: dict[str, Any] = {"client_id": self.client_id, "security_protocol": self.security_protocol}
+        password = os.environ.get("STREAMSSL_KAFKA_PASSWORD", self.sasl_plain_password)
+        for name, value in (("sasl_mechanism", self.sasl_mechanism), ("sasl_plain_username", self.sasl_plain_username),
+                            ("sasl_plain_password", password), ("ssl_cafile", self.ssl_cafile),
+                            ("ssl_certfile", self.ssl_certfile), ("ssl_keyfile", self.ssl_keyfile)):
+            if value:
+                options[name] = value
+        return options
 
 
 @dataclass
@@ -157,6 +187,7 @@ class BaseConfig:
     method: str = "moco"
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -187,6 +218,8 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
     "eval.dataset": ("fashion-mnist", "none"),
+    "kafka.auto_offset_reset": ("earliest", "latest"),
+    "kafka.security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     "series.decomposition": ("eemd", "ceemdan"),
     "series.grouping": ("two_means", "threshold"),
 }

@@ -84,36 +84,96 @@ def _close_when_stopped(source: Any, stop: Any) -> None:
     source.close()
 
 
+def _forward_commits(source: Any, commits: Any, stop: Any) -> None:
+    """Hands the trainer's commit requests to the source (whose `commit` is thread-safe and non-blocking)."""
+    while not stop.value:
+        with contextlib.suppress(queue.Empty):
+            source.commit(commits.get(timeout=0.1))
+
+
+def _last_commit(commits: Any) -> dict[str, Any] | None:
+    """The newest commit request still queued: positions only move forward, so it covers the older ones."""
+    last = None
+    with contextlib.suppress(queue.Empty, OSError, EOFError):
+        while True:
+            last = commits.get(timeout=0.05)
+    return last
+
+
+def _payload(record: Record, image_field: str) -> bytes:
+    """The bytes a dead-letter topic gets for a rejected record: its image field, else its first field."""
+    for name in (image_field, *IMAGE_FIELDS, *record.fields):
+        if name in record.fields:
+            return record.fields[name]
+    return b""
+
+
+def _batches(source: Any, records: Any, batch_size: int, image_field: str, channels: int, size: int, out: Any,
+             stop: Any) -> bool:
+    """Decodes records into batches on the queue; True at the end of a finite stream, False when stopped."""
+    images: list[np.ndarray] = []
+    keys: list[str] = []
+    for record in records:
+        try:
+            images.append(decode_record(record, image_field, channels, size))
+            keys.append(record.key)
+        except ValueError as err:
+            reason, _, detail = str(err).partition(": ")
+            _put(out, stop, ("reject", record.source, record.key, reason, detail, _payload(record, image_field)))
+        if len(images) == batch_size:
+            # numpy, pickled by value: torch tensors would travel as shared-memory handles that die
+            # with this process if it exits before the trainer has read them.
+            ids = np.array([record_id(key) for key in keys], dtype=np.int64)
+            if not _put(out, stop, ("batch", np.stack(images), keys, source.state_dict(), source.stats(), ids)):
+                return False
+            images, keys = [], []
+        if stop.value:
+            return False
+    return True
+
+
+def _flush_commits(source: Any, records: Any, commits: Any, forwarder: threading.Thread) -> None:
+    """At shutdown: hand over the last commit request (the final checkpoint's), then let the source end.
+
+    The source commits from the thread that iterates it, so the generator is run until it finishes:
+    `close()` makes it perform what is pending, close its consumer and stop.
+    """
+    forwarder.join(timeout=2)  # it exits on `stop`; afterwards nothing else touches the commit queue
+    last = _last_commit(commits)
+    if last is not None:
+        source.commit(last)
+    source.close()
+    deadline = time.monotonic() + 10
+    for _ in records:
+        if time.monotonic() > deadline:
+            break
+
+
 def _worker(make_source: Callable[..., Any], position: dict[str, Any], batch_size: int, image_field: str,
-            channels: int, size: int, out: Any, stop: Any) -> None:
+            channels: int, size: int, out: Any, stop: Any, commits: Any) -> None:
     """Runs in the loader process: source → decode → batches, until the stream ends or `stop` is set."""
     # Ctrl-C reaches the whole process group: the trainer decides when this process stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        source = make_source(on_reject=lambda shard, key, reason: _put(out, stop, ("reject", shard, key, reason, "")))
+        source = make_source(
+            on_reject=lambda shard, key, reason: _put(out, stop, ("reject", shard, key, reason, "", b"")))
         source.load_state_dict(position)
         # A follow-mode source may be blocked waiting for new shards: closing it is what ends that wait.
         threading.Thread(target=_close_when_stopped, args=(source, stop), daemon=True).start()
-        images: list[np.ndarray] = []
-        keys: list[str] = []
-        for record in source:
-            try:
-                images.append(decode_record(record, image_field, channels, size))
-                keys.append(record.key)
-            except ValueError as err:
-                reason, _, detail = str(err).partition(": ")
-                _put(out, stop, ("reject", record.source, record.key, reason, detail))
-            if len(images) == batch_size:
-                # numpy, pickled by value: torch tensors would travel as shared-memory handles that die
-                # with this process if it exits before the trainer has read them.
-                ids = np.array([record_id(key) for key in keys], dtype=np.int64)
-                if not _put(out, stop, ("batch", np.stack(images), keys, source.state_dict(), source.stats(), ids)):
-                    return
-                images, keys = [], []
-            if stop.value:
-                return
-        _put(out, stop, ("end",))
+        records = iter(source)
+        if not hasattr(source, "commit"):
+            if _batches(source, records, batch_size, image_field, channels, size, out, stop):
+                _put(out, stop, ("end",))
+            return
+        # Kafka: offsets go to the broker only once the trainer says the checkpoint holding them is durable.
+        forwarder = threading.Thread(target=_forward_commits, args=(source, commits, stop), daemon=True)
+        forwarder.start()
+        if _batches(source, records, batch_size, image_field, channels, size, out, stop):
+            _put(out, stop, ("end",))
+            while not stop.value:  # the trainer's final checkpoint (and its commit) comes after the end
+                time.sleep(0.05)
+        _flush_commits(source, records, commits, forwarder)
     except SourceError as err:
         _put(out, stop, ("error", str(err)))
     except Exception as err:  # surfaces in the trainer instead of a silently dead loader
@@ -134,10 +194,12 @@ class BatchLoader:
         self._queue = context.Queue(maxsize=prefetch)
         # A lock-free shared flag: a multiprocessing Event can hang set() if the process dies while waiting on it.
         self._stop = context.Value("b", 0, lock=False)
+        self._commits = context.Queue()
         self._ended = False
         self._process = context.Process(
             target=_worker, name="streamssl-loader", daemon=True,
-            args=(make_source, position, batch_size, image_field, channels, size, self._queue, self._stop))
+            args=(make_source, position, batch_size, image_field, channels, size, self._queue, self._stop,
+                  self._commits))
         self._process.start()
 
     def next(self, timeout: float) -> Batch | None:
@@ -159,6 +221,10 @@ class BatchLoader:
                 raise SourceError(message[1])
         return None
 
+    def commit(self, position: dict[str, Any]) -> None:
+        """Asks the source to commit `position` upstream (Kafka offsets); call only once it is durably checkpointed."""
+        self._commits.put(position)
+
     def close(self) -> None:
         self._stop.value = 1
         # Drain while waiting: the worker cannot exit until its queued batches are flushed into the pipe.
@@ -170,3 +236,4 @@ class BatchLoader:
             self._process.terminate()
         self._process.join(timeout=5)
         self._queue.close()
+        self._commits.close()

@@ -112,6 +112,7 @@ class Trainer:
         self._checkpointed_step = -1
         self._nonfinite_in_a_row = 0
         self._rollbacks = 0
+        self.loader: BatchLoader | None = None
 
     # --- checkpoint / resume -------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
@@ -174,6 +175,8 @@ class Trainer:
         self.checkpointer.save(self.checkpoint_state(), self.state.step)
         self._checkpointed_step = self.state.step
         self.metrics.observe_checkpoint(time.perf_counter() - started)
+        if self.loader is not None:  # durable now: Kafka may move the group's committed offsets up to it
+            self.loader.commit(self.state.position)
 
     def publish(self) -> None:
         cfg = self.cfg
@@ -244,8 +247,9 @@ class Trainer:
                                   "pick another --metrics-port or 0 for none") from None
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
         self.resume()
-        loader = BatchLoader(self.make_source, self.state.position, cfg.train.batch_size, cfg.data.image_field,
-                             cfg.data.channels, cfg.data.size, self.dead_letters, cfg.data.prefetch_batches)
+        loader = self.loader = BatchLoader(self.make_source, self.state.position, cfg.train.batch_size,
+                                           cfg.data.image_field, cfg.data.channels, cfg.data.size, self.dead_letters,
+                                           cfg.data.prefetch_batches)
         started = time.monotonic()
         deadline = started + cfg.train.max_minutes * 60 if cfg.train.max_minutes else float("inf")
         last_checkpoint_time = started
@@ -301,10 +305,11 @@ class Trainer:
                     last_checkpoint_time = time.monotonic()
                     if self.state.checkpoints_written % cfg.checkpoint.publish_every == 0:
                         self.publish()
+            self.loop_seconds = time.monotonic() - started
+            self.finish(reason)  # while the loader still runs: the final checkpoint's offsets are committed too
         finally:
             loader.close()
-            self.loop_seconds = time.monotonic() - started
-        self.finish(reason)
+            self.loader = None
         return self.state
 
     def finish(self, reason: str) -> None:
