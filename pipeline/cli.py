@@ -1,4 +1,5 @@
-"""The `streamssl` command: `run` trains on a stream, `eval` scores a published encoder, `lake` writes shards.
+"""The `streamssl` command: `run` trains on a stream, `eval` scores a published encoder, `lake` writes shards,
+`produce` publishes shards to a Kafka topic.
 
 Expected failures (bad config, missing data, a tampered encoder) print one `streamssl: error: …`
 line and exit 2; SIGINT/SIGTERM stop a run cleanly (finish the step, checkpoint, publish, exit 0).
@@ -62,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bank-size", type=int, default=0,
                           help="train images used (kNN bank, linear-probe / fine-tune pool); 0 = all 60k")
     evaluate.add_argument("--test-size", type=int, default=0, help="test images scored; 0 = all 10k")
+
+    produce = commands.add_parser("produce", help="publish a shard lake to a Kafka topic (demos, tests, benchmarks)")
+    produce.add_argument("--to", required=True, metavar="kafka://HOST:PORT/TOPIC", help="topic to write to")
+    produce.add_argument("--data", default="", help="shard directory, brace pattern or URL; default: the embedded "
+                                                    "Fashion-MNIST lake")
+    produce.add_argument("--rate", type=float, default=0.0, help="records per second; 0 = as fast as possible")
+    produce.add_argument("--limit", type=int, default=0, help="stop after N records; 0 = the whole lake")
+    produce.add_argument("--partitions", type=int, default=4, help="partitions if the topic is created")
 
     lake = commands.add_parser("lake", help="write Fashion-MNIST as WebDataset shards (PNG + json)")
     lake.add_argument("--out", required=True, help="directory to write shards into")
@@ -162,12 +171,29 @@ def _lake(args: argparse.Namespace) -> int:
     return 0
 
 
+def _produce(args: argparse.Namespace) -> int:
+    from streamssl.streams.kafka_produce import create_topic, lake_records, parse_kafka_url, produce
+    from streamssl.streams.lake import default_lake
+
+    if args.rate < 0 or args.limit < 0 or args.partitions < 1:
+        raise ConfigError("--rate and --limit must be >= 0 and --partitions >= 1")
+    bootstrap, topic, _ = parse_kafka_url(args.to)
+    data = args.data or str(default_lake())
+    if "://" not in data and not Path(data).exists():
+        raise SourceError(f"data not found: {data}")
+    started = time.monotonic()
+    create_topic(bootstrap, topic, partitions=args.partitions)
+    sent = produce(bootstrap, topic, lake_records(data), rate=args.rate, limit=args.limit)
+    print(json.dumps({"to": args.to, "data": data, "records": sent, "seconds": round(time.monotonic() - started, 1)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        return {"run": _run, "eval": _eval, "lake": _lake}[args.command](args)
+        return {"run": _run, "eval": _eval, "lake": _lake, "produce": _produce}[args.command](args)
     except (ConfigError, SourceError, EncoderLoadError) as err:
         print(f"streamssl: error: {err}", file=sys.stderr)
         return 2

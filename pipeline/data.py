@@ -7,10 +7,11 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
-from streamssl.pipeline.config import DataConfig, EvalConfig
+from streamssl.pipeline.config import DataConfig, EvalConfig, KafkaConfig
 from streamssl.pipeline.knn import subset
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import default_lake
@@ -26,8 +27,16 @@ def resolve_mode(source: str, mode: str) -> str:
     return "follow" if source and "://" not in source and Path(source).is_dir() else "cycle"
 
 
-def source_factory(cfg: DataConfig, seed: int) -> Callable[..., WebDatasetSource]:
+def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None) -> Callable[..., Any]:
     """A picklable `make_source(on_reject=…)` for the loader process; builds one here first to validate the spec."""
+    if cfg.source.startswith("kafka://"):
+        from streamssl.streams.kafka_source import KafkaSource  # kafka-python loads only for Kafka runs
+
+        kafka = kafka or KafkaConfig()
+        make_source: Callable[..., Any] = partial(
+            KafkaSource, cfg.source, group=kafka.group, client_options=kafka.client_options(),
+            session_timeout_ms=kafka.session_timeout_ms, auto_offset_reset=kafka.auto_offset_reset)
+        return make_source
     if not cfg.source:
         log.info("no --data: using the embedded Fashion-MNIST lake (written once, on first use)")
     spec = cfg.source or str(default_lake())

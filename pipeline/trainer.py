@@ -74,7 +74,7 @@ class Trainer:
         self.cfg = cfg
         self.stop = stop or threading.Event()
         # First: a missing data path must fail before anything is written into the run dir.
-        self.make_source = source_factory(cfg.data, cfg.train.seed)
+        self.make_source = source_factory(cfg.data, cfg.train.seed, cfg.kafka)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
