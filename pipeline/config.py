@@ -111,6 +111,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False  # bit-exact CPU resume (torch deterministic algorithms)
     log_every_seconds: float = 10.0
+    audit_keys: bool = False  # append each trained batch's record keys to RUN_DIR/trained-keys.jsonl (lineage)
     nan_rollback_after: int = 3  # non-finite losses in a row (each step skipped) before rolling back
     max_rollbacks: int = 3  # rollbacks per invocation before giving up with an error
 

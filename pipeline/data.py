@@ -46,6 +46,16 @@ def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None)
     return make_source
 
 
+def dead_letter_topic(cfg: DataConfig, kafka: KafkaConfig) -> Any:
+    """The Kafka dead-letter topic for a Kafka run with `kafka.dead_letter_topic` set, else None."""
+    if not (kafka.dead_letter_topic and cfg.source.startswith("kafka://")):
+        return None
+    from streamssl.streams.kafka_produce import DeadLetterTopic, parse_kafka_url
+
+    bootstrap, _, _ = parse_kafka_url(cfg.source)
+    return DeadLetterTopic(bootstrap, kafka.dead_letter_topic, kafka.client_options())
+
+
 def knn_sets(cfg: EvalConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(bank images, bank labels, test images, test labels): fixed subsets, the same for every run."""
     root = os.environ.get("STREAMSSL_FASHION_MNIST")  # a folder of the idx .gz files, if not the Debian one

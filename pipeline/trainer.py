@@ -9,6 +9,7 @@ and N/2 + N/2 across a restart train on the same samples with the same views.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.augment import BatchAugment
 from streamssl.pipeline.checkpoint import Checkpointer
 from streamssl.pipeline.config import Config, ConfigError, to_dict
-from streamssl.pipeline.data import knn_sets, source_factory
+from streamssl.pipeline.data import dead_letter_topic, knn_sets, source_factory
 from streamssl.pipeline.deadletter import DeadLetters
 from streamssl.pipeline.knn import knn_top1
 from streamssl.pipeline.loader import Batch, BatchLoader
@@ -102,7 +103,10 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
 
         self.metrics = Metrics(cfg.method)
-        self.dead_letters = DeadLetters(self.run_dir / "dead-letter.jsonl", self.metrics)
+        self.dead_letter_topic = dead_letter_topic(cfg.data, cfg.kafka)
+        forward = None if self.dead_letter_topic is None else (
+            lambda source, key, reason, detail, payload: self.dead_letter_topic.send(key, payload, reason, detail, source))
+        self.dead_letters = DeadLetters(self.run_dir / "dead-letter.jsonl", self.metrics, forward)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         self.publisher = Publisher(self.run_dir / "published")
         self.state = RunState()
@@ -192,6 +196,12 @@ class Trainer:
         self.state.published_step = self.state.step
         self.metrics.observe_publish(version)
         log.info("published %s", folder)
+
+    def audit_keys(self, keys: list[str]) -> None:
+        """Lineage: which records went into which step. Lines after the last checkpoint are replayed after a crash,
+        so a key may appear twice; at-least-once delivery means every acknowledged key appears at least once."""
+        with open(self.run_dir / "trained-keys.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": self.state.step, "keys": keys}) + "\n")
 
     # --- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> None:
@@ -285,6 +295,8 @@ class Trainer:
                     continue
                 last_loss, logs = result
                 self.state.step += 1
+                if cfg.train.audit_keys:
+                    self.audit_keys(batch.keys)
                 self.state.samples_seen += batch.images.shape[0]
                 self.metrics.observe_step(batch.images.shape[0], time.perf_counter() - step_started,
                                           self.optimizer.param_groups[0]["lr"])
@@ -310,6 +322,8 @@ class Trainer:
         finally:
             loader.close()
             self.loader = None
+            if self.dead_letter_topic is not None:
+                self.dead_letter_topic.close()
         return self.state
 
     def finish(self, reason: str) -> None:
