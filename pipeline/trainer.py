@@ -96,6 +96,8 @@ class Trainer:
         self.method = method.to(self.device)
         if cfg.train.channels_last:
             self.method.to(memory_format=torch.channels_last)
+        # What train_step calls: the method itself, or (pipeline/distributed.py) a DDP wrapper around it.
+        self.forward_module: torch.nn.Module = self.method
         self.base_lr = cfg.optim.lr * cfg.train.batch_size / 256  # linear scaling rule
         self.optimizer = torch.optim.SGD(self.method.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
                                          weight_decay=cfg.optim.weight_decay)
@@ -230,8 +232,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, logs = self.method(views, batch.ids.to(self.device, non_blocking=True))
-        loss_value = float(loss.detach())
+            loss, logs = self.forward_module(views, batch.ids.to(self.device, non_blocking=True))
+        loss_value = self.loss_value(loss)
         if not math.isfinite(loss_value):
             self.metrics.skipped_steps.inc()
             self._nonfinite_in_a_row += 1
@@ -247,6 +249,48 @@ class Trainer:
         self.metrics.learning_rate.set(lr)
         return loss_value, {name: float(value) for name, value in logs.items()}
 
+    # --- hooks the multi-worker trainer (pipeline/distributed.py) overrides so that workers agree ---
+    def loss_value(self, loss: torch.Tensor) -> float:
+        """The loss as a number (a host sync); whether it is finite decides if the step is taken."""
+        return float(loss.detach())
+
+    def checkpoint_due(self, seconds_since_checkpoint: float) -> bool:
+        cfg = self.cfg.checkpoint
+        return bool((cfg.every_steps and self.state.step % cfg.every_steps == 0)
+                    or (cfg.every_seconds and seconds_since_checkpoint >= cfg.every_seconds))
+
+    def open_loader(self) -> Any:
+        """What batches come from: `next(timeout)` (None at the end of the stream), `commit(position)`, `close()`."""
+        cfg = self.cfg
+        return BatchLoader(self.make_source, self.state.position, cfg.train.batch_size, cfg.data.image_field,
+                           cfg.data.channels, cfg.data.size, self.dead_letters, cfg.data.prefetch_batches,
+                           upstream_commits=cfg.data.source.startswith("kafka://"))
+
+    def stop_reason(self, deadline: float) -> str:
+        """Why the run should stop before its next step ("" to go on)."""
+        if self.stop.is_set():
+            return "stop requested"
+        if self.cfg.train.max_steps and self.state.step >= self.cfg.train.max_steps:
+            return f"reached max_steps {self.cfg.train.max_steps}"
+        if time.monotonic() >= deadline:
+            return f"time budget of {self.cfg.train.max_minutes} min used"
+        return ""
+
+    def next_batch(self, loader: Any, deadline: float) -> tuple[Batch | None, str]:
+        """The next batch to train on, or (None, why the run stops)."""
+        while True:
+            reason = self.stop_reason(deadline)
+            if reason:
+                return None, reason
+            waited = time.perf_counter()
+            try:
+                batch = loader.next(timeout=0.5)
+            except queue.Empty:
+                continue
+            finally:
+                self.metrics.wait_seconds.inc(time.perf_counter() - waited)
+            return (batch, "") if batch is not None else (None, "stream ended")
+
     def run(self) -> RunState:
         cfg = self.cfg
         if cfg.metrics.port:
@@ -257,34 +301,16 @@ class Trainer:
                                   "pick another --metrics-port or 0 for none") from None
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
         self.resume()
-        loader = self.loader = BatchLoader(self.make_source, self.state.position, cfg.train.batch_size,
-                                           cfg.data.image_field, cfg.data.channels, cfg.data.size, self.dead_letters,
-                                           cfg.data.prefetch_batches)
+        loader = self.loader = self.open_loader()
         started = time.monotonic()
         deadline = started + cfg.train.max_minutes * 60 if cfg.train.max_minutes else float("inf")
         last_checkpoint_time = started
         last_log_time, last_log_samples = started, self.state.samples_seen
         last_loss = float("nan")
-        reason = "stop requested"
         try:
             while True:
-                if self.stop.is_set():
-                    break
-                if cfg.train.max_steps and self.state.step >= cfg.train.max_steps:
-                    reason = f"reached max_steps {cfg.train.max_steps}"
-                    break
-                if time.monotonic() >= deadline:
-                    reason = f"time budget of {cfg.train.max_minutes} min used"
-                    break
-                waited = time.perf_counter()
-                try:
-                    batch = loader.next(timeout=0.5)
-                except queue.Empty:
-                    self.metrics.wait_seconds.inc(time.perf_counter() - waited)
-                    continue
-                self.metrics.wait_seconds.inc(time.perf_counter() - waited)
+                batch, reason = self.next_batch(loader, deadline)
                 if batch is None:
-                    reason = "stream ended"
                     break
                 step_started = time.perf_counter()
                 result = self.train_step(batch)
@@ -310,9 +336,7 @@ class Trainer:
                     self.metrics.samples_per_second.set(rate)
                     self.print_progress(rate, last_loss, logs)
                     last_log_time, last_log_samples = now, self.state.samples_seen
-                due_by_steps = cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0
-                due_by_time = cfg.checkpoint.every_seconds and now - last_checkpoint_time >= cfg.checkpoint.every_seconds
-                if due_by_steps or due_by_time:
+                if self.checkpoint_due(now - last_checkpoint_time):
                     self.save_checkpoint()
                     last_checkpoint_time = time.monotonic()
                     if self.state.checkpoints_written % cfg.checkpoint.publish_every == 0:

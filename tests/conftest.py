@@ -11,6 +11,8 @@ from streamssl.pipeline.config import Config, load_config
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import build_lake
 
+pytest_plugins = ("tests.kafka_broker",)  # the Tansu broker fixtures: kafka_broker, durable_kafka_broker
+
 LAKE_IMAGES = 640  # 5 shards of 128: enough for several batches of 32 and a pass boundary
 
 

@@ -1,0 +1,488 @@
+"""A Kafka topic as a stream source: a consumer-group member that knows its position and commits only when told.
+
+The position is the next offset of every partition this source has read (`state_dict()`), taken by
+the loader after each batch and checkpointed with the model. Offsets go to the broker only through
+`commit(state)`, which the trainer calls once the checkpoint holding `state` is durable: at-least-once,
+and a partition that changes hands is re-read from the last durable checkpoint, so duplicates stay
+within one checkpoint interval. On every assignment a partition starts at the later of the
+checkpoint's offset and the group's committed offset: both mean "trained on and durably saved".
+
+kafka-python consumers are not thread-safe, so everything that talks to the broker happens on the
+thread that iterates: `commit` only queues a request, `close` only raises a flag, and the rebalance
+listener (which kafka-python 3 runs on its own I/O thread) only pauses new partitions until the
+iterating thread has positioned them. Broker outages are retried with exponential backoff and counted;
+they never end the iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Generator, Iterable
+from typing import Any
+
+from streamssl.streams.kafka_produce import check_resolvable, kafka_module, parse_kafka_url
+from streamssl.streams.records import Record, RejectFn, SourceError
+
+log = logging.getLogger(__name__)
+
+OFFSET_RESETS = ("earliest", "latest")
+LAG_REFRESH_SECONDS = 5.0
+# Bound on every blocking broker call made from the iterating thread (commit, committed offsets, end offsets),
+# so that `close()` and a broker outage never hold the iteration for long.
+REQUEST_TIMEOUT_MS = 2000
+# How long creating the consumer waits for a first broker before it counts as a retry (kafka-python: 30 s).
+BOOTSTRAP_TIMEOUT_MS = 5000
+
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
+
+
+def sniff(value: bytes) -> str:
+    """The field name for a message value: "png", "jpg", "webp" by magic bytes, "json" for a JSON object, else "bin"."""
+    for magic, kind in _MAGIC:
+        if value.startswith(magic):
+            return kind
+    if value[:4] == b"RIFF" and value[8:12] == b"WEBP":
+        return "webp"
+    if value.lstrip()[:1] == b"{":
+        try:
+            return "json" if isinstance(json.loads(value), dict) else "bin"
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return "bin"
+    return "bin"
+
+
+class KafkaSource:
+    """Yields `Record`s from a Kafka topic as a member of a consumer group, with an exact resumable position.
+
+    Args:
+        spec: `kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?group=G]`.
+        on_reject: Called with (source, key, reason) for a message that cannot be read at all (reason
+            "empty_value": a null value / tombstone or zero bytes); logged when None. Values that are
+            merely undecodable are passed on: the loader decodes and dead-letters them.
+        group: Consumer group when the spec has no `?group=`; default "streamssl".
+        client_options: Passed to kafka-python's KafkaConsumer (security_protocol, sasl_*, ssl_*, client_id,
+            fetch sizes, ...); they override the settings below.
+        poll_timeout_ms: Longest wait in one poll; also how soon a `close()` from another thread is noticed.
+        session_timeout_ms: Group session timeout (heartbeats every third of it).
+        auto_offset_reset: Where a partition with neither a checkpointed nor a committed offset starts.
+        retry_backoff_seconds: First wait after a failed broker call; doubles on each failure in a row.
+        max_backoff_seconds: Cap of that wait.
+
+    Raises:
+        SourceError: A malformed spec, bad settings or unknown client options, or bootstrap hosts that do
+            not exist.
+
+    Iterate in one thread; `commit`, `close`, `state_dict` and `stats` may be called from any thread.
+    Each record is `Record(key, fields, source="kafka://TOPIC/PARTITION", index=offset)`: key = the message
+    key, else its "id" header, else "TOPIC/PARTITION/OFFSET"; fields = the value under its sniffed type
+    ("png", "jpg", "webp", "json", "bin") plus every header under its own name (e.g. "label").
+    """
+
+    def __init__(self, spec: str, *, on_reject: RejectFn | None = None, group: str = "",
+                 client_options: dict[str, Any] | None = None, poll_timeout_ms: int = 200,
+                 session_timeout_ms: int = 10000, auto_offset_reset: str = "earliest",
+                 retry_backoff_seconds: float = 0.5, max_backoff_seconds: float = 30.0) -> None:
+        self.bootstrap, self.topic, params = parse_kafka_url(spec)
+        self.group = params.get("group") or group or "streamssl"
+        if auto_offset_reset not in OFFSET_RESETS:
+            raise SourceError(f"unknown auto_offset_reset '{auto_offset_reset}'; valid: {', '.join(OFFSET_RESETS)}")
+        if poll_timeout_ms <= 0 or session_timeout_ms <= 0 or not 0 < retry_backoff_seconds <= max_backoff_seconds:
+            raise SourceError("need poll_timeout_ms > 0, session_timeout_ms > 0 and "
+                              f"0 < retry_backoff_seconds <= max_backoff_seconds, got {poll_timeout_ms}, "
+                              f"{session_timeout_ms}, {retry_backoff_seconds}, {max_backoff_seconds}")
+        self._kafka = kafka_module()
+        unknown = sorted(set(client_options or {}) - set(self._kafka.KafkaConsumer.DEFAULT_CONFIG))
+        if unknown:
+            raise SourceError(f"unknown Kafka client option(s): {', '.join(unknown)}")
+        check_resolvable(self.bootstrap)
+        self._on_reject = on_reject
+        self._poll_timeout_ms = poll_timeout_ms
+        self._retry_backoff = retry_backoff_seconds
+        self._max_backoff = max_backoff_seconds
+        self._config: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap, "group_id": self.group, "enable_auto_commit": False,
+            "auto_offset_reset": auto_offset_reset, "session_timeout_ms": session_timeout_ms,
+            "heartbeat_interval_ms": max(session_timeout_ms // 3, 1), "bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS,
+            **(client_options or {})}
+        self._lock = threading.Lock()  # guards the dicts below against state_dict/stats/commit from other threads
+        self._closed = threading.Event()
+        self._offsets: dict[int, int] = {}  # the position: next offset per partition (read, or from the checkpoint)
+        self._pending: dict[int, int] = {}  # requested commits not yet performed
+        self._assigned: frozenset[int] = frozenset()
+        # Assigned but not yet moved to their start: paused, and nothing of theirs is handed out.
+        self._unpositioned: frozenset[int] = frozenset()
+        self._last_assigned: frozenset[int] = frozenset()  # for a commit that arrives after the consumer closed
+        self._lag: dict[int, int] = {}
+        self._counts = {"records": 0, "rejected": 0, "broker_retries": 0, "commit_failures": 0, "commits": 0,
+                        "rebalances": 0}
+        self._consumer: Any = None
+        self._generator: Generator[Record, None, None] | None = None
+        self._owner: int | None = None  # the iterating thread
+        self._finished = False
+        self._backoff = retry_backoff_seconds
+        self._next_probe = 0.0
+        self._next_commit = 0.0
+        self._next_position = 0.0
+
+    # --- position --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """{"kind": "kafka", "topic": T, "offsets": {"PARTITION": next offset}} right after the last record yielded.
+
+        Partitions keep their entry after being revoked (a rebalance usually hands them straight back)
+        and entries loaded from a checkpoint stay until they are read past.
+        """
+        with self._lock:
+            offsets = {str(partition): offset for partition, offset in sorted(self._offsets.items())}
+        return {"kind": "kafka", "topic": self.topic, "offsets": offsets}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after `state` (call before iterating); an empty state is a new run that starts where the group is.
+
+        On assignment each partition starts at the later of this checkpoint's offset and the group's
+        committed offset, and at `auto_offset_reset` when it has neither.
+        """
+        if not state:
+            return
+        if state.get("kind") != "kafka":
+            raise SourceError(f"saved stream position is not a Kafka position (another data source?): {sorted(state)}")
+        if state.get("topic") != self.topic:
+            raise SourceError(f"saved Kafka position is for topic {state.get('topic')}, not {self.topic}")
+        try:
+            offsets = {int(partition): int(offset) for partition, offset in state["offsets"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise SourceError(f"saved stream position is not a KafkaSource position: {err!r}") from None
+        if any(partition < 0 or offset < 0 for partition, offset in offsets.items()):
+            raise SourceError(f"saved Kafka position has negative partitions or offsets: {state['offsets']}")
+        with self._lock:
+            self._offsets = offsets
+
+    def commit(self, state: dict[str, Any]) -> None:
+        """Asks for the offsets of `state` (a `state_dict()`) to be committed for the group; returns at once.
+
+        Call only once the checkpoint holding `state` is durable. The iterating thread commits at its
+        next poll (or at close), and only partitions this source holds then; a newer request supersedes
+        an older one that has not been performed yet.
+        """
+        if not state:
+            return
+        if state.get("kind") != "kafka" or state.get("topic") != self.topic:
+            log.warning("ignored a commit request for %s %s (this source reads %s)", state.get("kind"),
+                        state.get("topic"), self.topic)
+            return
+        try:
+            offsets = {int(partition): int(offset) for partition, offset in state["offsets"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            log.warning("ignored a malformed commit request for %s: %r", self.topic, err)
+            return
+        with self._lock:
+            self._pending.update(offsets)
+
+    def committed_offsets(self) -> dict[int, int]:
+        """The group's committed offsets for the topic, {partition: offset} (a separate client: any thread may ask)."""
+        kafka = self._kafka
+        try:
+            consumer = kafka.KafkaConsumer(**{**self._config, "bootstrap_timeout_ms": REQUEST_TIMEOUT_MS * 5})
+        except kafka.errors.KafkaError as err:
+            raise SourceError(f"cannot reach Kafka at {','.join(self.bootstrap)}: {type(err).__name__}") from None
+        try:
+            partitions = consumer.partitions_for_topic(self.topic) or set()
+            committed = {partition: consumer.committed(kafka.TopicPartition(self.topic, partition),
+                                                       timeout_ms=REQUEST_TIMEOUT_MS * 5)
+                         for partition in sorted(partitions)}
+        except kafka.errors.KafkaError as err:
+            raise SourceError(f"cannot read committed offsets of group {self.group}: {type(err).__name__}") from None
+        finally:
+            consumer.close(autocommit=False, timeout_ms=REQUEST_TIMEOUT_MS)
+        return {partition: offset for partition, offset in committed.items() if offset is not None}
+
+    def stats(self) -> dict[str, float]:
+        """Counters and lag, exported as `streamssl_source_position{field=...}` gauges.
+
+        records (yielded), rejected, commits, commit_failures, broker_retries (failed broker calls that
+        were retried after a backoff), rebalances, assigned_partitions, and lag: messages behind the
+        broker's end offsets in total and per assigned partition (`lag_pN`). Lag is computed from the
+        broker's end offsets, refreshed at most every 5 s, so it trails by up to that much.
+        """
+        with self._lock:
+            stats = {name: float(value) for name, value in self._counts.items()}
+            stats["assigned_partitions"] = float(len(self._assigned))
+            stats["lag"] = float(sum(self._lag.values()))
+            stats.update({f"lag_p{partition}": float(lag) for partition, lag in sorted(self._lag.items())})
+        return stats
+
+    def close(self) -> None:
+        """Ends the iteration: within ~poll_timeout from another thread, at once from the iterating thread.
+
+        Requested commits are performed first, then the consumer leaves the group. A commit requested
+        after the iteration already ended is performed here, by a short-lived client.
+        """
+        self._closed.set()
+        generator = self._generator
+        if generator is not None and threading.get_ident() == self._owner and not generator.gi_running:
+            generator.close()  # runs its cleanup here: pending commits, consumer closed
+        if self._finished:
+            self._commit_after_close()
+
+    # --- reading ---------------------------------------------------------------------------------
+    def __iter__(self) -> Generator[Record, None, None]:
+        """Records from the position on, until `close()`: a Kafka topic never ends by itself."""
+        if self._generator is None:  # one stream per source: iterating again continues it
+            self._generator = self._records()
+        return self._generator
+
+    def _records(self) -> Generator[Record, None, None]:
+        self._owner = threading.get_ident()
+        consumer = self._connect()
+        if consumer is None:
+            return
+        try:
+            while not self._closed.is_set():
+                self._perform_commits(consumer)
+                self._position_assigned(consumer)
+                for messages in self._poll(consumer).values():
+                    for message in messages:
+                        if self._closed.is_set():
+                            return
+                        # Revoked (or re-assigned and not positioned yet) while this batch was out: its new start wins.
+                        if message.partition not in self._assigned or message.partition in self._unpositioned:
+                            break
+                        record = self._record(message)
+                        if record is not None:
+                            yield record
+                self._refresh_lag(consumer)
+        finally:
+            self._shutdown(consumer)
+
+    def _connect(self) -> Any:
+        """A subscribed consumer, created on the iterating thread; retried while no broker answers; None if closed."""
+        kafka = self._kafka
+        while not self._closed.is_set():
+            try:
+                consumer = kafka.KafkaConsumer(**self._config)
+            except kafka.errors.KafkaConfigurationError as err:
+                raise SourceError(f"bad Kafka client options: {err}") from None
+            except kafka.errors.KafkaError as err:
+                self._closed.wait(self._failed("connecting", err))
+                continue
+            self._consumer = consumer
+            consumer.subscribe([self.topic], listener=_rebalance_listener(kafka, self))
+            return consumer
+        return None
+
+    def _poll(self, consumer: Any) -> dict[Any, list[Any]]:
+        kafka = self._kafka
+        try:
+            return consumer.poll(timeout_ms=self._poll_timeout_ms)
+        except kafka.errors.KafkaError as err:
+            self._closed.wait(self._failed("polling", err))
+            return {}
+
+    def _record(self, message: Any) -> Record | None:
+        """The message as a Record, or None after rejecting it; either way the position moves past it."""
+        partition, offset = message.partition, message.offset
+        with self._lock:
+            self._offsets[partition] = offset + 1
+        source = f"kafka://{self.topic}/{partition}"
+        headers = {name: value or b"" for name, value in message.headers or ()}
+        if message.key:
+            key = message.key.decode("utf-8", "backslashreplace")
+        elif headers.get("id"):
+            key = headers["id"].decode("utf-8", "backslashreplace")
+        else:
+            key = f"{self.topic}/{partition}/{offset}"
+        value = message.value
+        if not value:  # a tombstone or zero bytes: nothing the loader could decode or dead-letter
+            self._counts["rejected"] += 1
+            if self._on_reject is not None:
+                self._on_reject(source, key, "empty_value")
+            else:
+                log.warning("skipped %s offset %d (%s): empty_value", source, offset, key)
+            return None
+        self._counts["records"] += 1
+        headers[sniff(value)] = value
+        return Record(key, headers, source, offset)
+
+    # --- broker calls on the iterating thread ----------------------------------------------------
+    def _failed(self, action: str, err: Exception) -> float:
+        """Counts and logs a failed broker call; returns how long to back off before the next try."""
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, self._max_backoff)
+        with self._lock:
+            self._counts["broker_retries"] += 1
+        log.warning("Kafka %s %s failed (%s: %s); retrying in %.1f s", self.topic, action, type(err).__name__,
+                    str(err).splitlines()[0][:200] if str(err) else "", delay)
+        return delay
+
+    def _succeeded(self) -> None:
+        self._backoff = self._retry_backoff
+
+    def _position_assigned(self, consumer: Any) -> None:
+        """Seeks newly assigned partitions to max(checkpoint or last read, committed) and lets them be fetched."""
+        with self._lock:
+            todo, assignments = self._unpositioned, self._counts["rebalances"]
+        if not todo or time.monotonic() < self._next_position:
+            return
+        kafka = self._kafka
+        partitions = [kafka.TopicPartition(self.topic, partition) for partition in sorted(todo)]
+        try:
+            committed = {tp.partition: consumer.committed(tp, timeout_ms=REQUEST_TIMEOUT_MS) for tp in partitions}
+        except kafka.errors.KafkaError as err:
+            self._next_position = time.monotonic() + self._failed("reading committed offsets", err)
+            return  # they stay paused: never read from a start that may be wrong
+        self._succeeded()
+        for tp in partitions:
+            known = [offset for offset in (self._offsets.get(tp.partition), committed[tp.partition]) if offset is not None]
+            try:
+                if known:
+                    consumer.seek(tp, max(known))
+                    with self._lock:
+                        self._offsets[tp.partition] = max(known)
+                # else: kafka-python starts it at auto_offset_reset
+                consumer.resume(tp)
+            except (ValueError, KeyError):  # revoked again meanwhile; the next assignment positions it
+                pass
+        with self._lock:
+            # A new assignment meanwhile may have paused some of them again: then all are done over next time.
+            if self._counts["rebalances"] == assignments:
+                self._unpositioned = self._unpositioned - todo
+
+    def _perform_commits(self, consumer: Any, force: bool = False) -> None:
+        """Commits what was requested, for the partitions held now; broker errors keep it queued for a retry."""
+        if not self._pending or (not force and time.monotonic() < self._next_commit):
+            return
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        held = {tp.partition for tp in consumer.assignment()}
+        self._commit(consumer, {partition: offset for partition, offset in pending.items() if partition in held}, pending)
+
+    def _commit(self, consumer: Any, offsets: dict[int, int], pending: dict[int, int]) -> bool:
+        kafka = self._kafka
+        if not offsets:
+            return True
+        request = {kafka.TopicPartition(self.topic, partition): kafka.OffsetAndMetadata(offset, "", -1)
+                   for partition, offset in offsets.items()}
+        try:
+            consumer.commit(request, timeout_ms=REQUEST_TIMEOUT_MS)
+        except kafka.errors.CommitFailedError as err:
+            # Real Kafka, after a rebalance: these partitions may be someone else's now; the next checkpoint commits.
+            with self._lock:
+                self._counts["commit_failures"] += 1
+            log.warning("Kafka %s: commit of %s refused (%s); the next checkpoint commits again", self.topic,
+                        offsets, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+            return False
+        except kafka.errors.KafkaError as err:
+            with self._lock:
+                self._counts["commit_failures"] += 1
+                for partition, offset in pending.items():
+                    self._pending.setdefault(partition, offset)  # a newer request, if any, wins
+            self._next_commit = time.monotonic() + self._failed(f"commit of {offsets}", err)
+            return False
+        self._succeeded()
+        with self._lock:
+            self._counts["commits"] += 1
+        return True
+
+    def _refresh_lag(self, consumer: Any) -> None:
+        """Lag per assigned partition from the broker's end offsets, at most every 5 s; also notices an outage.
+
+        Tansu's end offsets are off (start of the last batch + 1), so lag read against Tansu is too low;
+        real Kafka reports the log end offset.
+        """
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        kafka = self._kafka
+        partitions = [kafka.TopicPartition(self.topic, partition)
+                      for partition in sorted(self._assigned - self._unpositioned)]
+        if not partitions:
+            self._next_probe = now + LAG_REFRESH_SECONDS
+            return
+        try:
+            ends = consumer.end_offsets(partitions, timeout_ms=REQUEST_TIMEOUT_MS)
+            positions = {tp.partition: self._offsets.get(tp.partition) for tp in partitions}
+            for tp in partitions:
+                if positions[tp.partition] is None:  # nothing read yet: where the consumer will start
+                    positions[tp.partition] = consumer.position(tp, timeout_ms=REQUEST_TIMEOUT_MS)
+        except kafka.errors.KafkaError as err:
+            # Polls during an outage just come back empty; this probe is what notices it and backs off.
+            self._next_probe = time.monotonic() + self._failed("reading end offsets", err)
+            return
+        self._succeeded()
+        with self._lock:
+            self._lag = {tp.partition: max(ends[tp] - positions[tp.partition], 0) for tp in partitions if tp in ends}
+        self._next_probe = time.monotonic() + LAG_REFRESH_SECONDS
+
+    def _shutdown(self, consumer: Any) -> None:
+        """Performs the requested commits once more, then leaves the group and closes the consumer."""
+        try:
+            self._perform_commits(consumer, force=True)
+        finally:
+            with self._lock:
+                self._last_assigned = self._assigned
+                self._assigned, self._unpositioned, self._lag = frozenset(), frozenset(), {}
+            consumer.close(autocommit=False, timeout_ms=REQUEST_TIMEOUT_MS)
+            self._consumer = None
+            self._finished = True
+
+    def _commit_after_close(self) -> None:
+        """A commit requested after the consumer closed (e.g. the final checkpoint's), for the partitions it held last.
+
+        Committed by a client outside the group, which real Kafka accepts only while the group has no
+        members; otherwise those partitions belong to someone else now and the refusal is counted.
+        """
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        offsets = {partition: offset for partition, offset in pending.items() if partition in self._last_assigned}
+        if not offsets:
+            return
+        kafka = self._kafka
+        try:
+            consumer = kafka.KafkaConsumer(**{**self._config, "bootstrap_timeout_ms": REQUEST_TIMEOUT_MS})
+        except kafka.errors.KafkaError as err:
+            with self._lock:
+                self._counts["commit_failures"] += 1
+            log.warning("Kafka %s: final commit of %s failed: %s", self.topic, offsets, type(err).__name__)
+            return
+        try:
+            self._commit(consumer, offsets, {})
+        finally:
+            consumer.close(autocommit=False, timeout_ms=REQUEST_TIMEOUT_MS)
+
+    # --- rebalance listener (kafka-python's I/O thread) ------------------------------------------
+    def _on_revoked(self, revoked: Iterable[Any]) -> None:
+        # No commit here: offsets move only after a durable checkpoint. The partitions keep their place in
+        # state_dict, so the next checkpoint still covers them if they come back.
+        gone = {tp.partition for tp in revoked if tp.topic == self.topic}
+        with self._lock:
+            self._assigned = self._assigned - gone
+            self._unpositioned = self._unpositioned - gone
+            self._lag = {partition: lag for partition, lag in self._lag.items() if partition not in gone}
+
+    def _on_assigned(self, assigned: Iterable[Any]) -> None:
+        # Finding the committed offsets takes a broker call, which must not run on the I/O thread: pause the
+        # partitions so nothing is fetched from kafka-python's default start, and let the iterating thread seek.
+        mine = [tp for tp in assigned if tp.topic == self.topic]
+        if mine and self._consumer is not None:
+            self._consumer.pause(*mine)
+        new = {tp.partition for tp in mine}
+        with self._lock:
+            self._assigned = self._assigned | new
+            self._unpositioned = self._unpositioned | new
+            self._counts["rebalances"] += 1
+        self._next_position = 0.0
+
+
+def _rebalance_listener(kafka: Any, source: KafkaSource) -> Any:
+    """A kafka-python ConsumerRebalanceListener forwarding to the source (its base class loads with kafka-python)."""
+
+    class Listener(kafka.ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: Any) -> None:
+            source._on_revoked(revoked)
+
+        def on_partitions_assigned(self, assigned: Any) -> None:
+            source._on_assigned(assigned)
+
+    return Listener()

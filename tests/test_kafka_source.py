@@ -1,0 +1,324 @@
+"""KafkaSource against a real broker (Tansu): exactly-once reading, resume, consumer groups, rebalance, broker crash."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from streamssl.streams.kafka_produce import create_topic, kafka_module, produce
+from streamssl.streams.kafka_source import KafkaSource, sniff
+from streamssl.streams.records import Record, SourceError
+from tests.kafka_broker import Tansu
+
+SESSION_MS = 6000  # Tansu completes a group's first join after about half of it
+
+
+def new_topic(broker: Tansu, partitions: int = 4) -> str:
+    topic = f"t-{uuid.uuid4().hex[:12]}"
+    create_topic([broker.bootstrap], topic, partitions=partitions)
+    return topic
+
+
+def source(broker: Tansu, topic: str, group: str, **options: object) -> KafkaSource:
+    return KafkaSource(broker.url(topic), group=group, session_timeout_ms=SESSION_MS, **options)
+
+
+def take(stream: KafkaSource, count: int, seconds: float = 20.0) -> list[Record]:
+    """The next `count` records; closes the source after `seconds`, so a missing record fails the test instead of hanging."""
+    timer = threading.Timer(seconds, stream.close)
+    timer.start()
+    records: list[Record] = []
+    try:
+        for record in stream:
+            records.append(record)
+            if len(records) == count:
+                break
+    finally:
+        timer.cancel()
+    return records
+
+
+def offsets(records: Iterable[Record]) -> list[tuple[str, int]]:
+    return [(record.source, record.index) for record in records]
+
+
+def assert_complete(read: Iterable[tuple[str, int]], topic: str, total: int) -> None:
+    """Every partition's offsets are 0..n-1 without gaps, and together there are `total`: nothing lost."""
+    by_partition: dict[str, set[int]] = {}
+    for where, offset in read:
+        assert where.startswith(f"kafka://{topic}/")
+        by_partition.setdefault(where, set()).add(offset)
+    assert sum(len(seen) for seen in by_partition.values()) == total
+    for where, seen in by_partition.items():
+        assert seen == set(range(len(seen))), f"gap in {where}"
+
+
+class Reader:
+    """Iterates a source on its own thread, as the loader does; `stop()` closes it from this thread."""
+
+    def __init__(self, stream: KafkaSource) -> None:
+        self.stream = stream
+        self.records: list[Record] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for record in self.stream:
+            self.records.append(record)
+
+    def stop(self) -> float:
+        """Closes the source from this thread; returns how long the iterating thread took to finish."""
+        started = time.monotonic()
+        self.stream.close()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+        return time.monotonic() - started
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def image(kind: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 7).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+def test_sniff_by_magic_bytes_and_json_objects() -> None:
+    assert [sniff(image(kind)) for kind in ("PNG", "JPEG", "WEBP")] == ["png", "jpg", "webp"]
+    assert sniff(b' {"series_id": "a", "timestamp": 1, "value": 2.5}') == "json"
+    assert [sniff(value) for value in (b"[1, 2]", b"{not json", b"\x00\xff", b"{\xff}", b"[" * 100000)] == ["bin"] * 5
+
+
+def test_reads_every_offset_once_with_sniffed_fields_and_headers(kafka_broker: Tansu) -> None:
+    topic = new_topic(kafka_broker)
+    values = {"png": image("PNG"), "jpg": image("JPEG"), "webp": image("WEBP"),
+              "json": b'{"series_id": "s1", "timestamp": 1700000000, "value": 0.25}', "bin": b"\x00garbage\xff"}
+    kinds = list(values)
+    messages = [(f"k{index}", values[kinds[index % 5]], [("label", str(index % 10).encode())]) for index in range(200)]
+    # No key: the "id" header names it.
+    messages.append(("", values["png"], [("id", b"from-header"), ("label", b"3")]))
+    assert produce([kafka_broker.bootstrap], topic, messages) == 201
+
+    stream = source(kafka_broker, topic, f"g-{topic}")
+    records = take(stream, 201)
+    stats = stream.stats()
+    stream.close()
+
+    assert_complete(offsets(records), topic, 201)
+    by_key = {record.key: record for record in records}
+    assert len(by_key) == 201
+    for index in range(200):
+        fields = by_key[f"k{index}"].fields
+        kind = kinds[index % 5]
+        assert fields == {kind: values[kind], "label": str(index % 10).encode()}
+    assert by_key["from-header"].fields == {"png": values["png"], "id": b"from-header", "label": b"3"}
+    assert stats["records"] == 201 and stats["assigned_partitions"] == 4 and stats["broker_retries"] == 0
+    state = stream.state_dict()
+    assert state["kind"] == "kafka" and state["topic"] == topic
+    assert sum(state["offsets"].values()) == 201  # next offsets: one past every partition's last record
+
+
+def test_empty_values_are_rejected_and_passed_over(kafka_broker: Tansu) -> None:
+    topic = new_topic(kafka_broker, partitions=1)
+    producer = kafka_module().KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    for key, value in ((b"tombstone", None), (b"empty", b""), (b"garbage", b"\x13\x37"), (None, b'{"a": 1}')):
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+    rejected: list[tuple[str, str, str]] = []
+    stream = source(kafka_broker, topic, f"g-{topic}", on_reject=lambda *why: rejected.append(why))
+    records = take(stream, 2)
+    stream.close()
+    assert rejected == [(f"kafka://{topic}/0", "tombstone", "empty_value"), (f"kafka://{topic}/0", "empty", "empty_value")]
+    assert [(record.key, record.fields, record.index) for record in records] == [
+        ("garbage", {"bin": b"\x13\x37"}, 2), (f"{topic}/0/3", {"json": b'{"a": 1}'}, 3)]
+    assert stream.state_dict()["offsets"] == {"0": 4}
+    assert stream.stats()["rejected"] == 2
+
+
+def test_resume_from_checkpoint_and_from_committed_offsets(kafka_broker: Tansu) -> None:
+    topic, total = new_topic(kafka_broker), 160
+    produce([kafka_broker.bootstrap], topic, ((f"k{index}", b"v%d" % index, []) for index in range(total)))
+    group = f"g-{topic}"
+
+    first = source(kafka_broker, topic, group)
+    read_first = take(first, 50)
+    checkpoint = first.state_dict()
+    first.close()  # no commit: the group has no offsets yet
+
+    second = source(kafka_broker, topic, group)
+    second.load_state_dict(checkpoint)
+    read_second = take(second, 40)
+    later = second.state_dict()
+    second.commit(later)  # as the trainer does once that checkpoint is durable
+    second.close()
+    assert set(offsets(read_first)).isdisjoint(offsets(read_second))
+    assert second.committed_offsets() == {int(partition): offset for partition, offset in later["offsets"].items()}
+
+    # A new run (empty state) in the same group starts at the committed offsets ...
+    third = source(kafka_broker, topic, group)
+    third.load_state_dict({})
+    read_third = take(third, total - 90)
+    third.close()
+    assert_complete(offsets(read_first + read_second + read_third), topic, total)
+
+    # ... and an older checkpoint does not rewind past them: max(checkpoint, committed).
+    fourth = source(kafka_broker, topic, group)
+    fourth.load_state_dict(checkpoint)
+    assert Counter(offsets(take(fourth, total - 90))) == Counter(offsets(read_third))
+    fourth.close()
+
+
+def test_two_sources_split_partitions_and_a_late_joiner_loses_nothing(kafka_broker: Tansu) -> None:
+    topic, total = new_topic(kafka_broker), 200
+    produce([kafka_broker.bootstrap], topic, ((f"k{index}", b"v", []) for index in range(total)))
+    group = f"g-{topic}"
+    readers = [Reader(source(kafka_broker, topic, group)) for _ in range(2)]
+    wait_for(lambda: sum(len(reader.records) for reader in readers) >= total)
+    time.sleep(0.3)  # anything read twice would show up now
+    parts = [{record.source for record in reader.records} for reader in readers]
+    for reader in readers:
+        reader.stop()
+    assert parts[0] and parts[1] and parts[0].isdisjoint(parts[1])
+    assert_complete(offsets(readers[0].records + readers[1].records), topic, total)
+
+    # A rebalance while records keep arriving: the second member joins after the first has committed once.
+    topic = new_topic(kafka_broker)
+    group = f"g-{topic}"
+    late_has_read = threading.Event()
+    produced: list[int] = []
+
+    def keep_producing() -> None:
+        def messages() -> Iterable[tuple[str, bytes, list[tuple[str, bytes]]]]:
+            index = 0
+            while not late_has_read.is_set() or index % 50:  # stop some records after the late member started
+                yield f"k{index}", b"v", []
+                index += 1
+
+        produced.append(produce([kafka_broker.bootstrap], topic, messages(), rate=100))
+
+    producer = threading.Thread(target=keep_producing, daemon=True)
+    producer.start()
+    early = Reader(source(kafka_broker, topic, group))
+    wait_for(lambda: len(early.records) >= 40)
+    committed_at = len(early.records)
+    early.stream.commit(early.stream.state_dict())
+    wait_for(lambda: early.stream.stats()["commits"] >= 1)
+    late = Reader(source(kafka_broker, topic, group))
+    wait_for(lambda: late.records)
+    late_has_read.set()
+    producer.join(timeout=30)
+    total = produced[0]
+    wait_for(lambda: len({*offsets(early.records), *offsets(late.records)}) >= total)
+    time.sleep(0.3)
+    early.stop()
+    late.stop()
+    read = Counter(offsets(early.records + late.records))
+    assert_complete(read, topic, total)
+    assert early.stream.stats()["rebalances"] >= 2
+    duplicates = sum(count - 1 for count in read.values())
+    assert duplicates <= len(early.records) - committed_at  # only what was read after the last commit
+
+
+def test_broker_crash_and_restart_mid_read(durable_kafka_broker: Tansu) -> None:
+    broker = durable_kafka_broker
+    topic = new_topic(broker)
+    produce([broker.bootstrap], topic, ((f"a{index}", b"v", []) for index in range(200)))
+    reader = Reader(source(broker, topic, f"g-{topic}", retry_backoff_seconds=0.2, max_backoff_seconds=1.0))
+    wait_for(lambda: len(reader.records) >= 200)
+    position = reader.stream.state_dict()
+
+    broker.kill()
+    reader.stream.commit(position)  # a checkpoint finished during the outage: the commit fails and is retried
+    wait_for(lambda: reader.stream.stats()["broker_retries"] > 0)
+    assert reader.thread.is_alive()
+    broker.restart()
+    produce([broker.bootstrap], topic, ((f"b{index}", b"v", []) for index in range(200)))
+    wait_for(lambda: len(reader.records) >= 400, seconds=40)
+    wait_for(lambda: reader.stream.stats()["commits"] >= 1)
+    time.sleep(0.3)
+    reader.stop()
+
+    stats = reader.stream.stats()
+    assert stats["broker_retries"] > 0 and stats["commit_failures"] > 0
+    assert_complete(offsets(reader.records), topic, 400)
+    assert len(reader.records) == 400  # the consumer went back to its own position: nothing read twice
+    assert reader.stream.committed_offsets() == {int(key): value for key, value in position["offsets"].items()}
+
+
+def test_close_from_another_thread_ends_a_waiting_iteration(kafka_broker: Tansu) -> None:
+    topic = new_topic(kafka_broker)
+    produce([kafka_broker.bootstrap], topic, ((f"k{index}", b"v", []) for index in range(20)))
+    reader = Reader(source(kafka_broker, topic, f"g-{topic}"))
+    wait_for(lambda: len(reader.records) == 20)  # then it waits on an empty poll
+    time.sleep(0.3)
+    assert reader.stop() < 1.5  # poll_timeout_ms=200 to notice, then the consumer leaves the group
+    assert list(reader.stream) == []  # closed for good
+
+    # A commit that arrives after the iteration ended (the final checkpoint's) is still performed by close().
+    position = reader.stream.state_dict()
+    reader.stream.commit(position)
+    reader.stream.close()
+    assert reader.stream.committed_offsets() == {int(key): value for key, value in position["offsets"].items()}
+
+
+def test_loader_commits_its_final_checkpoint_position(kafka_broker: Tansu, small_lake: Path) -> None:
+    from streamssl.pipeline.deadletter import DeadLetters
+    from streamssl.pipeline.loader import BatchLoader
+    from streamssl.streams.kafka_produce import lake_records
+
+    topic = new_topic(kafka_broker)
+    produce([kafka_broker.bootstrap], topic, lake_records(str(small_lake)), limit=100)
+    make_source = partial(KafkaSource, kafka_broker.url(topic), group=f"g-{topic}", session_timeout_ms=SESSION_MS)
+    loader = BatchLoader(make_source, {}, batch_size=32, image_field="png", channels=1, size=28,
+                         dead_letters=DeadLetters(small_lake.parent / f"{topic}-dead.jsonl"), upstream_commits=True)
+    try:
+        batches = [loader.next(timeout=20) for _ in range(3)]
+        assert [tuple(batch.images.shape) for batch in batches] == [(32, 1, 28, 28)] * 3
+        position = batches[-1].position
+        assert sum(position["offsets"].values()) == 96
+        loader.commit(position)  # the checkpoint with it is durable; then the run stops
+    finally:
+        loader.close()
+    committed = make_source().committed_offsets()
+    assert committed == {int(partition): offset for partition, offset in position["offsets"].items()}
+
+
+@pytest.mark.parametrize("spec", ["kafka://127.0.0.1/t", "kafka://127.0.0.1:9092/", "kafka://127.0.0.1:9092/a/b",
+                                  "kafka://127.0.0.1:9092/t?grup=x", "http://127.0.0.1:9092/t",
+                                  "kafka://no-such-host.invalid:9092/t"])
+def test_bad_specs_raise_one_line_source_errors(spec: str) -> None:
+    with pytest.raises(SourceError) as raised:
+        KafkaSource(spec)
+    assert "\n" not in str(raised.value)
+
+
+def test_bad_settings_and_foreign_positions_raise_source_errors() -> None:
+    with pytest.raises(SourceError, match="unknown Kafka client option"):
+        KafkaSource("kafka://127.0.0.1:9092/t", client_options={"no_such_option": 1})
+    with pytest.raises(SourceError, match="auto_offset_reset"):
+        KafkaSource("kafka://127.0.0.1:9092/t", auto_offset_reset="none")
+    stream = KafkaSource("kafka://127.0.0.1:9092/t?group=from-url", group="from-argument")
+    assert stream.group == "from-url"
+    with pytest.raises(SourceError):
+        stream.load_state_dict({"mode": "cycle", "shard": "x.tar"})
+    with pytest.raises(SourceError):
+        stream.load_state_dict({"kind": "kafka", "topic": "other", "offsets": {}})
+    stream.load_state_dict({"kind": "kafka", "topic": "t", "offsets": {"1": 5}})
+    assert stream.state_dict() == {"kind": "kafka", "topic": "t", "offsets": {"1": 5}}
+    stream.close()
+    assert list(stream) == []
