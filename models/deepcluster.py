@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from streamssl.models.distributed import gather_from_all
 from streamssl.models.kmeans import inverse_size_weights, kmeans, nearest_centroid, normalized_mutual_info
 from streamssl.models.method import Method, embedding_std
 
@@ -111,7 +112,8 @@ class DeepCluster(Method):
         else:
             loss = 0 * logits.sum()  # nothing to classify yet; a zero the trainer can still backward
             head_accuracy = torch.zeros((), device=logits.device)
-        self._remember(view1, ids)
+        # With several workers every buffer takes the global batch: identical buffers give identical clusterings.
+        self._remember(gather_from_all(view1), None if ids is None else gather_from_all(ids.to(view1.device)))
         return loss, self._logs(features[:batch_size], head_accuracy)
 
     def on_step_end(self, step: int) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from streamssl.models.distributed import gather_from_all
 from streamssl.models.losses import info_nce
 from streamssl.models.method import Method, embedding_std, momentum_update
 
@@ -98,7 +99,8 @@ class MoCo(Method):
         else:
             loss = info_nce(q1, k2, negatives, self.temperature)
             queries, keys = q1, k2
-        self._dequeue_and_enqueue(keys)  # newest keys in, oldest out
+        # newest keys in, oldest out; with several workers every worker enqueues the whole global batch
+        self._dequeue_and_enqueue(gather_from_all(keys))
         return loss, self._logs(queries, keys)
 
     def _encode_queries(self, images: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from streamssl.models.distributed import gather_from_all
 from streamssl.models.losses import info_nce
 from streamssl.models.method import Method, embedding_std
 
@@ -91,7 +92,11 @@ class NPID(Method):
         # Without a hit there is nothing to discriminate yet: a zero the trainer can still backward.
         loss = (info_nce(embeddings[hits], positives[hits], sampled, self.temperature) if hits.any()
                 else 0 * embeddings.sum())
-        self._update_bank(embeddings.detach(), ids, slots, hits)
+        # With several workers every bank takes the global batch, so the banks stay identical; hit or miss is
+        # judged against the bank as it was before this batch, the same on every worker.
+        all_embeddings, all_ids = gather_from_all(embeddings.detach()), gather_from_all(ids)
+        all_slots = all_ids % len(self.bank)
+        self._update_bank(all_embeddings, all_ids, all_slots, self.bank_ids[all_slots] == all_ids)
         return loss, self._logs(embeddings, hits)
 
     @torch.no_grad()

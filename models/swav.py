@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from streamssl.models.distributed import gather_from_all
 from streamssl.models.method import Method, embedding_std
 
 
@@ -182,7 +183,8 @@ class SwAV(Method):
         queue_is_full = self.queue_size > 0 and features_enqueued >= self.queue_size
         codes = [self._codes(scores[view], prototypes, view, queue_is_full) for view in range(self.num_views)]
         if self.queue_size > 0 and steps_done >= self.queue_start_step:
-            self._enqueue(torch.stack(embeddings[: self.num_views]))
+            # [views, B, dim]; with several workers every queue takes the global batch (workers x B rows)
+            self._enqueue(gather_from_all(torch.stack(embeddings[: self.num_views]), dim=1))
         loss = swapped_prediction_loss(scores, codes, self.temperature)  # every other view predicts q
         return loss, self._logs(loss, embeddings[: self.num_views], codes)
 
