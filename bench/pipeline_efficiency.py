@@ -52,7 +52,8 @@ def main() -> None:
         stream_seconds += trainer.loop_seconds
 
         pixels = torch.from_numpy(images[: args.steps * batch_size]).unsqueeze(1)
-        batches = [Batch(pixels[i * batch_size:(i + 1) * batch_size], [], {}, {}) for i in range(args.steps)]
+        batches = [Batch(pixels[i * batch_size:(i + 1) * batch_size], [], {}, {},
+                         torch.arange(i * batch_size, (i + 1) * batch_size)) for i in range(args.steps)]
         started = time.monotonic()
         for batch in batches:
             trainer.train_step(batch)
