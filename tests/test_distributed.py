@@ -25,6 +25,7 @@ from streamssl.pipeline import cli
 from streamssl.pipeline.config import ConfigError
 from streamssl.pipeline.distributed import SharedCheckpointer, WorkerTrainer, rank_shard_spec
 from tests.conftest import LAKE_IMAGES, free_port, tiny_config
+from tests.test_kafka_training import _committed, _fill, _trained
 from tests.test_ray_source import ray_cluster  # noqa: F401  (a local Ray for this module)
 
 BATCH = 4
@@ -172,3 +173,34 @@ def test_each_worker_resumes_its_own_part_of_a_checkpoint(tmp_path: Path) -> Non
     assert SharedCheckpointer(tmp_path, 3, 0, 1, False).rank_view(single)["source"] == shards[0]
     with pytest.raises(ConfigError, match="written by 1 worker"):
         SharedCheckpointer(tmp_path, 3, 0, 2, False).rank_view(single)
+
+
+def test_cli_two_ray_workers_are_two_consumers_of_one_kafka_group(kafka_broker: Any, small_lake: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    topic, group, batch, every = "ray-workers", "ray-workers-g", 32, 2
+    _fill(kafka_broker, topic, small_lake, count=LAKE_IMAGES)
+    run_dir = tmp_path / "run"
+    common = ["run", "--workers", "2", "--data", f"{kafka_broker.url(topic)}?group={group}", "--run-dir", str(run_dir),
+              "--metrics-port", "0", "--set", "eval.dataset=none", "--set", f"train.batch_size={batch}",
+              "--set", "model.bn_splits=4", "--set", "moco.queue_size=128", "--set", f"checkpoint.every_steps={every}",
+              "--set", "checkpoint.every_seconds=0", "--set", "train.audit_keys=true",
+              "--set", "kafka.session_timeout_ms=6000"]
+    assert cli.main([*common, "--max-steps", "3"]) == 0
+    assert cli.main([*common, "--max-steps", "5"]) == 0
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "ckpt-000000005.pt", weights_only=True)
+    positions = [entry["position"] for entry in checkpoint["ranks"]]
+    assert [position["kind"] for position in positions] == ["kafka", "kafka"]
+    assert all(position["offsets"] for position in positions)  # both workers consumed
+    # what the group committed is where the last checkpoint's workers stood, partition by partition
+    merged: dict[str, int] = {}
+    for position in positions:
+        for partition, offset in position["offsets"].items():
+            merged[partition] = max(merged.get(partition, 0), offset)
+    assert _committed(kafka_broker, topic, group) == sum(merged.values())
+    trained = _trained(run_dir)
+    assert sum(trained.values()) == 5 * 2 * batch
+    # a partition taken over while the group formed is re-read from the last durable offsets: at most one
+    # checkpoint interval of each worker's batches twice
+    assert sum(count - 1 for count in trained.values()) <= every * 2 * batch
