@@ -330,6 +330,13 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config file {path} must hold a mapping")
         for key, value in loaded.items():
             _set(cfg, str(key), value)
+    apply_overrides(cfg, overrides, sets)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any] | None, sets: list[str] | None) -> None:
+    """Explicit overrides (CLI flags; None = not given), then `key=value` strings (values parsed as YAML)."""
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(cfg, key, value)
@@ -342,8 +349,6 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         except yaml.YAMLError:
             value = raw
         _set(cfg, key.strip(), value)
-    validate(cfg)
-    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

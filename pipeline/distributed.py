@@ -47,7 +47,7 @@ from streamssl.pipeline.checkpoint import Checkpointer
 from streamssl.pipeline.config import Config, ConfigError, load_config, to_dict
 from streamssl.pipeline.data import resolve_mode, source_factory
 from streamssl.pipeline.deadletter import DeadLetters
-from streamssl.pipeline.loader import Batch, decode_record, record_id
+from streamssl.pipeline.loader import Batch, decode_record, read_message, record_id
 from streamssl.pipeline.trainer import Trainer, TrainingDiverged
 from streamssl.streams.ray_source import MODES as RAY_MODES
 from streamssl.streams.ray_source import RayShardReader, is_ray_spec, parse_ray_spec, read_ray_dataset
@@ -166,15 +166,10 @@ class RayDataFeed:
                 message = self._messages.popleft()
                 self._batches_queued -= message[0] == "batch"
                 self._ready.notify_all()
-            kind = message[0]
-            if kind == "batch":
-                return Batch(torch.from_numpy(message[1]), *message[2:5], torch.from_numpy(message[5]))
-            if kind == "reject":
-                self.dead_letters.reject(*message[1:])
-            elif kind == "end":
-                self._ended = True
-            else:
-                raise SourceError(message[1])
+            batch = read_message(message, self.dead_letters)
+            if batch is not None:
+                return batch
+            self._ended = message[0] == "end"
         return None
 
     def commit(self, position: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ import torch
 
 from streamssl.models.forecaster import MODES, TRUNKS, Forecaster
 from streamssl.pipeline.checkpoint import Checkpointer
-from streamssl.pipeline.config import CHOICES, ConfigError, SeriesConfig, _set, options_section
+from streamssl.pipeline.config import CHOICES, ConfigError, SeriesConfig, apply_overrides, options_section
 from streamssl.pipeline.publish import Publisher
 from streamssl.pipeline.series_examples import (
     NRMSE_DEFINITION,
@@ -88,21 +88,8 @@ class ForecastConfig:
 
 def load_forecast_config(overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> ForecastConfig:
     """Defaults ← explicit overrides (CLI flags; None = not given) ← `key=value` strings; validated."""
-    import yaml
-
     cfg = ForecastConfig()
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set(cfg, key, value)
-    for item in sets or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        _set(cfg, key.strip(), value)
+    apply_overrides(cfg, overrides, sets)
     _validate(cfg)
     return cfg
 

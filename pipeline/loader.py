@@ -212,6 +212,18 @@ def _worker(make_source: Callable[..., Any], position: dict[str, Any], batch_siz
         _put(out, stop, ("error", f"loader process failed: {type(err).__name__}: {err}"))
 
 
+def read_message(message: tuple[Any, ...], dead_letters: DeadLetters) -> Batch | None:
+    """A loader message: a batch is returned, a reject dead-lettered, an error raised; None for all but a batch."""
+    kind = message[0]
+    if kind == "batch":
+        return Batch(torch.from_numpy(message[1]), *message[2:5], torch.from_numpy(message[5]))
+    if kind == "reject":
+        dead_letters.reject(*message[1:])
+    elif kind != "end":
+        raise SourceError(message[1])
+    return None
+
+
 class BatchLoader:
     """Iterates `Batch`es from a source built by `make_source(on_reject=…)` in a worker process.
 
@@ -245,15 +257,10 @@ class BatchLoader:
                 if not self._process.is_alive():
                     raise SourceError(f"loader process exited with code {self._process.exitcode}") from None
                 raise
-            kind = message[0]
-            if kind == "batch":
-                return Batch(torch.from_numpy(message[1]), *message[2:5], torch.from_numpy(message[5]))
-            if kind == "reject":
-                self.dead_letters.reject(*message[1:])
-            elif kind == "end":
-                self._ended = True
-            else:
-                raise SourceError(message[1])
+            batch = read_message(message, self.dead_letters)
+            if batch is not None:
+                return batch
+            self._ended = message[0] == "end"
         return None
 
     def commit(self, position: dict[str, Any]) -> None:
