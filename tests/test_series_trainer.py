@@ -20,6 +20,8 @@ from streamssl.pipeline.config import ConfigError, load_config
 from streamssl.pipeline.forecast import ForecastOptions
 from streamssl.pipeline.series_examples import forecast_errors
 from streamssl.pipeline.series_trainer import SeriesJob, run_series
+from streamssl.streams.kafka_produce import create_topic, produce
+from streamssl.streams.kafka_source import KafkaSource
 from streamssl.streams.records import SourceError
 from streamssl.streams.series_source import write_series_file
 
@@ -257,3 +259,30 @@ def test_streamssl_run_trains_series_methods_and_resumes(tmp_path: Path, method:
     manifest = json.loads((run_dir / "published" / "latest" / "manifest.json").read_text())
     assert manifest["method"] == method and manifest["step"] == 6
     assert load_encoder(run_dir / "published" / "latest")(torch.randn(2, 1, manifest["input"].get("lag", 64))).shape[0] == 2
+
+
+def test_points_from_a_kafka_topic_train_resume_and_dead_letter(kafka_broker: Any, tmp_path: Path) -> None:
+    topic = "series-points"
+    values = _series(200)
+    points = [(f"p{t}", json.dumps({"series_id": "m1", "timestamp": t, "value": float(v)}).encode(), [])
+              for t, v in enumerate(values)]
+    points[100:100] = [("bad-1", b'{"series_id": "m1", "timestamp": 99.5, "value": NaN}', []),
+                       ("bad-2", b"not json at all", [])]
+    create_topic(kafka_broker.bootstrap, topic, partitions=1)  # one partition: the points' order is the series'
+    assert produce(kafka_broker.bootstrap, topic, points) == len(points)
+    url = f"{kafka_broker.url(topic)}?group=series-g"
+    steps = (200 - WARMUP) // BATCH  # every point after the warm-up makes one example
+
+    first = SeriesJob(_config(tmp_path / "run", url, "forecast", f"train.max_steps={steps // 2}",
+                              "kafka.session_timeout_ms=6000"))
+    first.run()
+    second = SeriesJob(_config(tmp_path / "run", url, "forecast", f"train.max_steps={steps}",
+                               "kafka.session_timeout_ms=6000"))
+    second.run()
+    assert first.state.step == steps // 2 and second.state.step == steps and second.points_seen == 200
+    letters = [json.loads(line) for line in (tmp_path / "run" / "dead-letter.jsonl").read_text().splitlines()]
+    assert sorted((letter["key"], letter["reason"]) for letter in letters) == [("bad-1", "non_finite_value"),
+                                                                                ("bad-2", "not_json")]
+    # the group's committed offset is the last checkpoint's: every point (and both bad ones) is acknowledged
+    assert second.checkpoint_state()["source"]["offsets"] == {"0": len(points)}
+    assert KafkaSource(url).committed_offsets() == {0: len(points)}
