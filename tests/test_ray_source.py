@@ -18,7 +18,8 @@ import pytest
 
 from streamssl.pipeline.config import load_config
 from streamssl.pipeline.deadletter import DeadLetters
-from streamssl.pipeline.distributed import RayDataFeed, decode_rows, start_ray, stop_ray
+from streamssl.pipeline.distributed import start_ray, stop_ray
+from streamssl.pipeline.ray_feed import RayDataFeed, decode_rows
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import png_bytes
 from streamssl.streams.ray_source import RayShardReader, parse_ray_spec, read_ray_dataset
