@@ -17,8 +17,11 @@ Prints one JSON line per round and a summary line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -40,6 +43,8 @@ from streamssl.streams.kafka_produce import create_topic, lake_records, produce
 from streamssl.streams.kafka_source import KafkaSource
 from streamssl.streams.lake import default_lake
 from tests.kafka_broker import Tansu
+
+LAKE_RECORDS = 60000  # the embedded Fashion-MNIST lake
 
 
 def raw_fetch(bootstrap: str, topic: str, records: int) -> float:
@@ -84,14 +89,20 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the broker
 
     work = Path(tempfile.mkdtemp(prefix="streamssl-kafka-bench-"))
     broker = Tansu("memory://tansu/", work / "tansu.log").start()
     topic = "images"
     try:
         create_topic([broker.bootstrap], topic, args.partitions)
+        # enough for every round's training (the lake again as needed, the keys repeat) and for the ingest reads
+        cfg = load_config(sets=args.set)
+        needed = max(args.rounds * args.steps * cfg.train.batch_size, args.records)
+        lake = str(default_lake())
+        passes = itertools.chain.from_iterable(lake_records(lake) for _ in range(math.ceil(needed / LAKE_RECORDS)))
         started = time.monotonic()
-        produced = produce([broker.bootstrap], topic, lake_records(str(default_lake())))
+        produced = produce([broker.bootstrap], topic, passes, limit=needed)
         produce_rate = produced / (time.monotonic() - started)
         print(json.dumps({"produced": produced, "produce_records_per_s": round(produce_rate)}), flush=True)
 
