@@ -95,13 +95,15 @@ def decode_record(record: Record, image_field: str, channels: int, size: int) ->
     return pixels.reshape(size, size, channels).transpose(2, 0, 1)
 
 
-def _put(out: Any, stop: Any, message: tuple[Any, ...]) -> bool:
+def _put(out: Any, stop: Any, message: tuple[Any, ...], idle: Callable[[], None] | None = None) -> bool:
+    """Puts `message` unless stopped first; `idle` runs while the queue is full (a Kafka source keeps its group)."""
     while not stop.value:
         try:
             out.put(message, timeout=0.1)
             return True
         except queue.Full:
-            continue
+            if idle is not None:
+                idle()
     return False
 
 
@@ -144,18 +146,19 @@ def _batches(source: Any, records: Any, batch_size: int, image_field: str, chann
     """Decodes records into batches on the queue; True at the end of a finite stream, False when stopped."""
     images: list[np.ndarray] = []
     keys: list[str] = []
+    idle = getattr(source, "keep_alive", None)
     for record in records:
         try:
             images.append(decode_record(record, image_field, channels, size))
             keys.append(record.key)
         except ValueError as err:
             reason, _, detail = str(err).partition(": ")
-            _put(out, stop, ("reject", record.source, record.key, reason, detail, _payload(record, image_field)))
+            _put(out, stop, ("reject", record.source, record.key, reason, detail, _payload(record, image_field)), idle)
         if len(images) == batch_size:
             # numpy, pickled by value: torch tensors would travel as shared-memory handles that die
             # with this process if it exits before the trainer has read them.
             ids = np.array([record_id(key) for key in keys], dtype=np.int64)
-            if not _put(out, stop, ("batch", np.stack(images), keys, source.state_dict(), source.stats(), ids)):
+            if not _put(out, stop, ("batch", np.stack(images), keys, source.state_dict(), source.stats(), ids), idle):
                 return False
             images, keys = [], []
         if stop.value:

@@ -452,6 +452,33 @@ class KafkaSource:
             consumer.close(autocommit=False, timeout_ms=REQUEST_TIMEOUT_MS)
 
     # --- rebalance listener (kafka-python's I/O thread) ------------------------------------------
+    def keep_alive(self) -> None:
+        """Takes part in group rebalances without taking records; the reader calls it while back-pressured.
+
+        kafka-python rebalances only inside poll(): a member that stops polling while it holds partitions
+        (its loader's queue full, its trainer waiting for another worker) makes every other member wait up to
+        max_poll_interval_ms (5 min) for them. So poll with every partition paused: nothing is fetched or
+        returned, the position stays where the iteration left it, and a rebalance completes.
+        """
+        consumer = self._consumer
+        if consumer is None or self._closed.is_set() or threading.get_ident() != self._owner:
+            return
+        kafka = self._kafka
+        consumer.pause(*consumer.assignment())
+        try:
+            returned = consumer.poll(timeout_ms=0)
+        except kafka.errors.KafkaError as err:
+            self._failed("polling while back-pressured", err)
+            returned = {}
+        for tp, messages in returned.items():  # not expected with all paused; never drop a record if it happens
+            if messages:
+                consumer.seek(tp, messages[0].offset)
+        with self._lock:
+            waiting = self._unpositioned  # newly assigned: stay paused until the iterating loop has sought them
+        ready = [tp for tp in consumer.assignment() if tp.topic == self.topic and tp.partition not in waiting]
+        if ready:
+            consumer.resume(*ready)
+
     def _on_revoked(self, revoked: Iterable[Any]) -> None:
         # No commit here: offsets move only after a durable checkpoint. The partitions keep their place in
         # state_dict, so the next checkpoint still covers them if they come back.

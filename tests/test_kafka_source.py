@@ -322,3 +322,32 @@ def test_bad_settings_and_foreign_positions_raise_source_errors() -> None:
     assert stream.state_dict() == {"kind": "kafka", "topic": "t", "offsets": {"1": 5}}
     stream.close()
     assert list(stream) == []
+
+
+def test_a_back_pressured_member_still_hands_partitions_to_a_joiner(kafka_broker: Tansu) -> None:
+    # The loader stops iterating while its queue is full (its trainer waits for another worker). Without
+    # keep_alive the holder never lets go of its partitions and the joiner gets nothing (measured: nothing in
+    # 25 s; under Ray Train the second worker waited max_poll_interval_ms, 5 min).
+    topic = new_topic(kafka_broker)
+    produce([kafka_broker.bootstrap], topic, ((f"k{index}", b"v", []) for index in range(400)))
+    group = f"g-{topic}"
+    holder = source(kafka_broker, topic, group)
+    held = iter(holder)
+    first = [next(held) for _ in range(10)]  # holds all four partitions now, then stops iterating
+    joiner = Reader(source(kafka_broker, topic, group))
+    deadline = time.monotonic() + 30
+    while not joiner.records and time.monotonic() < deadline:
+        holder.keep_alive()  # what the loader does every 0.1 s while its queue is full: no records taken
+        time.sleep(0.1)
+    assert joiner.records, "the joiner got no partition within 30 s"
+    # the holder goes on where it stopped, on its own share only
+    timer = threading.Timer(20, holder.close)
+    timer.start()
+    try:
+        more = [next(held) for _ in range(5)]
+    finally:
+        timer.cancel()
+    joiner.stop()
+    holder.close()
+    assert len(first) == 10 and len(more) == 5
+    assert {record.source for record in more}.isdisjoint({record.source for record in joiner.records})
