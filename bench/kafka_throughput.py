@@ -66,7 +66,7 @@ def raw_fetch(bootstrap: str, topic: str, records: int) -> float:
 def decoded_ingest(url: str, group: str, records: int, batch_size: int, work: Path) -> float:
     """Decoded samples/s handed to the trainer by the loader reading the topic with a new consumer group."""
     loader = BatchLoader(partial(KafkaSource, url, group=group), {}, batch_size, "png", 1, 28,
-                         DeadLetters(work / f"{group}-dead.jsonl"), upstream_commits=True)
+                         DeadLetters(work / f"{group}-dead.jsonl"))
     started, seen = 0.0, 0
     try:
         while seen < records:

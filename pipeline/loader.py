@@ -118,10 +118,16 @@ def _close_when_stopped(source: Any, stop: Any, parent: int) -> None:
 
 
 def _forward_commits(source: Any, commits: Any, stop: Any) -> None:
-    """Hands the trainer's commit requests to the source (whose `commit` is thread-safe and non-blocking)."""
+    """Hands the trainer's commit requests to the source (whose `commit` is thread-safe and non-blocking).
+
+    A source with nothing upstream to acknowledge (shards) has them read and dropped, so that the pipe
+    never fills behind the trainer."""
+    commit = getattr(source, "commit", None)
     while not stop.value:
         with contextlib.suppress(queue.Empty):
-            source.commit(commits.get(timeout=0.1))
+            position = commits.get(timeout=0.1)
+            if commit is not None:
+                commit(position)
 
 
 def _last_commit(commits: Any) -> dict[str, Any] | None:
@@ -197,13 +203,13 @@ def _worker(make_source: Callable[..., Any], position: dict[str, Any], batch_siz
         # A follow-mode source may be blocked waiting for new shards: closing it is what ends that wait.
         threading.Thread(target=_close_when_stopped, args=(source, stop, parent), daemon=True).start()
         records = iter(source)
+        # Kafka: offsets go to the broker only once the trainer says the checkpoint holding them is durable.
+        forwarder = threading.Thread(target=_forward_commits, args=(source, commits, stop), daemon=True)
+        forwarder.start()
         if not hasattr(source, "commit"):
             if _batches(source, records, batch_size, image_field, channels, size, out, stop):
                 _put(out, stop, ("end",))
             return
-        # Kafka: offsets go to the broker only once the trainer says the checkpoint holding them is durable.
-        forwarder = threading.Thread(target=_forward_commits, args=(source, commits, stop), daemon=True)
-        forwarder.start()
         if _batches(source, records, batch_size, image_field, channels, size, out, stop):
             _put(out, stop, ("end",))
             while not stop.value:  # the trainer's final checkpoint (and its commit) comes after the end
@@ -234,8 +240,7 @@ class BatchLoader:
     """
 
     def __init__(self, make_source: Callable[..., Any], position: dict[str, Any], batch_size: int,
-                 image_field: str, channels: int, size: int, dead_letters: DeadLetters, prefetch: int = 4,
-                 upstream_commits: bool = False) -> None:
+                 image_field: str, channels: int, size: int, dead_letters: DeadLetters, prefetch: int = 4) -> None:
         # fork starts in milliseconds and needs nothing picklable; spawn where fork does not exist.
         context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self.dead_letters = dead_letters
@@ -243,8 +248,6 @@ class BatchLoader:
         # A lock-free shared flag: a multiprocessing Event can hang set() if the process dies while waiting on it.
         self._stop = context.Value("b", 0, lock=False)
         self._commits = context.Queue()
-        # Only a source that commits upstream (Kafka) reads this queue; for the rest commit() sends nothing.
-        self._upstream_commits = upstream_commits
         self._ended = False
         self._process = context.Process(
             target=_worker, name="streamssl-loader", daemon=True,
@@ -268,8 +271,7 @@ class BatchLoader:
 
     def commit(self, position: dict[str, Any]) -> None:
         """Asks the source to commit `position` upstream (Kafka offsets); call only once it is durably checkpointed."""
-        if self._upstream_commits:
-            self._commits.put(position)
+        self._commits.put(position)
 
     def close(self) -> None:
         self._stop.value = 1

@@ -263,8 +263,7 @@ class Trainer:
         """What batches come from: `next(timeout)` (None at the end of the stream), `commit(position)`, `close()`."""
         cfg = self.cfg
         return BatchLoader(self.make_source, self.state.position, cfg.train.batch_size, cfg.data.image_field,
-                           cfg.data.channels, cfg.data.size, self.dead_letters, cfg.data.prefetch_batches,
-                           upstream_commits=cfg.data.source.startswith("kafka://"))
+                           cfg.data.channels, cfg.data.size, self.dead_letters, cfg.data.prefetch_batches)
 
     def stop_reason(self, deadline: float) -> str:
         """Why the run should stop before its next step ("" to go on)."""

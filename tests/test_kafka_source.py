@@ -285,7 +285,7 @@ def test_loader_commits_its_final_checkpoint_position(kafka_broker: Tansu, small
     produce([kafka_broker.bootstrap], topic, lake_records(str(small_lake)), limit=100)
     make_source = partial(KafkaSource, kafka_broker.url(topic), group=f"g-{topic}", session_timeout_ms=SESSION_MS)
     loader = BatchLoader(make_source, {}, batch_size=32, image_field="png", channels=1, size=28,
-                         dead_letters=DeadLetters(small_lake.parent / f"{topic}-dead.jsonl"), upstream_commits=True)
+                         dead_letters=DeadLetters(small_lake.parent / f"{topic}-dead.jsonl"))
     try:
         batches = [loader.next(timeout=20) for _ in range(3)]
         assert [tuple(batch.images.shape) for batch in batches] == [(32, 1, 28, 28)] * 3
