@@ -45,7 +45,7 @@ class DataConfig:
 class KafkaConfig:
     """Client settings for `--data kafka://HOST:PORT[,HOST:PORT]/TOPIC[?group=G]`, passed through to kafka-python."""
 
-    group: str = "streamssl"  # consumer group (the URL's ?group= wins); one consumer per worker in it
+    group: str = "streamssl"  # consumer group (the URL's ?group= wins); --workers N commit to it too
     client_id: str = "streamssl"
     auto_offset_reset: str = "earliest"  # where a new group starts on a partition with no committed offset
     session_timeout_ms: int = 10000

@@ -3,8 +3,9 @@
 `run_distributed` starts a local Ray (or joins a cluster) and runs the ordinary trainer on every worker
 of a Ray Train `TorchTrainer`: DDP averages the gradients (gloo on CPU, NCCL on GPU), and the methods
 gather what they store (queues, banks, buffers) from all workers (models/distributed.py). Each worker
-reads its own share of the stream: a `streaming_split` shard of a Ray dataset, its own Kafka consumer in
-the group, or every N-th shard of a local webdataset lake.
+reads its own share of the stream: a `streaming_split` shard of a Ray dataset, the Kafka partitions p
+with p % N == rank (self-assigned, offsets committed for the one group), or every N-th shard of a local
+webdataset lake.
 
 Workers must take the same decisions at the same step, or a collective waits forever. So the per-rank
 choices of the loop are agreed on: whether to stop (a stop request, the time budget, the end of one
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -81,9 +83,9 @@ def rank_shard_spec(spec: str, mode: str, worker: int, workers: int) -> str:
 
 # --- checkpoints: rank 0 writes, every rank reads its own part ------------------------------------------
 def _merged_kafka(positions: list[dict[str, Any]]) -> dict[str, Any]:
-    """All workers' Kafka positions as one: partitions move between group members, so every worker gets the
-    newest offset known for each partition (offsets only grow) and uses the ones it is assigned. {} if no
-    worker had read anything yet."""
+    """All workers' Kafka positions as one: a run resumed with another worker count splits the partitions
+    differently, so every worker gets the newest offset known for each partition (offsets only grow) and
+    uses the ones it reads. {} if no worker had read anything yet."""
     kafka = [position for position in positions if position.get("kind") == "kafka"]
     offsets: dict[str, int] = {}
     for position in kafka:
@@ -210,8 +212,10 @@ class WorkerTrainer(Trainer):
         if is_ray_spec(cfg.data.source):
             if data_iterator is None:
                 raise ConfigError(f"{cfg.data.source} is read by Ray Data: start it with run_distributed")
-        elif self.workers > 1 and not cfg.data.source.startswith("kafka://"):
-            # Kafka: every worker is one consumer of the same group, which deals out the partitions.
+        elif self.workers > 1 and cfg.data.source.startswith("kafka://"):
+            # Every worker reads its own fixed share of the partitions and commits offsets for the one group.
+            self.make_source = functools.partial(self.make_source, split=(self.worker, self.workers))
+        elif self.workers > 1:
             spec = rank_shard_spec(self.make_source.args[0], resolve_mode(cfg.data.source, cfg.data.mode),
                                    self.worker, self.workers)
             self.make_source = source_factory(dataclasses.replace(cfg.data, source=spec), cfg.train.seed, cfg.kafka)

@@ -12,6 +12,11 @@ thread that iterates: `commit` only queues a request, `close` only raises a flag
 listener (which kafka-python 3 runs on its own I/O thread) only pauses new partitions until the
 iterating thread has positioned them. Broker outages are retried with exponential backoff and counted;
 they never end the iteration.
+
+With `split=(worker, workers)` the source does not join the group: it assigns itself the partitions p
+with p % workers == worker and uses the group only to store offsets, as Flink's and Spark's Kafka
+readers do. That is how the workers of one data-parallel job share a topic: their set is fixed for the
+job, so a group rebalance could only stall every worker's collectives while it settles.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 
 OFFSET_RESETS = ("earliest", "latest")
 LAG_REFRESH_SECONDS = 5.0
+PARTITIONS_REFRESH_SECONDS = 30.0  # a split source looks this often for partitions added to the topic
 # Bound on every blocking broker call made from the iterating thread (commit, committed offsets, end offsets),
 # so that `close()` and a broker outage never hold the iteration for long.
 REQUEST_TIMEOUT_MS = 2000
@@ -70,10 +76,12 @@ class KafkaSource:
         auto_offset_reset: Where a partition with neither a checkpointed nor a committed offset starts.
         retry_backoff_seconds: First wait after a failed broker call; doubles on each failure in a row.
         max_backoff_seconds: Cap of that wait.
+        split: (worker, workers): read the partitions p with p % workers == worker, assigned by this source
+            rather than by the group (see the module docstring); offsets are still committed for the group.
 
     Raises:
         SourceError: A malformed spec, bad settings or unknown client options, or bootstrap hosts that do
-            not exist.
+            not exist; while iterating, a split whose worker gets no partition of the topic.
 
     Iterate in one thread; `commit`, `close`, `state_dict` and `stats` may be called from any thread.
     Each record is `Record(key, fields, source="kafka://TOPIC/PARTITION", index=offset)`: key = the message
@@ -84,8 +92,12 @@ class KafkaSource:
     def __init__(self, spec: str, *, on_reject: RejectFn | None = None, group: str = "",
                  client_options: dict[str, Any] | None = None, poll_timeout_ms: int = 200,
                  session_timeout_ms: int = 10000, auto_offset_reset: str = "earliest",
-                 retry_backoff_seconds: float = 0.5, max_backoff_seconds: float = 30.0) -> None:
+                 retry_backoff_seconds: float = 0.5, max_backoff_seconds: float = 30.0,
+                 split: tuple[int, int] | None = None) -> None:
         self.bootstrap, self.topic, params = parse_kafka_url(spec)
+        if split is not None and not 0 <= split[0] < split[1]:
+            raise SourceError(f"a Kafka split needs 0 <= worker < workers, got {split}")
+        self._split = split
         self.group = params.get("group") or group or "streamssl"
         if auto_offset_reset not in OFFSET_RESETS:
             raise SourceError(f"unknown auto_offset_reset '{auto_offset_reset}'; valid: {', '.join(OFFSET_RESETS)}")
@@ -126,6 +138,7 @@ class KafkaSource:
         self._next_probe = 0.0
         self._next_commit = 0.0
         self._next_position = 0.0
+        self._next_partitions = 0.0
 
     # --- position --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -241,6 +254,7 @@ class KafkaSource:
         try:
             while not self._closed.is_set():
                 self._perform_commits(consumer)
+                self._assign_split(consumer)
                 self._position_assigned(consumer)
                 for messages in self._poll(consumer).values():
                     for message in messages:
@@ -268,7 +282,8 @@ class KafkaSource:
                 self._closed.wait(self._failed("connecting", err))
                 continue
             self._consumer = consumer
-            consumer.subscribe([self.topic], listener=_rebalance_listener(kafka, self))
+            if self._split is None:
+                consumer.subscribe([self.topic], listener=_rebalance_listener(kafka, self))
             return consumer
         return None
 
@@ -318,6 +333,31 @@ class KafkaSource:
 
     def _succeeded(self) -> None:
         self._backoff = self._retry_backoff
+
+    def _assign_split(self, consumer: Any) -> None:
+        """For a split source: takes this worker's partitions, and later any the topic gains."""
+        if self._split is None or time.monotonic() < self._next_partitions:
+            return
+        kafka = self._kafka
+        worker, workers = self._split
+        try:
+            partitions = consumer.partitions_for_topic(self.topic)
+        except kafka.errors.KafkaError as err:
+            self._next_partitions = time.monotonic() + self._failed("reading the topic's partitions", err)
+            return
+        if not partitions:  # no such topic (yet): a producer may create it
+            self._next_partitions = time.monotonic() + self._failed("finding the topic", SourceError("no partitions"))
+            return
+        self._succeeded()
+        self._next_partitions = time.monotonic() + PARTITIONS_REFRESH_SECONDS
+        mine = frozenset(partition for partition in partitions if partition % workers == worker)
+        if not mine:
+            raise SourceError(f"Kafka topic {self.topic} has {len(partitions)} partition(s), fewer than the {workers} "
+                              f"workers: worker {worker} would read nothing (add partitions or use fewer workers)")
+        if mine != self._assigned:
+            tps = [kafka.TopicPartition(self.topic, partition) for partition in sorted(mine)]
+            consumer.assign(tps)
+            self._on_assigned(tps)  # every one is sought again: to its own offset, or to the group's committed one
 
     def _position_assigned(self, consumer: Any) -> None:
         """Seeks newly assigned partitions to max(checkpoint or last read, committed) and lets them be fetched."""

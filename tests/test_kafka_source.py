@@ -298,6 +298,53 @@ def test_loader_commits_its_final_checkpoint_position(kafka_broker: Tansu, small
     assert committed == {int(partition): offset for partition, offset in position["offsets"].items()}
 
 
+def test_split_sources_read_their_own_partitions_and_commit_for_the_group(kafka_broker: Tansu) -> None:
+    # How --workers N shares a topic: no group membership, partition p to worker p % N, offsets to the group.
+    topic, total = new_topic(kafka_broker, partitions=5), 250
+    produce([kafka_broker.bootstrap], topic, ((f"k{index}", b"v", []) for index in range(total)))
+    group = f"g-{topic}"
+    readers = [Reader(source(kafka_broker, topic, group, split=(worker, 2))) for worker in range(2)]
+    wait_for(lambda: sum(len(reader.records) for reader in readers) >= total, seconds=10)  # no group join to wait for
+    time.sleep(0.3)  # anything read twice would show up now
+    parts = [{int(record.source.rsplit("/", 1)[1]) for record in reader.records} for reader in readers]
+    assert parts == [{0, 2, 4}, {1, 3}]
+    assert_complete(offsets(readers[0].records + readers[1].records), topic, total)
+    positions = [reader.stream.state_dict() for reader in readers]
+    for reader, position in zip(readers, positions, strict=True):
+        reader.stream.commit(position)
+        wait_for(lambda stream=reader.stream: stream.stats()["commits"] >= 1)
+        reader.stop()
+    committed = readers[0].stream.committed_offsets()
+    assert committed == {int(p): offset for position in positions for p, offset in position["offsets"].items()}
+    assert sum(committed.values()) == total
+
+    # Resumed with three workers from the merged position: each starts where its partitions were, nothing is re-read.
+    more = 60
+    produce([kafka_broker.bootstrap], topic, ((f"m{index}", b"v", []) for index in range(more)))
+    merged = {"kind": "kafka", "topic": topic, "offsets": {str(p): offset for p, offset in committed.items()}}
+    resumed = []
+    for worker in range(3):
+        stream = source(kafka_broker, topic, group, split=(worker, 3))
+        stream.load_state_dict(merged)
+        resumed.append(Reader(stream))
+    wait_for(lambda: sum(len(reader.records) for reader in resumed) >= more, seconds=10)
+    time.sleep(0.3)
+    for reader in resumed:
+        reader.stop()
+    assert [{int(record.source.rsplit("/", 1)[1]) for record in reader.records} for reader in resumed] == \
+        [{0, 3}, {1, 4}, {2}]
+    assert sorted(record.key for reader in resumed for record in reader.records) == sorted(f"m{i}" for i in range(more))
+
+
+def test_a_split_with_more_workers_than_partitions_is_refused(kafka_broker: Tansu) -> None:
+    topic = new_topic(kafka_broker, partitions=2)
+    stream = source(kafka_broker, topic, f"g-{topic}", split=(2, 3))
+    with pytest.raises(SourceError, match="2 partition\\(s\\), fewer than the 3 workers"):
+        next(iter(stream))
+    with pytest.raises(SourceError, match="0 <= worker < workers"):
+        source(kafka_broker, topic, "g", split=(3, 3))
+
+
 @pytest.mark.parametrize("spec", ["kafka://127.0.0.1/t", "kafka://127.0.0.1:9092/", "kafka://127.0.0.1:9092/a/b",
                                   "kafka://127.0.0.1:9092/t?grup=x", "http://127.0.0.1:9092/t",
                                   "kafka://no-such-host.invalid:9092/t"])
