@@ -115,6 +115,7 @@ class Trainer:
         self._knn_data: tuple[torch.Tensor, ...] | None = None
         self.metrics_port = 0
         self.loop_seconds = 0.0
+        self.startup_seconds = 0.0  # of loop_seconds, until the first batch arrived (connecting, joining, first fetch)
         self._checkpointed_step = -1
         self._nonfinite_in_a_row = 0
         self._rollbacks = 0
@@ -311,6 +312,8 @@ class Trainer:
                 batch, reason = self.next_batch(loader, deadline)
                 if batch is None:
                     break
+                if not self.startup_seconds:
+                    self.startup_seconds = time.monotonic() - started
                 step_started = time.perf_counter()
                 result = self.train_step(batch)
                 # A skipped step still consumed its batch: the position moves on, the step count does not.

@@ -75,8 +75,11 @@ def test_resume_from_committed_offsets_loses_nothing(kafka_broker, small_lake: P
     topic, group = "resume-committed", "g-resume"
     keys = _fill(kafka_broker, topic, small_lake)
     sets = (*KAFKA_SETS, f"kafka.group={group}")
-    first = Trainer(tiny_config(tmp_path / "a", kafka_broker.url(topic), *sets, "train.max_steps=4")).run()
+    trainer = Trainer(tiny_config(tmp_path / "a", kafka_broker.url(topic), *sets, "train.max_steps=4"))
+    first = trainer.run()
     assert first.step == 4
+    # joining the group and the first fetch are start-up, counted apart from the loop's training time
+    assert 0 < trainer.startup_seconds < trainer.loop_seconds
     assert _committed(kafka_broker, topic, group) == 4 * BATCH  # committed after the final durable checkpoint
     # A new run dir has no checkpoint: it starts from what the group committed.
     Trainer(tiny_config(tmp_path / "b", kafka_broker.url(topic), *sets, "train.max_steps=6")).run()
