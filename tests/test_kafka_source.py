@@ -345,6 +345,43 @@ def test_a_split_with_more_workers_than_partitions_is_refused(kafka_broker: Tans
         source(kafka_broker, topic, "g", split=(3, 3))
 
 
+class RefusingConsumer:
+    """Stands in for the consumer at commit time only: real Kafka raises CommitFailedError after a rebalance
+    took the partitions away, and Tansu never does (DESIGN.md), so this fault cannot be produced for real here."""
+
+    def __init__(self, error: Exception, held: Iterable[int]) -> None:
+        self.error, self.held, self.commits = error, list(held), 0
+
+    def assignment(self) -> set[object]:
+        kafka = kafka_module()
+        return {kafka.TopicPartition("t", partition) for partition in self.held}
+
+    def commit(self, offsets: object, timeout_ms: int) -> None:
+        self.commits += 1
+        raise self.error
+
+
+def test_a_refused_commit_is_counted_and_left_to_the_next_checkpoint() -> None:
+    errors = kafka_module().errors
+    stream = KafkaSource("kafka://127.0.0.1:9092/t")
+    stream.commit({"kind": "kafka", "topic": "t", "offsets": {"0": 5, "1": 7, "2": 9}})
+    refusing = RefusingConsumer(errors.CommitFailedError("partitions reassigned"), held=[0, 1])
+    stream._perform_commits(refusing, force=True)
+    # counted, not retried: those partitions may be someone else's now, and the next checkpoint commits afresh
+    assert refusing.commits == 1 and stream.stats()["commit_failures"] == 1 and stream.stats()["broker_retries"] == 0
+    stream._perform_commits(refusing, force=True)
+    assert refusing.commits == 1
+
+    # A broker error (an outage) instead keeps the request queued for a retry after a backoff.
+    stream.commit({"kind": "kafka", "topic": "t", "offsets": {"0": 6}})
+    failing = RefusingConsumer(errors.KafkaConnectionError("broker gone"), held=[0])
+    stream._perform_commits(failing, force=True)
+    assert stream.stats()["commit_failures"] == 2 and stream.stats()["broker_retries"] == 1
+    stream._perform_commits(failing, force=True)
+    assert failing.commits == 2  # the same request, tried again
+    stream.close()
+
+
 @pytest.mark.parametrize("spec", ["kafka://127.0.0.1/t", "kafka://127.0.0.1:9092/", "kafka://127.0.0.1:9092/a/b",
                                   "kafka://127.0.0.1:9092/t?grup=x", "http://127.0.0.1:9092/t",
                                   "kafka://no-such-host.invalid:9092/t"])
