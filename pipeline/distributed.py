@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import inspect
 import json
@@ -30,9 +31,11 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -426,11 +429,36 @@ def start_ray(address: str = "", workers: int = 0) -> str | None:
     return temp_dir
 
 
-def stop_ray(temp_dir: str | None) -> None:
+# Ray's own threads in a driver, and Ray Data's block prefetchers (parked on a condition until collected).
+_RAY_SERVICE_THREADS = frozenset({"PythonGCThread", "ray_listen_error_messages", "ray_print_logs", "Prefetcher"})
+
+
+def threads_running_ray() -> list[str]:
+    """Names of this process's threads with Ray code on their stack, other than Ray's service threads."""
+    frames = sys._current_frames()
+    ray_dir = f"{os.sep}ray{os.sep}"
+    others = [thread for thread in threading.enumerate() if thread is not threading.current_thread()
+              and thread.name not in _RAY_SERVICE_THREADS and thread.ident in frames]
+    return [thread.name for thread in others
+            if any(ray_dir in entry.filename for entry in traceback.extract_stack(frames[thread.ident]))]
+
+
+def stop_ray(temp_dir: str | None, wait_seconds: float = 10.0) -> None:
+    """Shuts down a Ray that `start_ray` started, once no thread of ours is still inside a Ray call.
+
+    A thread that calls into Ray after `ray.shutdown()` makes Ray end the whole process with exit code 1
+    (seen when a Ray Data reader was still winding down), so wait for such threads for up to `wait_seconds`.
+    """
     import ray
 
     if temp_dir is None:
         return
+    gc.collect()  # abandoned Ray Data iterators stop their threads when collected
+    deadline = time.monotonic() + wait_seconds
+    while threads_running_ray() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if threads_running_ray():
+        log.warning("shutting Ray down while threads still run Ray code: %s", ", ".join(threads_running_ray()))
     ray.shutdown()
     if temp_dir:
         shutil.rmtree(temp_dir, ignore_errors=True)

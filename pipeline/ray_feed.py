@@ -6,6 +6,8 @@ for its share (a `streaming_split` iterator, or the whole dataset with one worke
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import queue
 import threading
 import time
@@ -21,6 +23,8 @@ from streamssl.pipeline.deadletter import DeadLetters
 from streamssl.pipeline.loader import Batch, decode_record, read_message, record_id
 from streamssl.streams.ray_source import RayShardReader, read_ray_dataset
 from streamssl.streams.records import Record, SourceError
+
+log = logging.getLogger(__name__)
 
 
 # --- Ray Data: decoding, and the batches one worker gets ------------------------------------------------
@@ -71,6 +75,7 @@ class RayDataFeed:
                                       shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
                                       on_reject=lambda *reject: self._put(("reject", *reject), bounded=False))
         self._reader.load_state_dict(position)
+        self._iterator = iterator
         self.dead_letters = dead_letters
         self._prefetch = cfg.data.prefetch_batches
         self._messages: deque[tuple[Any, ...]] = deque()
@@ -141,3 +146,22 @@ class RayDataFeed:
             self._closed = True
             self._ready.notify_all()
         self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._release_split()
+            self._thread.join(timeout=5)
+
+    def _release_split(self) -> None:
+        """Ends a read left waiting at a `streaming_split` pass barrier that the other splits will not reach.
+
+        Such a read stays blocked inside Ray for good, and a later `ray.shutdown()` with a thread inside Ray
+        ends the whole process with exit code 1. Killing the split's coordinator actor makes the wait fail
+        instead; it is only done here, when the run is over for every split.
+        """
+        coordinator = getattr(self._iterator, "_coord_actor", None)  # Ray Data has no public handle for it
+        if coordinator is None:
+            log.warning("the Ray Data reader did not stop within 5 s of close()")
+            return
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(coordinator)

@@ -5,8 +5,12 @@ Real Ray (a local instance shared by the session), real shards, Parquet and PNG 
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import sys
 import threading
+import time
+import traceback
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -171,3 +175,36 @@ def test_split_shards_are_disjoint_and_a_worker_behind_drains_to_the_pass_barrie
     first_pass = [key for batch in ahead[:per_pass] + behind for key in batch.keys]
     assert len(first_pass) == len(set(first_pass)) == LAKE_IMAGES
     assert ahead[per_pass].keys == ahead[0].keys  # no shuffle: every pass repeats the shard's order
+
+
+def _threads_inside_split_reads() -> list[str]:
+    """Threads of this process whose stack is inside Ray Data's streaming_split iterator."""
+    frames = sys._current_frames()
+    return [thread.name for thread in threading.enumerate() if thread.ident in frames and
+            any("stream_split_iterator" in entry.filename for entry in traceback.extract_stack(frames[thread.ident]))]
+
+
+def test_a_split_closed_while_waiting_at_its_pass_barrier_leaves_no_thread_inside_ray(
+        ray_cluster: None, small_lake: Path, tmp_path: Path) -> None:
+    """Worker 0 has read its whole pass and waits for worker 1 to start the next one, which never happens: the
+    run ends there. close() must still end every thread waiting in Ray, since ray.shutdown() with a thread
+    inside Ray ends the whole process with exit code 1 (it did in CI, after this module)."""
+    cfg = load_config(sets=[f"data.source=ray+webdataset://{small_lake}", "data.mode=cycle", "data.shuffle_buffer=0",
+                            "train.batch_size=32", "data.prefetch_batches=1", "model.bn_splits=4"])
+    splits = dataset(cfg.data.source).streaming_split(2, equal=True)
+    feeds = [RayDataFeed(split, {}, cfg, DeadLetters(tmp_path / f"dead-{index}.jsonl")) for index, split in
+             enumerate(splits)]
+    read, deadline = 0, time.monotonic() + 120
+    while not feeds[0].waiting_for_pass:
+        assert time.monotonic() < deadline, "worker 0 never reached the end of its pass"
+        with contextlib.suppress(queue.Empty):
+            read += feeds[0].next(timeout=0.5) is not None
+    time.sleep(1.0)  # well inside Ray's wait for the next pass by now
+    assert read == LAKE_IMAGES // 2 // 32 and _threads_inside_split_reads()
+    for feed in feeds:
+        feed.close()
+    deadline = time.monotonic() + 10
+    while _threads_inside_split_reads():
+        assert time.monotonic() < deadline, f"still inside Ray: {_threads_inside_split_reads()}"
+        time.sleep(0.1)
+    assert not any(feed._thread.is_alive() for feed in feeds)
