@@ -255,6 +255,9 @@ class KafkaSource:
             while not self._closed.is_set():
                 self._perform_commits(consumer)
                 self._assign_split(consumer)
+                if self._split is not None and not self._assigned:  # the topic is not there yet: nothing to poll
+                    self._closed.wait(max(self._next_partitions - time.monotonic(), 0.05))
+                    continue
                 self._position_assigned(consumer)
                 for messages in self._poll(consumer).values():
                     for message in messages:

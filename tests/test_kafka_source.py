@@ -336,6 +336,19 @@ def test_split_sources_read_their_own_partitions_and_commit_for_the_group(kafka_
     assert sorted(record.key for reader in resumed for record in reader.records) == sorted(f"m{i}" for i in range(more))
 
 
+def test_a_split_source_waits_for_its_topic_to_exist(kafka_broker: Tansu) -> None:
+    topic = f"t-{uuid.uuid4().hex[:12]}"
+    reader = Reader(source(kafka_broker, topic, f"g-{topic}", split=(0, 1), retry_backoff_seconds=0.1,
+                           max_backoff_seconds=0.5))
+    wait_for(lambda: reader.stream.stats()["broker_retries"] >= 2)  # looked for it, backing off
+    assert not reader.records
+    create_topic([kafka_broker.bootstrap], topic, partitions=2)
+    produce([kafka_broker.bootstrap], topic, ((f"k{index}", b"v", []) for index in range(30)))
+    wait_for(lambda: len(reader.records) >= 30)
+    reader.stop()
+    assert_complete(offsets(reader.records), topic, 30)
+
+
 def test_a_split_with_more_workers_than_partitions_is_refused(kafka_broker: Tansu) -> None:
     topic = new_topic(kafka_broker, partitions=2)
     stream = source(kafka_broker, topic, f"g-{topic}", split=(2, 3))
