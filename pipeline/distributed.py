@@ -455,10 +455,12 @@ def stop_ray(temp_dir: str | None, wait_seconds: float = 10.0) -> None:
         return
     gc.collect()  # abandoned Ray Data iterators stop their threads when collected
     deadline = time.monotonic() + wait_seconds
-    while threads_running_ray() and time.monotonic() < deadline:
+    busy = threads_running_ray()
+    while busy and time.monotonic() < deadline:
         time.sleep(0.05)
-    if threads_running_ray():
-        log.warning("shutting Ray down while threads still run Ray code: %s", ", ".join(threads_running_ray()))
+        busy = threads_running_ray()
+    if busy:
+        log.warning("shutting Ray down while threads still run Ray code: %s", ", ".join(busy))
     ray.shutdown()
     if temp_dir:
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -206,15 +206,13 @@ def _worker(make_source: Callable[..., Any], position: dict[str, Any], batch_siz
         # Kafka: offsets go to the broker only once the trainer says the checkpoint holding them is durable.
         forwarder = threading.Thread(target=_forward_commits, args=(source, commits, stop), daemon=True)
         forwarder.start()
-        if not hasattr(source, "commit"):
-            if _batches(source, records, batch_size, image_field, channels, size, out, stop):
-                _put(out, stop, ("end",))
-            return
+        commits_upstream = hasattr(source, "commit")
         if _batches(source, records, batch_size, image_field, channels, size, out, stop):
             _put(out, stop, ("end",))
-            while not stop.value:  # the trainer's final checkpoint (and its commit) comes after the end
+            while commits_upstream and not stop.value:  # the trainer's final checkpoint (and its commit) comes after the end
                 time.sleep(0.05)
-        _flush_commits(source, records, commits, forwarder)
+        if commits_upstream:
+            _flush_commits(source, records, commits, forwarder)
     except SourceError as err:
         _put(out, stop, ("error", str(err)))
     except Exception as err:  # surfaces in the trainer instead of a silently dead loader

@@ -494,7 +494,6 @@ class KafkaSource:
         finally:
             consumer.close(autocommit=False, timeout_ms=REQUEST_TIMEOUT_MS)
 
-    # --- rebalance listener (kafka-python's I/O thread) ------------------------------------------
     def keep_alive(self) -> None:
         """Takes part in group rebalances without taking records; the reader calls it while back-pressured.
 
@@ -522,6 +521,7 @@ class KafkaSource:
         if ready:
             consumer.resume(*ready)
 
+    # --- rebalance listener (kafka-python's I/O thread) ------------------------------------------
     def _on_revoked(self, revoked: Iterable[Any]) -> None:
         # No commit here: offsets move only after a durable checkpoint. The partitions keep their place in
         # state_dict, so the next checkpoint still covers them if they come back.
