@@ -1,45 +1,72 @@
-"""kNN top-1 of the default run after 5 and 10 minutes of training on this machine.
+"""The default run's encoder after 70k, 150k and 300k samples seen, against the goals, and the label-efficiency
+protocols (linear probe, 1% / 10% fine-tune) of the 300k encoder next to raw pixels and the untrained ConvNet.
 
-Runs the real CLI twice on one run dir (`streamssl run --max-minutes 5`, then again, which resumes),
-scores each published encoder with `streamssl eval` (full 60k bank, 10k test, k=200, T=0.1), and
-scores raw pixels the same way, all in one go. Extra arguments go to `streamssl run`.
+Each budget is its own run of `streamssl run` with the defaults (the embedded lake), bounded by steps so its
+schedule anneals to that budget (a time-bounded run anneals to its estimated horizon the same way). Scoring:
+`streamssl eval` (kNN: 60k bank, 10k test, k=200, T=0.1; `--linear`; `--labels F`).
 
-    .venv/bin/python bench/knn_budget.py [--minutes 5] [--run-dir DIR] [-- --set key=value ...]
+    .venv/bin/python bench/knn_budget.py [--samples 70000,150000,300000] [--no-probes] [-- --set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from runs import baselines, cli, machine, train_samples
 
-def cli(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "streamssl.pipeline.cli", *args], capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"streamssl {' '.join(args)} failed:\n{result.stderr[-2000:]}")
-    return result.stdout
+GOALS = {70_000: 0.84, 150_000: 0.86, 300_000: 0.88}
+
+
+def probes(encoder: str) -> dict[str, float]:
+    """Linear probe (all labels) and fine-tunes on 1% and 10% of the labels."""
+    result = {"linear": json.loads(cli("eval", "--encoder", encoder, "--linear"))["linear_top1"]}
+    for fraction in (0.01, 0.1):
+        result[f"labels_{fraction:g}"] = json.loads(cli("eval", "--encoder", encoder, "--labels", str(fraction)))[
+            "fine_tune_top1"]
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=5.0, help="budget of each of the two runs")
-    parser.add_argument("--run-dir", default="")
+    parser.add_argument("--samples", default="70000,150000,300000")
+    parser.add_argument("--no-probes", action="store_true", help="skip the linear probe and fine-tunes")
+    parser.add_argument("--keep", default="", help="keep the run dirs under this folder")
     parser.add_argument("run_args", nargs="*", help="passed to `streamssl run` (after --)")
     args = parser.parse_args()
-    run_dir = args.run_dir or tempfile.mkdtemp(prefix="streamssl-knn-")
-    print(json.dumps({"raw_pixels": json.loads(cli("eval", "--encoder", "raw"))["knn_top1"]}), flush=True)
-    for leg in (1, 2):
-        stdout = cli("run", "--run-dir", run_dir, "--max-minutes", str(args.minutes), "--metrics-port", "0",
-                     *args.run_args)
-        done = [line for line in stdout.splitlines() if line.startswith("done:")][-1]
-        report = json.loads(cli("eval", "--encoder", str(Path(run_dir) / "published" / "latest")))
-        print(json.dumps({"minutes": leg * args.minutes, "step": report["step"],
-                          "samples_seen": report["samples_seen"], "knn_top1": report["knn_top1"], "run": done}),
-              flush=True)
+    print(json.dumps(machine()), flush=True)
+    base = baselines()
+    print(json.dumps(base), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="streamssl-knn-") as scratch:
+        root = Path(args.keep or scratch)
+        budgets = [int(s) for s in args.samples.split(",")]
+        for samples in budgets:
+            row = train_samples("moco", samples, root / f"default-{samples}", args.run_args)
+            row["goal"] = GOALS.get(samples)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if not args.no_probes:
+            last = str(root / f"default-{budgets[-1]}" / "published" / "latest")
+            protocols = {"encoder": probes(last), "raw pixels": {"linear": json.loads(
+                cli("eval", "--encoder", "raw", "--linear"))["linear_top1"]}, "untrained": probes("random")}
+            print(json.dumps(protocols), flush=True)
+    print(f"\nraw pixels {100 * base['raw_pixels']:.2f}% | untrained {100 * base['untrained']:.2f}% "
+          f"(unnormalised input {100 * base['untrained_unnormalised_input']:.2f}%)")
+    print("\n| samples | steps | wall s | samples/s | kNN top-1 | goal | met |\n|---|---|---|---|---|---|---|")
+    for row in rows:
+        goal = row["goal"]
+        print(f"| {row['samples_seen']} | {row['steps']} | {row['train_seconds']} | {row['samples_per_s']} | "
+              f"{100 * row['knn_top1']:.2f}% | {'—' if goal is None else f'{100 * goal:.0f}%'} | "
+              f"{'—' if goal is None else ('yes' if row['knn_top1'] >= goal else 'no')} |")
+    if not args.no_probes:
+        print("\n| protocol | encoder | raw pixels | untrained |\n|---|---|---|---|")
+        for name in ("linear", "labels_0.01", "labels_0.1"):
+            raw = protocols["raw pixels"].get(name)
+            print(f"| {name} | {100 * protocols['encoder'][name]:.2f}% | "
+                  f"{'—' if raw is None else f'{100 * raw:.2f}%'} | {100 * protocols['untrained'][name]:.2f}% |")
 
 
 if __name__ == "__main__":

@@ -1,73 +1,58 @@
-"""One row per method: training samples/s on this machine and kNN top-1 after the same wall-clock budget.
+"""One row per method: kNN top-1 after the same number of samples seen, each with its own tuned defaults.
 
-Each method runs the real CLI with its defaults (`streamssl run --method X --max-minutes M`) on the
-embedded Fashion-MNIST lake, same backbone, batch and augmentation; the in-run kNN monitor is off so
-every method spends its budget training. Each published encoder is then scored by `streamssl eval`
-(60k bank, 10k test, k=200, T=0.1), next to raw pixels and a randomly initialised encoder. Rows
-print as JSON lines while the script runs, then as a Markdown table.
+Each method runs the real CLI with its defaults and recipe (`streamssl run --method X --max-steps N`, N =
+samples / its batch size) on the embedded Fashion-MNIST lake, the in-run monitor off; the published encoder
+is scored by `streamssl eval` (60k bank, 10k test, k=200, T=0.1) next to raw pixels and the untrained ConvNet
+(fed as trained encoders are). The goal, the untrained encoder + 2 points, prints next to every row.
 
-    .venv/bin/python bench/methods.py [--minutes 5] [--methods moco,swav,...] [-- --set key=value ...]
+    .venv/bin/python bench/methods.py [--samples 150000] [--methods moco,swav,...] [-- --set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from runs import CommandFailed, baselines, machine, train_samples
+
 from streamssl.models.registry import METHODS
 
-
-class CommandFailed(Exception):
-    pass
-
-
-def cli(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "streamssl.pipeline.cli", *args], capture_output=True, text=True)
-    if result.returncode:
-        raise CommandFailed(f"streamssl {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1:]}")
-    return result.stdout
-
-
-def train(method: str, minutes: float, run_dir: Path, extra: list[str]) -> dict[str, float | str]:
-    stdout = cli("run", "--method", method, "--run-dir", str(run_dir), "--max-minutes", str(minutes),
-                 "--metrics-port", "0", "--set", "eval.every_steps=0", *extra)
-    rates = [float(match) for match in re.findall(r"\| (\d+) samples/s \|", stdout)]
-    report = json.loads(cli("eval", "--encoder", str(run_dir / "published" / "latest")))
-    # The first progress interval includes start-up (loader, first batches): steady state is the rest.
-    steady = rates[1:] or rates
-    return {"method": method, "samples_per_s": round(sum(steady) / max(len(steady), 1)), "steps": report["step"],
-            "samples_seen": report["samples_seen"], "knn_top1": report["knn_top1"]}
+GOAL_OVER_UNTRAINED = 0.02
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=5.0, help="training budget per method")
+    parser.add_argument("--samples", type=int, default=150_000, help="training samples per method")
     parser.add_argument("--methods", default=",".join(sorted(METHODS)))
     parser.add_argument("--keep", default="", help="keep the run dirs (and published encoders) under this folder")
     parser.add_argument("run_args", nargs="*", help="passed to every `streamssl run` (after --)")
     args = parser.parse_args()
-    rows: list[dict[str, float | str]] = []
-    for baseline in ("raw", "random"):
-        top1 = json.loads(cli("eval", "--encoder", baseline))["knn_top1"]
-        rows.append({"method": f"({baseline} {'pixels' if baseline == 'raw' else 'encoder'})", "knn_top1": top1})
-        print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps(machine()), flush=True)
+    base = baselines()
+    print(json.dumps(base), flush=True)
+    goal = base["untrained"] + GOAL_OVER_UNTRAINED
+    rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="streamssl-methods-") as scratch:
         root = Path(args.keep or scratch)
         for method in args.methods.split(","):
             try:
-                rows.append(train(method, args.minutes, root / method, args.run_args))
+                row = train_samples(method, args.samples, root / method, args.run_args)
             except CommandFailed as err:  # one broken method must not cost the other rows
-                rows.append({"method": method, "error": str(err), "knn_top1": float("nan")})
-            print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| method | samples/s | steps in {args.minutes:g} min | kNN top-1 |\n|---|---|---|---|")
+                row = {"method": method, "error": str(err), "knn_top1": float("nan")}
+            row["goal"] = round(goal, 4)
+            row["met"] = bool(row["knn_top1"] >= goal)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\nraw pixels {100 * base['raw_pixels']:.2f}% | untrained encoder {100 * base['untrained']:.2f}% "
+          f"(unnormalised input {100 * base['untrained_unnormalised_input']:.2f}%)")
+    print("\n| method | samples | steps | wall s | samples/s | kNN top-1 | goal (untrained + 2) | met |\n"
+          "|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['method']} | {row.get('samples_per_s', '—')} | {row.get('steps', '—')} | "
-              f"{100 * float(row['knn_top1']):.2f}% |")
+        print(f"| {row['method']} | {row.get('samples_seen', '—')} | {row.get('steps', '—')} | "
+              f"{row.get('train_seconds', '—')} | {row.get('samples_per_s', '—')} | {100 * float(row['knn_top1']):.2f}% | "
+              f"{100 * goal:.2f}% | {'yes' if row['met'] else 'no'} |")
 
 
 if __name__ == "__main__":

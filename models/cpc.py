@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streamssl.models.method import Method, embedding_std, momentum_update
+from streamssl.models.method import Method, embedding_std, momentum_update, write_ring
 from streamssl.models.series_backbones import PooledSeriesEncoder, SeriesEncoder
 
 
@@ -140,8 +140,9 @@ class CPC(Method):
             # A copy: the queue is overwritten in place below while autograd still needs these negatives.
             negatives, valid = self.queue.clone(), self._filled_slots()
         losses, accuracies = multi_step_info_nce(predictions, latents, self.temperature, negatives, valid)
-        if self.key_backbone is not None:
-            self._dequeue_and_enqueue(latents.flatten(0, 1))
+        if self.key_backbone is not None:  # staged: only a step that is taken moves the key encoder and the queue
+            self.stage(self._momentum_update_key_encoder)
+            self.stage(self._dequeue_and_enqueue, latents.flatten(0, 1))
         return losses.mean(), self._logs(z, losses, accuracies, valid)
 
     def encoder(self) -> nn.Module:
@@ -152,8 +153,11 @@ class CPC(Method):
 
     @torch.no_grad()
     def _key_latents(self, windows: Tensor) -> Tensor:
-        momentum_update(self.key_backbone, self.backbone, self.momentum)
         return F.normalize(self.key_backbone(windows).transpose(1, 2).float(), dim=2)
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        momentum_update(self.key_backbone, self.backbone, self.momentum)
 
     def _filled_slots(self) -> Tensor:
         # On the device, from the counter: no host sync per step.
@@ -162,15 +166,7 @@ class CPC(Method):
     @torch.no_grad()
     def _dequeue_and_enqueue(self, latents: Tensor) -> None:
         """Writes `latents` over the oldest rows of the ring buffer, wrapping around its end."""
-        queue_size = len(self.queue)
-        count = len(latents)
-        # More latents than slots would overwrite their own first rows: only the last queue_size survive.
-        kept = latents[-queue_size:]
-        first_slot = self.queue_ptr + (count - len(kept))
-        slots = (first_slot + torch.arange(len(kept), device=latents.device)) % queue_size
-        self.queue.index_copy_(0, slots, kept.to(self.queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + count) % queue_size)
-        self.latents_enqueued.add_(count)
+        write_ring(self.queue, self.queue_ptr, self.latents_enqueued, latents)
 
     @torch.no_grad()
     def _logs(self, z: Tensor, losses: Tensor, accuracies: Tensor, queue_used: Tensor | None) -> dict[str, Tensor]:

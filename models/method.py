@@ -1,16 +1,25 @@
 """The interface every self-supervised method implements, and the small pieces of math they share.
 
 A method is an `nn.Module` that owns a backbone plus whatever else its paper needs (heads, momentum
-encoders, queues, prototypes). The trainer only ever calls `forward(views, ids)` for a loss and logs,
-`on_step_end(step)` after the optimizer step, and `encoder()` for the part that gets published. All
-state a method needs to continue after a restart lives in its `state_dict` (parameters and buffers),
-so the trainer's checkpoint needs nothing method-specific.
+encoders, queues, prototypes). Per step the trainer calls `forward(views, ids)` for a loss and logs; if
+the loss is finite it takes the optimizer step, then `commit_step()` (the state writes `forward` staged:
+queue and bank writes, so a non-finite step cannot poison them) and `on_step_end(step)`; if not, it
+calls `discard_step()`. `encoder()` is the part that gets published. All state a method needs to
+continue after a restart lives in its `state_dict` (parameters and buffers), so the trainer's checkpoint
+needs nothing method-specific.
+
+Schedules inside a method follow the run's horizon: the trainer sets `horizon_steps` (the step the run
+anneals to: `train.max_steps`, or a horizon estimated from the time budget; 0 for an unbounded stream)
+before every step, and `progress(step)` turns it into a fraction. A method's recipe (optimizer,
+learning rate, BN splits, …) is `recipe`, config defaults that apply unless the user sets the key.
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +44,16 @@ class Method(nn.Module, ABC):
     small_crops: int = 0
     small_crop_size: int = 0
     small_crop_scale: tuple[float, float] = (0.05, 0.4)
+    # Config defaults of this method ("optim.lr": 0.5, "model.bn_splits": 1, …); a key the user sets wins.
+    recipe: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, backbone: nn.Module, feature_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
+        self.horizon_steps = 0  # set by the trainer before each step; 0 = unbounded (no end to anneal to)
+        self._staged: list[Callable[[], None]] = []
+        self._reset: list[nn.Parameter] = []
 
     @abstractmethod
     def forward(self, views: list[Tensor], ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -53,11 +67,57 @@ class Method(nn.Module, ABC):
         """
 
     def on_step_end(self, step: int) -> None:
-        """Called after every optimizer step; for schedules that live inside the method."""
+        """Called after every optimizer step (after `commit_step`); for schedules that live inside the method."""
+
+    def progress(self, step: int | Tensor) -> float | None:
+        """Share of the run's horizon done after `step` steps, in [0, 1]; None for an unbounded run."""
+        if not self.horizon_steps:
+            return None
+        return min(1.0, float(step) / self.horizon_steps)
+
+    # --- state writes that only a taken step may make ---------------------------------------------
+    def stage(self, write: Callable[..., None], *args: Any) -> None:
+        """Defers a state write `write(*args)` (enqueue, bank update) from `forward` until the step is known to be
+        taken. Tensors in `args` are the ones computed in this forward (e.g. gathered keys)."""
+        self._staged.append(functools.partial(write, *args))
+
+    @torch.no_grad()
+    def commit_step(self) -> None:
+        """Applies the writes `forward` staged, in order; the trainer calls it after a taken optimizer step."""
+        staged, self._staged = self._staged, []
+        for write in staged:
+            write()
+
+    def discard_step(self) -> None:
+        """Drops the staged writes of a step that was not taken (non-finite loss)."""
+        self._staged = []
+
+    def reset_optimizer_state(self, *params: nn.Parameter) -> None:
+        """Asks the trainer to drop the optimizer state (momentum, Adam moments) of re-initialised parameters."""
+        self._reset.extend(params)
+
+    def take_reset_parameters(self) -> list[nn.Parameter]:
+        reset, self._reset = self._reset, []
+        return reset
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: weight decay and LARS adaptation only for weights, not for BN and biases
+        (1-d parameters), as the LARS, BYOL and SwAV recipes do. A method may override it (e.g. SimSiam's
+        predictor at a fixed LR: a group with `"fixed_lr": True`)."""
+        return split_decay(self.named_parameters())
 
     def encoder(self) -> nn.Module:
         """The part of the method that gets published: the backbone alone."""
         return self.backbone
+
+
+def split_decay(named: Any) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: weights (decayed, LARS-adapted) and 1-d ones (BN, biases: neither)."""
+    weights, others = [], []
+    for _, param in named:
+        if param.requires_grad:
+            (weights if param.ndim > 1 else others).append(param)
+    return [{"params": weights}, {"params": others, "weight_decay": 0.0, "lars_exclude": True}]
 
 
 def embedding_std(z: Tensor) -> Tensor:
@@ -76,3 +136,20 @@ def momentum_update(target: nn.Module, online: nn.Module, momentum: float) -> No
     """
     for target_param, online_param in zip(target.parameters(), online.parameters(), strict=True):
         target_param.mul_(momentum).add_((1 - momentum) * online_param.detach())
+
+
+@torch.no_grad()
+def write_ring(ring: Tensor, pointer: Tensor, written: Tensor, rows: Tensor) -> None:
+    """Writes `rows` over the oldest rows of a ring buffer, wrapping around its end (MoCo's and CPC's queues).
+
+    `pointer` (the next row to write) and `written` (rows written so far) are 0-d long buffers, updated on the
+    device: no host sync per step. More rows than the ring holds would overwrite their own first rows: only
+    the last len(ring) are kept.
+    """
+    size, count = len(ring), len(rows)
+    kept = rows[-size:]
+    first_slot = pointer + (count - len(kept))
+    slots = (first_slot + torch.arange(len(kept), device=rows.device)) % size
+    ring.index_copy_(0, slots, kept.to(ring.dtype))
+    pointer.copy_((pointer + count) % size)
+    written.add_(count)

@@ -12,14 +12,15 @@ keys in that queue consistent with each other. `forward` follows Algorithm 1 of 
 from __future__ import annotations
 
 import copy
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streamssl.models.distributed import gather_from_all
+from streamssl.models.distributed import gather_from_all, world_size
 from streamssl.models.losses import info_nce
-from streamssl.models.method import Method, embedding_std, momentum_update
+from streamssl.models.method import Method, embedding_std, momentum_update, write_ring
 
 
 class MoCo(Method):
@@ -50,6 +51,8 @@ class MoCo(Method):
 
     name = "moco"
     num_views = 2
+    # Shuffle BN needs split BN on one device (see the class docstring).
+    recipe: ClassVar[dict[str, Any]] = {"model.bn_splits": 8}
 
     def __init__(
         self,
@@ -84,7 +87,6 @@ class MoCo(Method):
 
     def forward(self, views: list[Tensor], ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         x1, x2 = views  # two augmentations of the same images
-        self._momentum_update_key_encoder()  # before the keys, as in Algorithm 1
         q1 = self._encode_queries(x1)  # q = f_q(x_q)
         k2 = self._encode_keys_with_shuffled_batch(x2)  # k = f_k(x_k), no gradient
         # A copy: the queue is overwritten in place below while autograd still needs these negatives.
@@ -99,8 +101,11 @@ class MoCo(Method):
         else:
             loss = info_nce(q1, k2, negatives, self.temperature)
             queries, keys = q1, k2
-        # newest keys in, oldest out; with several workers every worker enqueues the whole global batch
-        self._dequeue_and_enqueue(gather_from_all(keys))
+        # Algorithm 1 after the update of f_q: f_k moves towards it, the newest keys go in and the oldest out;
+        # staged, so only a step that is taken changes them. With several workers every worker enqueues the
+        # whole global batch.
+        self.stage(self._momentum_update_key_encoder)
+        self.stage(self._dequeue_and_enqueue, gather_from_all(keys))
         return loss, self._logs(queries, keys)
 
     def _encode_queries(self, images: Tensor) -> Tensor:
@@ -123,21 +128,13 @@ class MoCo(Method):
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: Tensor) -> None:
         """Writes `keys` over the oldest entries of the ring buffer, wrapping around its end."""
-        queue_size = len(self.queue)
-        batch_size = len(keys)
-        # A batch larger than the queue would overwrite its own first keys: only its last K survive.
-        kept = keys[-queue_size:]
-        first_slot = self.queue_ptr + (batch_size - len(kept))
-        slots = (first_slot + torch.arange(len(kept), device=keys.device)) % queue_size
-        self.queue.index_copy_(0, slots, kept.to(self.queue.dtype))
-        # Pointer arithmetic stays on the device: no host sync per step.
-        self.queue_ptr.copy_((self.queue_ptr + batch_size) % queue_size)
-        self.keys_enqueued.add_(batch_size)
+        write_ring(self.queue, self.queue_ptr, self.keys_enqueued, keys)
 
     @torch.no_grad()
     def _logs(self, queries: Tensor, keys: Tensor) -> dict[str, Tensor]:
         return {
-            "queue_fill": (self.keys_enqueued.float() / len(self.queue)).clamp(max=1.0),
+            # after this step's enqueue (staged until the step is taken)
+            "queue_fill": ((self.keys_enqueued + len(keys) * world_size()).float() / len(self.queue)).clamp(max=1.0),
             "embedding_std": embedding_std(queries),
             "positive_similarity": (queries * keys).sum(dim=1).mean(),
         }

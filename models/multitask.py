@@ -68,6 +68,25 @@ class MultiTask(Method):
     def on_step_end(self, step: int) -> None:
         self.inner.on_step_end(step)
 
+    # The inner method's staged writes, optimizer resets and horizon are the wrapper's.
+
+    def commit_step(self) -> None:
+        self.inner.commit_step()
+
+    def discard_step(self) -> None:
+        self.inner.discard_step()
+
+    def take_reset_parameters(self) -> list[nn.Parameter]:
+        return self.inner.take_reset_parameters()
+
+    @property
+    def horizon_steps(self) -> int:  # type: ignore[override]
+        return self.inner.horizon_steps
+
+    @horizon_steps.setter
+    def horizon_steps(self, steps: int) -> None:
+        self.inner.horizon_steps = steps
+
     def encoder(self) -> nn.Module:
         return self.inner.encoder()
 

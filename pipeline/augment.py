@@ -97,6 +97,7 @@ class BatchAugment:
     def __init__(self, cfg: AugmentConfig, mean: list[float], std: list[float], size: int) -> None:
         self.cfg = cfg
         self.size = size
+        self.blur_scale = size / 224  # blur_sigma is SimCLR's range for 224 px images (see AugmentConfig)
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
@@ -111,7 +112,8 @@ class BatchAugment:
         )
         pixels = F.grid_sample(pixels, grids, mode="bilinear", padding_mode="reflection", align_corners=False)
         pixels = colour_jitter(pixels, cfg, gen)
-        pixels = gaussian_blur(pixels, (cfg.blur_sigma[0], cfg.blur_sigma[-1]), cfg.blur_prob, gen)
+        pixels = gaussian_blur(pixels, (cfg.blur_sigma[0] * self.blur_scale, cfg.blur_sigma[-1] * self.blur_scale),
+                               cfg.blur_prob, gen)
         return (pixels - self.mean.to(pixels.device)) / self.std.to(pixels.device)
 
     def __call__(self, images: Tensor, gen: torch.Generator, views: int = 2, small_crops: int = 0,

@@ -51,10 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", default="",
                      help="an existing Ray cluster (e.g. auto); default: a local Ray started for the run")
 
+    show = commands.add_parser("config", help="print the resolved config (defaults, the method's recipe, file, --set) "
+                                              "as JSON")
+    show.add_argument("--config", help="YAML config file")
+    show.add_argument("--method", help="self-supervised method (default moco)")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
     evaluate = commands.add_parser("eval", help="kNN / linear-probe / few-label top-1 of an encoder, printed as JSON")
     evaluate.add_argument("--encoder", required=True,
                           help="published version folder (or its `latest` link); `raw` = raw pixels; "
-                               "`random` = a randomly initialised convnet (baselines)")
+                               "`random` = a randomly initialised convnet fed like a trained encoder, normalised "
+                               "with the training set's mean and std (baselines)")
     mode = evaluate.add_mutually_exclusive_group()
     mode.add_argument("--linear", action="store_true", help="linear probe on frozen features (all train labels)")
     mode.add_argument("--labels", type=float, metavar="FRACTION",
@@ -121,11 +128,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    from streamssl.pipeline.config import to_dict
+
+    print(json.dumps(to_dict(load_config(args.config, {"method": args.method}, args.set))))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from streamssl.models import build_backbone, load_encoder
-    from streamssl.pipeline.config import EvalConfig
+    from streamssl.models.encoder_io import PublishedEncoder
+    from streamssl.pipeline.config import DataConfig, EvalConfig
     from streamssl.pipeline.data import knn_sets
     from streamssl.pipeline.knn import knn_top1
     from streamssl.pipeline.probe import fine_tune, labelled_fraction, linear_probe
@@ -140,7 +155,9 @@ def _eval(args: argparse.Namespace) -> int:
         encoder: torch.nn.Module = torch.nn.Flatten()
     elif args.encoder == "random":
         torch.manual_seed(args.seed)
-        encoder = build_backbone("convnet", 1)[0]
+        # Preprocessed as every published encoder is (it normalises inside), so the baseline is like-for-like.
+        data = DataConfig()
+        encoder = PublishedEncoder(build_backbone("convnet", 1)[0], {"input": {"mean": data.mean, "std": data.std}})
     else:
         if not Path(args.encoder).exists():
             raise SourceError(f"encoder folder not found: {args.encoder}")
@@ -170,6 +187,10 @@ def _eval(args: argparse.Namespace) -> int:
                         k=args.k, temperature=args.temperature)
         result.update(protocol="knn", dataset=args.dataset, knn_top1=round(top1, 4), k=args.k,
                       temperature=args.temperature, bank_size=len(bank), test_size=len(test))
+        if args.encoder == "random":  # the older, unnormalised baseline too, for comparison
+            plain = knn_top1(encoder.backbone, bank, bank_labels, test, test_labels, [0.0], [1.0],
+                             torch.device("cpu"), k=args.k, temperature=args.temperature)
+            result.update(knn_top1_unnormalised_input=round(plain, 4))
     result.update(seconds=round(time.monotonic() - started, 1))
     print(json.dumps(result))
     return 0
@@ -209,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        return {"run": _run, "eval": _eval, "lake": _lake, "produce": _produce,
+        return {"run": _run, "config": _config, "eval": _eval, "lake": _lake, "produce": _produce,
                 "forecast": forecast.run}[args.command](args)
     except (ConfigError, SourceError, EncoderLoadError) as err:
         print(f"streamssl: error: {err}", file=sys.stderr)

@@ -73,7 +73,8 @@ class KafkaConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "convnet"  # convnet (CPU default) | resnet18 (for GPUs)
-    bn_splits: int = 8  # split BN in training, so a single device behaves like MoCo's multi-GPU shuffle BN
+    # split BN in training, so a single device behaves like MoCo's multi-GPU shuffle BN (MoCo's recipe sets 8)
+    bn_splits: int = 1
 
 
 @dataclass
@@ -86,17 +87,24 @@ class AugmentConfig:
     contrast: float = 0.4
     saturation: float = 0.4  # only for 3-channel input
     blur_prob: float = 0.5
+    # SimCLR's range for 224 px images, scaled by data.size / 224 (a 28 px image gets sigma 0.0125-0.25 px):
+    # the 224 px range applied to 28 px images blurred away most of what there is to learn
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
 
 
 @dataclass
 class OptimConfig:
+    """Defaults here; a method's `recipe` (in its own file) overrides them unless the user sets the key."""
+
+    name: str = "sgd"  # sgd | lars | adamw; weight decay (and LARS's trust ratio) skip BN and bias parameters
     lr: float = 0.06  # for batch 256; scaled linearly with batch size
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD/LARS momentum (AdamW: beta1 stays 0.9)
     weight_decay: float = 5e-4
-    warmup_steps: int = 200
+    warmup_fraction: float = 0.05  # linear warm-up over this share of the horizon
+    warmup_steps: int = 0  # explicit warm-up steps instead (0 = the fraction; 100 steps for an unbounded run)
     schedule: str = "cosine"  # cosine | constant
-    total_steps: int = 0  # cosine horizon; 0 = train.max_steps, or constant LR when that is 0 too
+    # cosine horizon; 0 = train.max_steps, else estimated from --max-minutes, else none (constant LR)
+    total_steps: int = 0
     min_lr_ratio: float = 0.0
 
 
@@ -114,6 +122,10 @@ class TrainConfig:
     audit_keys: bool = False  # append each trained batch's record keys to RUN_DIR/trained-keys.jsonl (lineage)
     nan_rollback_after: int = 3  # non-finite losses in a row (each step skipped) before rolling back
     max_rollbacks: int = 3  # rollbacks per invocation before giving up with an error
+    # Publish (and monitor) an exponential moving average of the encoder's weights and BN statistics with this
+    # decay per step instead of the raw weights (0 = off): an encoder that is good at any moment for a run with
+    # no end to anneal to; see the README on week-long runs
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -126,7 +138,8 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 500  # 0 = only at the end
+    every_steps: int = 0  # kNN monitor every N steps (0 = by time only)
+    every_seconds: float = 120.0  # and every N seconds (0 = by steps only); always at the end and before publishing
     dataset: str = "fashion-mnist"  # fashion-mnist | none
     bank_size: int = 10000  # labelled reference subset of the train split
     test_size: int = 2000  # held-out subset of the test split
@@ -230,6 +243,7 @@ CHOICES = {
     "data.image_field": ("png", "jpg", "jpeg"),
     "model.backbone": ("convnet", "resnet18"),
     "optim.schedule": ("cosine", "constant"),
+    "optim.name": ("sgd", "lars", "adamw"),
     "train.precision": ("auto", "fp32", "bf16"),
     "eval.dataset": ("fashion-mnist", "none"),
     "kafka.auto_offset_reset": ("earliest", "latest"),
@@ -318,6 +332,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
                 sets: list[str] | None = None) -> Config:
     """Defaults ← YAML file ← explicit overrides (CLI flags) ← `key=value` strings."""
     cfg = Config()
+    explicit: set[str] = set()
     if path:
         file = Path(path)
         if not file.is_file():
@@ -330,16 +345,37 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config file {path} must hold a mapping")
         for key, value in loaded.items():
             _set(cfg, str(key), value)
-    apply_overrides(cfg, overrides, sets)
+            explicit.update(_dotted_keys(str(key), value))
+    apply_overrides(cfg, overrides, sets, explicit)
+    apply_recipe(cfg, explicit)
     validate(cfg)
     return cfg
 
 
-def apply_overrides(cfg: Any, overrides: dict[str, Any] | None, sets: list[str] | None) -> None:
-    """Explicit overrides (CLI flags; None = not given), then `key=value` strings (values parsed as YAML)."""
+def _dotted_keys(key: str, value: Any) -> set[str]:
+    """`optim: {lr: 1}` sets `optim.lr`; the keys a YAML value spells out, dotted."""
+    if isinstance(value, dict):
+        return {dotted for sub, sub_value in value.items() for dotted in _dotted_keys(f"{key}.{sub}", sub_value)}
+    return {key}
+
+
+def apply_recipe(cfg: Any, explicit: set[str]) -> None:
+    """The method's own defaults (`Method.recipe`) for every key the user did not set."""
+    recipe = getattr(METHODS.get(cfg.method), "recipe", {})
+    for key, value in recipe.items():
+        if key not in explicit:
+            _set(cfg, key, value)
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any] | None, sets: list[str] | None,
+                    explicit: set[str] | None = None) -> None:
+    """Explicit overrides (CLI flags; None = not given), then `key=value` strings (values parsed as YAML).
+    The keys set are added to `explicit`."""
+    explicit = set() if explicit is None else explicit
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(cfg, key, value)
+            explicit.add(key)
     for item in sets or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -349,6 +385,7 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any] | None, sets: list[str] 
         except yaml.YAMLError:
             value = raw
         _set(cfg, key.strip(), value)
+        explicit.update(_dotted_keys(key.strip(), value))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -58,9 +57,8 @@ def dead_letter_topic(cfg: DataConfig, kafka: KafkaConfig) -> Any:
 
 def knn_sets(cfg: EvalConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(bank images, bank labels, test images, test labels): fixed subsets, the same for every run."""
-    root = os.environ.get("STREAMSSL_FASHION_MNIST")  # a folder of the idx .gz files, if not the Debian one
-    train_images, train_labels = load_fashion_mnist("train", root)
-    test_images, test_labels = load_fashion_mnist("test", root)
+    train_images, train_labels = load_fashion_mnist("train")  # $STREAMSSL_FASHION_MNIST, Debian's, or downloaded
+    test_images, test_labels = load_fashion_mnist("test")
     bank_images, bank_labels = subset(train_images, train_labels, cfg.bank_size, seed=0)
     query_images, query_labels = subset(test_images, test_labels, cfg.test_size, seed=1)
     return bank_images, bank_labels, query_images, query_labels

@@ -248,6 +248,13 @@ class WorkerTrainer(Trainer):
         dist.all_reduce(total)
         return float(total) / self.workers
 
+    def agree_horizon(self, horizon: int, frozen: bool) -> tuple[int, bool]:
+        """The smallest estimate of any worker, frozen once every worker's is: the same LR on every worker."""
+        if self.workers == 1:
+            return horizon, frozen
+        negative_horizon, not_frozen = self._max_over_workers([-float(horizon), float(not frozen)])
+        return int(-negative_horizon), not_frozen == 0
+
     def checkpoint_due(self, seconds_since_checkpoint: float) -> bool:
         due = super().checkpoint_due(seconds_since_checkpoint)
         if self.workers == 1 or not self.cfg.checkpoint.every_seconds:

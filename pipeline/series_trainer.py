@@ -271,6 +271,8 @@ class SeriesJob:
         loss, logs = self.model(*batch)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
+            if not self.forecasting:
+                self.model.discard_step()
             self.metrics.skipped_steps.inc()
             log.warning("step %d: non-finite loss, step skipped", self.state.step)
             return False
@@ -278,6 +280,7 @@ class SeriesJob:
         loss.backward()
         self.optimizer.step()
         if not self.forecasting:
+            self.model.commit_step()
             self.model.on_step_end(self.state.step)
         samples = len(batch[0]) if self.forecasting else len(batch[0][0])
         self.state.step += 1

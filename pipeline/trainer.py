@@ -33,8 +33,9 @@ from streamssl.pipeline.data import dead_letter_topic, knn_sets, source_factory
 from streamssl.pipeline.deadletter import DeadLetters
 from streamssl.pipeline.knn import knn_top1
 from streamssl.pipeline.loader import Batch, BatchLoader
+from streamssl.pipeline.optim import build_optimizer, set_learning_rate
 from streamssl.pipeline.publish import Publisher
-from streamssl.pipeline.schedule import learning_rate
+from streamssl.pipeline.schedule import HorizonEstimate, learning_rate, warmup_length
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class RunState:
     position: dict[str, Any] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     published_step: int = -1
+    # The schedule: the step the LR anneals to (0 = none) and where the current cycle began (a time-bounded
+    # invocation that resumes a finished schedule starts a new cycle: a warm restart).
+    horizon_steps: int = 0
+    cycle_start: int = 0
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -99,8 +104,13 @@ class Trainer:
         # What train_step calls: the method itself, or (pipeline/distributed.py) a DDP wrapper around it.
         self.forward_module: torch.nn.Module = self.method
         self.base_lr = cfg.optim.lr * cfg.train.batch_size / 256  # linear scaling rule
-        self.optimizer = torch.optim.SGD(self.method.parameters(), lr=self.base_lr, momentum=cfg.optim.momentum,
-                                         weight_decay=cfg.optim.weight_decay)
+        self.optimizer = build_optimizer(cfg.optim.name, self.method.param_groups(), self.base_lr, cfg.optim.momentum,
+                                         cfg.optim.weight_decay)
+        self._horizon_estimate: HorizonEstimate | None = None
+        # What gets published: the encoder itself, or a weight EMA of it (train.ema_decay).
+        self.encoder_ema = (None if not cfg.train.ema_decay else torch.optim.swa_utils.AveragedModel(
+            self.method.encoder(), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay),
+            use_buffers=True))
         self.augment = BatchAugment(cfg.augment, cfg.data.mean, cfg.data.std, cfg.data.size)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
 
@@ -113,6 +123,7 @@ class Trainer:
         self.publisher = Publisher(self.run_dir / "published")
         self.state = RunState()
         self._knn_data: tuple[torch.Tensor, ...] | None = None
+        self._knn_baselines: dict[str, float] | None = None
         self.metrics_port = 0
         self.loop_seconds = 0.0
         self.startup_seconds = 0.0  # of loop_seconds, until the first batch arrived (connecting, joining, first fetch)
@@ -130,7 +141,10 @@ class Trainer:
             "format": 1, "method_name": self.cfg.method, "step": self.state.step,
             "samples_seen": self.state.samples_seen, "checkpoints_written": self.state.checkpoints_written,
             "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "schedule": {"base_lr": self.base_lr, "step": self.state.step},  # the LR is a pure function of step
+            "encoder_ema": None if self.encoder_ema is None else self.encoder_ema.state_dict(),
+            # the LR is a pure function of step and horizon
+            "schedule": {"base_lr": self.base_lr, "step": self.state.step, "horizon_steps": self.state.horizon_steps,
+                         "cycle_start": self.state.cycle_start},
             "source": self.state.position, "rng": rng, "eval_metrics": self.state.eval_metrics,
             "config": to_dict(self.cfg),
         }
@@ -143,8 +157,10 @@ class Trainer:
         if ckpt.get("method_name") != self.cfg.method:
             raise ConfigError(f"run dir {self.run_dir} holds a '{ckpt.get('method_name')}' run, not '{self.cfg.method}'")
         self._restore(ckpt)
+        schedule = ckpt.get("schedule", {})
         self.state = RunState(ckpt["step"], ckpt["samples_seen"], ckpt["checkpoints_written"], ckpt["source"],
-                              dict(ckpt["eval_metrics"]), self.publisher.latest_step())
+                              dict(ckpt["eval_metrics"]), self.publisher.latest_step(),
+                              schedule.get("horizon_steps", 0), schedule.get("cycle_start", 0))
         self._checkpointed_step = self.state.step
         log.info("resumed from %s at step %d (%d samples seen)", path.name, self.state.step, self.state.samples_seen)
         return True
@@ -152,6 +168,11 @@ class Trainer:
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.encoder_ema is not None:
+            if ckpt.get("encoder_ema") is not None:
+                self.encoder_ema.load_state_dict(ckpt["encoder_ema"])
+            else:  # train.ema_decay switched on for a run that had none: the average starts from here
+                self.encoder_ema.n_averaged.zero_()
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         self.generator.set_state(ckpt["rng"]["augment"].cpu())
         random.setstate(ckpt["rng"]["python"])
@@ -187,6 +208,8 @@ class Trainer:
 
     def publish(self) -> None:
         cfg = self.cfg
+        if cfg.eval.dataset != "none" and self.state.eval_metrics.get("knn_step") != float(self.state.step):
+            self.evaluate()  # the manifest carries the metrics of exactly the weights it publishes
         manifest = {
             "step": self.state.step, "samples_seen": self.state.samples_seen, "method": cfg.method,
             "backbone": cfg.model.backbone, "backbone_options": {}, "embedding_dim": self.feature_dim,
@@ -195,7 +218,7 @@ class Trainer:
                       "mean": cfg.data.mean, "std": cfg.data.std},
             "metrics": dict(self.state.eval_metrics),
         }
-        version, folder = self.publisher.publish(self.method.encoder(), manifest)
+        version, folder = self.publisher.publish(self.published_encoder(), manifest)
         self.state.published_step = self.state.step
         self.metrics.observe_publish(version)
         log.info("published %s", folder)
@@ -213,10 +236,31 @@ class Trainer:
             return
         if self._knn_data is None:
             self._knn_data = knn_sets(cfg)
-        top1 = knn_top1(self.method.encoder(), *self._knn_data, self.cfg.data.mean, self.cfg.data.std, self.device,
-                        k=cfg.k, temperature=cfg.temperature, autocast=self.autocast)
-        self.state.eval_metrics = {"knn_top1": top1, "knn_step": float(self.state.step)}
+        started = time.perf_counter()
+        top1 = self.knn(self.published_encoder())
+        if self._knn_baselines is None:
+            self._knn_baselines = self.knn_baselines()
+        self.state.eval_metrics = {"knn_top1": top1, "knn_step": float(self.state.step), **self._knn_baselines}
         self.metrics.knn_top1.set(top1)
+        log.info("kNN top-1 %.4f at step %d (%.1f s; same subset: raw pixels %.4f, untrained encoder %.4f)", top1,
+                 self.state.step, time.perf_counter() - started, self._knn_baselines["knn_raw_pixels"],
+                 self._knn_baselines["knn_untrained"])
+
+    def published_encoder(self) -> torch.nn.Module:
+        return self.method.encoder() if self.encoder_ema is None else self.encoder_ema.module
+
+    def knn(self, encoder: torch.nn.Module) -> float:
+        cfg = self.cfg.eval
+        return knn_top1(encoder, *self._knn_data, self.cfg.data.mean, self.cfg.data.std, self.device, k=cfg.k,
+                        temperature=cfg.temperature, autocast=self.autocast)
+
+    def knn_baselines(self) -> dict[str, float]:
+        """What the monitor's number must beat, on the same subset and preprocessing: raw pixels, and this
+        run's encoder as it was before training (the same seed's initialisation)."""
+        with torch.random.fork_rng(devices=[]):  # leaves the training RNG exactly where it was
+            torch.manual_seed(self.cfg.train.seed)
+            untrained, _ = build_backbone(self.cfg.model.backbone, self.cfg.data.channels)
+        return {"knn_raw_pixels": self.knn(torch.nn.Flatten()), "knn_untrained": self.knn(untrained.to(self.device))}
 
     # --- the loop ------------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> tuple[float, dict[str, float]] | None:
@@ -228,14 +272,14 @@ class Trainer:
                              method.small_crop_scale)
         if cfg.train.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        lr = learning_rate(self.state.step, self.base_lr, cfg.optim.warmup_steps, cfg.optim.schedule,
-                           cfg.optim.total_steps or cfg.train.max_steps, cfg.optim.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.learning_rate()
+        set_learning_rate(self.optimizer, lr, self.base_lr)
+        method.horizon_steps = self.state.horizon_steps
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, logs = self.forward_module(views, batch.ids.to(self.device, non_blocking=True))
         loss_value = self.loss_value(loss)
         if not math.isfinite(loss_value):
+            method.discard_step()  # its queue/bank writes would carry the bad step into every later one
             self.metrics.skipped_steps.inc()
             self._nonfinite_in_a_row += 1
             log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.state.step, self._nonfinite_in_a_row)
@@ -246,14 +290,54 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.method.on_step_end(self.state.step)
+        method.commit_step()
+        method.on_step_end(self.state.step)
+        if self.encoder_ema is not None:
+            self.encoder_ema.update_parameters(method.encoder())
+        for param in method.take_reset_parameters():  # re-initialised by the method: no stale momentum
+            self.optimizer.state.pop(param, None)
         self.metrics.learning_rate.set(lr)
         return loss_value, {name: float(value) for name, value in logs.items()}
+
+    def learning_rate(self) -> float:
+        """This step's LR: warm-up over a share of the current cycle, then cosine to the horizon."""
+        optim, horizon, start = self.cfg.optim, self.state.horizon_steps, self.state.cycle_start
+        cycle = horizon - start if horizon else 0
+        warmup = warmup_length(cycle, optim.warmup_fraction, optim.warmup_steps)
+        return learning_rate(self.state.step - start, self.base_lr, warmup, optim.schedule, cycle, optim.min_lr_ratio)
+
+    def plan_horizon(self) -> None:
+        """The horizon of this invocation (see pipeline/schedule.py): the step budget, a stored time-based
+        horizon not reached yet (a resumed run continues its schedule), or a new estimate from the time budget."""
+        cfg = self.cfg
+        fixed = cfg.optim.total_steps or cfg.train.max_steps
+        if fixed:
+            self.state.horizon_steps, self.state.cycle_start = fixed, 0
+        elif not cfg.train.max_minutes:
+            self.state.horizon_steps = 0
+        elif self.state.horizon_steps <= self.state.step:
+            self.state.cycle_start = self.state.step
+            self._horizon_estimate = HorizonEstimate(self.state.step, cfg.train.max_minutes * 60)
+            self.state.horizon_steps = self._horizon_estimate.update(self.state.step, 0.0)
+
+    def update_horizon(self, elapsed: float) -> None:
+        if self._horizon_estimate is None:
+            return
+        horizon = self._horizon_estimate.update(self.state.step, elapsed)
+        self.state.horizon_steps, frozen = self.agree_horizon(horizon, self._horizon_estimate.frozen)
+        if frozen:
+            log.info("schedule horizon: step %d (estimated from the step rate and the time budget)",
+                     self.state.horizon_steps)
+            self._horizon_estimate = None
 
     # --- hooks the multi-worker trainer (pipeline/distributed.py) overrides so that workers agree ---
     def loss_value(self, loss: torch.Tensor) -> float:
         """The loss as a number (a host sync); whether it is finite decides if the step is taken."""
         return float(loss.detach())
+
+    def agree_horizon(self, horizon: int, frozen: bool) -> tuple[int, bool]:
+        """The horizon estimate every worker uses (one process: its own)."""
+        return horizon, frozen
 
     def checkpoint_due(self, seconds_since_checkpoint: float) -> bool:
         cfg = self.cfg.checkpoint
@@ -301,10 +385,11 @@ class Trainer:
                                   "pick another --metrics-port or 0 for none") from None
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
         self.resume()
+        self.plan_horizon()
         loader = self.loader = self.open_loader()
         started = time.monotonic()
         deadline = started + cfg.train.max_minutes * 60 if cfg.train.max_minutes else float("inf")
-        last_checkpoint_time = started
+        last_checkpoint_time = last_eval_time = started
         last_log_time, last_log_samples = started, self.state.samples_seen
         last_loss = float("nan")
         try:
@@ -331,8 +416,11 @@ class Trainer:
                 self.metrics.observe_logs({"loss": last_loss, **logs})
 
                 now = time.monotonic()
-                if cfg.eval.every_steps and self.state.step % cfg.eval.every_steps == 0:
+                self.update_horizon(now - started)
+                if ((cfg.eval.every_steps and self.state.step % cfg.eval.every_steps == 0)
+                        or (cfg.eval.every_seconds and now - last_eval_time >= cfg.eval.every_seconds)):
                     self.evaluate()
+                    last_eval_time = now = time.monotonic()
                 if now - last_log_time >= cfg.train.log_every_seconds:
                     rate = (self.state.samples_seen - last_log_samples) / (now - last_log_time)
                     self.metrics.samples_per_second.set(rate)
@@ -360,9 +448,12 @@ class Trainer:
             self.save_checkpoint()
         if self.state.published_step != self.state.step:
             self.publish()
-        top1 = self.state.eval_metrics.get("knn_top1")
-        print(f"done: {reason}; step {self.state.step}, {self.state.samples_seen} samples"
-              + (f", kNN top-1 {top1:.4f}" if top1 is not None else ""), flush=True)
+        metrics = self.state.eval_metrics
+        top1 = metrics.get("knn_top1")
+        knn = "" if top1 is None else (f", kNN top-1 {top1:.4f} (subset of {self.cfg.eval.bank_size}/"
+                                       f"{self.cfg.eval.test_size}; raw pixels {metrics['knn_raw_pixels']:.4f}, "
+                                       f"untrained encoder {metrics['knn_untrained']:.4f})")
+        print(f"done: {reason}; step {self.state.step}, {self.state.samples_seen} samples{knn}", flush=True)
         self.metrics.close()
 
     def print_progress(self, rate: float, loss: float, logs: dict[str, float]) -> None:

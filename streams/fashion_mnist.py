@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,8 @@ def load_fashion_mnist(split: str, root: str | None = None) -> tuple[np.ndarray,
     Args:
         split: "train" (60k) or "test" (10k).
         root: Folder with the four idx .gz files. Given but without them is an error, not a silent
-            fallback to some other copy. Default: Debian's folder, else torchvision's download into
-            the streamssl cache.
+            fallback to some other copy. Default: $STREAMSSL_FASHION_MNIST if set, else Debian's folder,
+            else torchvision's download into the streamssl cache.
 
     Returns:
         (images uint8 [N,28,28], labels int64 [N]).
@@ -47,6 +48,7 @@ def load_fashion_mnist(split: str, root: str | None = None) -> tuple[np.ndarray,
     if split not in _FILES:
         raise SourceError(f"unknown Fashion-MNIST split '{split}' (train or test)")
     image_file, label_file = _FILES[split]
+    root = root or os.environ.get("STREAMSSL_FASHION_MNIST")
     folder = Path(root) if root else DEBIAN_ROOT
     if (folder / image_file).is_file() and (folder / label_file).is_file():
         return read_idx(folder / image_file), read_idx(folder / label_file).astype(np.int64)

@@ -99,6 +99,7 @@ def test_forward_enqueues_every_latent_and_ignores_empty_slots() -> None:
                           strict=False)
     windows = torch.randn(4, 1, 64)  # 8 latents each: 32 enqueued per step
     loss, logs = queued([windows])
+    queued.commit_step()  # the trainer's call after a taken step: the queue write was staged until now
     plain_loss, plain_logs = plain([windows])
     # The empty queue adds no negatives: the first step equals in-batch CPC exactly.
     torch.testing.assert_close(loss, plain_loss)
@@ -127,11 +128,12 @@ def test_with_a_queue_targets_come_from_the_momentum_copy_and_only_the_online_si
 
     loss, _ = cpc([windows])
     loss.backward()
+    with torch.no_grad():  # the targets this step enqueues: from the copy as it was before this step's update
+        expected = F.normalize(cpc.key_backbone(windows).transpose(1, 2), dim=2).flatten(0, 1)
+    cpc.commit_step()  # after the optimizer step the copy moves towards the online encoder (MoCo's Algorithm 1)
 
     for new, k, q in zip(cpc.key_backbone.parameters(), copied, online, strict=True):
-        torch.testing.assert_close(new, 0.9 * k + 0.1 * q, rtol=0, atol=0)  # updated before encoding the targets
-    with torch.no_grad():
-        expected = F.normalize(cpc.key_backbone(windows).transpose(1, 2), dim=2).flatten(0, 1)
+        torch.testing.assert_close(new, 0.9 * k + 0.1 * q, rtol=0, atol=0)
     torch.testing.assert_close(cpc.queue[:32], expected, rtol=1e-5, atol=1e-6)
     assert all(not p.requires_grad and p.grad is None for p in cpc.key_backbone.parameters())
     assert all(p.grad is not None for p in [*cpc.backbone.parameters(), *cpc.context.parameters()])
@@ -147,6 +149,7 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        trained.commit_step()
     assert {"queue", "queue_ptr", "latents_enqueued"} <= set(trained.state_dict())
     torch.manual_seed(123)  # a fresh process starts from other random weights
     resumed = _tiny_cpc(queue_size=50)
@@ -191,6 +194,7 @@ def test_forward_under_bf16_autocast_gives_a_float32_loss_and_queue() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = cpc([torch.randn(4, 1, 64)])
     loss.backward()
+    cpc.commit_step()
     assert torch.isfinite(loss) and loss.dtype == torch.float32 and cpc.queue.dtype == torch.float32
     torch.testing.assert_close(cpc.queue[:32].norm(dim=1), torch.ones(32))
 

@@ -62,9 +62,31 @@ def test_batch_larger_than_queue_equals_enqueueing_key_by_key() -> None:
 def test_queue_fill_counts_enqueued_keys_up_to_one() -> None:
     torch.manual_seed(0)
     moco = _tiny_moco()
-    fills = [moco(_views())[1]["queue_fill"].item() for _ in range(3)]
+    fills = []
+    for _ in range(3):
+        fills.append(moco(_views())[1]["queue_fill"].item())
+        moco.commit_step()
     assert fills == pytest.approx([0.4, 0.8, 1.0])
     assert moco.keys_enqueued.item() == 12
+
+
+def test_a_step_that_is_not_taken_leaves_queue_and_key_encoder_untouched() -> None:
+    torch.manual_seed(0)
+    moco = _tiny_moco(momentum=0.5)
+    with torch.no_grad():
+        for param in moco.backbone.parameters():
+            param.add_(1.0)  # the encoders differ, so a momentum update would show
+    before = {name: value.clone() for name, value in moco.state_dict().items()}
+    moco(_views())
+    moco.discard_step()  # the trainer saw a non-finite loss
+    moco.commit_step()  # nothing left to apply
+    after = moco.state_dict()
+    for name in ("queue", "queue_ptr", "keys_enqueued", "key_backbone.block1.conv.weight"):
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+    moco(_views())
+    moco.commit_step()  # a taken step: the key encoder moves and the keys go in
+    assert moco.keys_enqueued.item() == BATCH
+    assert not torch.equal(moco.state_dict()["key_backbone.block1.conv.weight"], before["key_backbone.block1.conv.weight"])
 
 
 def test_momentum_update_moves_every_key_parameter_towards_the_query_encoder() -> None:
@@ -120,6 +142,7 @@ def test_loss_is_info_nce_against_the_queue_before_this_batch(symmetric: bool) -
         both_directions = (one_direction + info_nce(query(x2), k1, negatives, moco.temperature)) / 2
 
     loss, logs = moco([x1, x2])
+    moco.commit_step()
 
     torch.testing.assert_close(loss.detach(), both_directions if symmetric else one_direction)
     enqueued = torch.cat([k2, k1]) if symmetric else k2
@@ -138,6 +161,7 @@ def test_sgd_steps_with_split_bn_give_finite_losses() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        moco.commit_step()
         moco.on_step_end(step)
         assert torch.isfinite(loss)
         assert all(torch.isfinite(value) for value in logs.values())
@@ -149,6 +173,7 @@ def test_forward_under_bf16_autocast_keeps_the_queue_in_float32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = moco(_views())
     loss.backward()
+    moco.commit_step()
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert moco.queue.dtype == torch.float32
     torch.testing.assert_close(moco.queue[: 2 * BATCH].norm(dim=1), torch.ones(2 * BATCH))
@@ -159,6 +184,7 @@ def test_state_dict_holds_everything_needed_to_resume() -> None:
     trained = _tiny_moco(bn_splits=2)
     for _ in range(3):
         trained(_views(8))
+        trained.commit_step()
     assert {"queue", "queue_ptr", "keys_enqueued"} <= set(trained.state_dict())
 
     torch.manual_seed(123)  # a fresh process would start from other random weights and queue
