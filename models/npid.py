@@ -19,40 +19,64 @@ from streamssl.models.method import Method, embedding_std
 
 
 class NPID(Method):
-    """NPID on one device, with a direct-mapped memory bank.
+    """NPID on one device, with a set-associative memory bank.
 
     Hyper-parameters (keyword-only, defaults in brackets):
         dim: width of the projected, L2-normalised embedding [128, the paper's].
-        bank_size: slots in the memory bank [131072 (64 MiB at dim 128): hashed ids collide, and a record
-            hits only if no other record shares its slot, so a set of N records cycled through the bank
-            hits at about exp(-N / bank_size): ~0.63 for Fashion-MNIST's 60k, ~0.40 with 65536 slots].
-        negatives: bank entries drawn uniformly per step, shared by the batch, as the softmax's negatives
-            [4096, the paper's m].
-        temperature: tau of the non-parametric softmax [0.07, the paper's].
+        bank_size: slots in the memory bank, a multiple of `ways` [131072 (64 MiB at dim 128): with 8 ways
+            a set of 60k records (Fashion-MNIST) written once keeps ~99.5% of them; only sets that more
+            than 8 of them hash to lose records].
+        ways: slots per set of the bank [8].
+        negatives: m, bank entries drawn per step, uniformly with replacement among the written slots and
+            shared by the batch, as the softmax's negatives [4096, the paper's].
+        temperature: tau of the non-parametric softmax [0.1, as the authors' CIFAR code; the paper's
+            ImageNet runs use 0.07].
         momentum: bank entry <- normalize(m · entry + (1 - m) · new embedding) on a revisit [0.5, the
             paper's].
 
-    The bank of a stream cannot hold every instance, so it is a direct-mapped table: the record with id
-    `i` lives in slot `i mod bank_size`, and `bank_ids` (the tag) records which id each slot holds
-    (-1: none yet). When a batch arrives, a record whose slot holds its own id is a *hit*: the slot's
-    entry is its positive, it contributes to the loss, and the entry is then moved towards its new
-    embedding with the momentum. Any other record is a *miss* (never seen, or evicted by another id with
-    the same slot): it is left out of the loss and its embedding takes over the slot, tag included.
-    Ids are hashes of record keys, so distinct records can share a slot even when bank_size exceeds the
-    number of records; they then evict each other. Two rows of one batch with the same slot (the same
-    record twice, or two colliding ids): the loss sees both against the bank as it was before the batch,
-    and the last of them in the batch decides what is written.
+    The bank of a stream cannot hold every instance, so it is a cache: `bank_size / ways` sets of `ways`
+    slots, the record with id `i` may live in any slot of set `i mod num_sets`, and `bank_ids` (the tag)
+    says which id each slot holds (-1: none yet). A record whose set holds a slot tagged with its id is a
+    *hit*: that entry is its positive, and after the step it moves towards the new embedding with the
+    momentum. Any other record is a *miss* (never seen, or evicted): after the step its embedding takes
+    the set's empty slot if there is one, else the slot of the set written least recently
+    (`bank_written`, the `bank_clock` of that write), tag included. A direct-mapped bank (1 way) would
+    let two records with the same slot evict each other on every visit, forever; with 8 ways, records
+    are lost only where more than 8 live records share a set.
 
-    Loss: for each hit embedding f with positive v and the sampled entries n_1..n_m, the cross-entropy
-    of [f·v, f·n_1, ..., f·n_m] / tau with target 0 (a sampled softmax, the same form as `info_nce`),
-    averaged over the hits. A batch without a hit gives a zero loss still connected to the graph. The
-    sampled entries may include unfilled slots (random unit vectors) and the hits' own slots.
+    One batch (with several workers: the global batch) is judged against the bank as it was before the
+    batch, and then written in one go:
+        - the same id in several rows: the last of them decides what is written (one write per record);
+        - slots that this batch hits keep their record: the batch's new records only take the set's other
+          slots, empty ones first, then the least recently written; two new records of one set each get
+          a slot of their own;
+        - more new records in a set than such slots: the last of them in the batch get the slots (the
+          most recent ones are the ones worth keeping, as for any LRU cache), the others are not stored
+          and miss again next time.
 
-    State (buffers, so a checkpoint of `state_dict()` resumes exactly): bank [bank_size, dim], initially
-    random unit vectors as in the paper, and bank_ids [bank_size].
+    Loss: for each embedding f with positive v and the sampled entries n_1..n_m, the cross-entropy of
+    [f·v, f·n_1, ..., f·n_m] / tau with target 0 (`info_nce`), averaged over the whole batch. A miss
+    has no entry yet; its positive is its own embedding, detached: the entry its slot is about to hold,
+    as the paper's v_i <- f_i would write it. Its positive logit is then a constant (f·f = 1), so its
+    only gradient pushes f away from the sampled entries (the uniformity half of the NCE objective)
+    instead of the miss giving no gradient at all (which made a whole first pass over a data set
+    train nothing). Negatives are drawn only from written slots, never from empty ones, but may include
+    a batch member's own entry (as in the paper, where one of m draws among all instances rarely is).
+    Before anything is written (the first step of a run) there is no entry to draw: each record's
+    negatives are then the other records of its batch, detached.
+
+    Bank writes happen in `commit_step()` (staged by `forward`), so a step with a non-finite loss never
+    touches the bank; with several workers every worker writes the whole global batch, so the banks stay
+    identical. No host sync: hit tests, slot allocation and sampling are all tensor ops.
+
+    State (buffers, so a checkpoint of `state_dict()` resumes exactly): bank [bank_size, dim] float32
+    entries (zero until written; an unwritten slot is never read), bank_ids [bank_size] tags,
+    bank_written [bank_size] `bank_clock` of each slot's last write (-1: never), bank_clock (writes
+    committed so far). The sampled negatives come from torch's default (CPU) generator, which the
+    trainer checkpoints.
 
     Logs: `embedding_std` (collapse signal), `bank_hit_ratio` (share of this batch that were hits),
-    `bank_fill` (share of slots holding an instance, after this batch's writes).
+    `bank_fill` (share of slots holding an instance, as this batch found the bank).
     """
 
     name = "npid"
@@ -65,57 +89,134 @@ class NPID(Method):
         *,
         dim: int = 128,
         bank_size: int = 131072,
+        ways: int = 8,
         negatives: int = 4096,
-        temperature: float = 0.07,
+        temperature: float = 0.1,
         momentum: float = 0.5,
     ) -> None:
         super().__init__(backbone, feature_dim)
-        if bank_size < 1 or negatives < 1:
-            raise ValueError("bank_size and negatives must be at least 1")
+        if bank_size < 1 or ways < 1 or negatives < 1:
+            raise ValueError("bank_size, ways and negatives must be at least 1")
+        if bank_size % ways:
+            raise ValueError(f"bank_size ({bank_size}) must be a multiple of ways ({ways})")
+        self.ways = ways
+        self.num_sets = bank_size // ways
         self.negatives = negatives
         self.temperature = temperature
         self.momentum = momentum
         self.head = nn.Linear(feature_dim, dim)
-        self.register_buffer("bank", F.normalize(torch.randn(bank_size, dim), dim=1))
+        # Slot s belongs to set s // ways: the slots of a set are contiguous rows.
+        self.register_buffer("bank", torch.zeros(bank_size, dim))
         self.register_buffer("bank_ids", torch.full((bank_size,), -1, dtype=torch.long))
+        self.register_buffer("bank_written", torch.full((bank_size,), -1, dtype=torch.long))
+        self.register_buffer("bank_clock", torch.zeros((), dtype=torch.long))
 
     def forward(self, views: list[Tensor], ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if ids is None:
             raise ValueError("NPID needs the record ids: its memory bank is indexed by them")
         embeddings = F.normalize(self.head(self.backbone(views[0])).float(), dim=1)  # f = normalize(W·backbone(x))
         ids = ids.to(self.bank_ids.device)
-        slots = ids % len(self.bank)
-        hits = self.bank_ids[slots] == ids
-        # Indexing copies: the bank is overwritten in place below while autograd still needs these rows.
-        positives = self.bank[slots]
-        sampled = self.bank[torch.randint(len(self.bank), (self.negatives,)).to(self.bank.device)]
-        # Without a hit there is nothing to discriminate yet: a zero the trainer can still backward.
-        loss = (info_nce(embeddings[hits], positives[hits], sampled, self.temperature) if hits.any()
-                else 0 * embeddings.sum())
-        # With several workers every bank takes the global batch, so the banks stay identical; hit or miss is
-        # judged against the bank as it was before this batch, the same on every worker.
+        _, hits, slots = self._lookup(ids)
+        filled = self.bank_ids >= 0
+        # A hit's positive is its entry v_i; a miss's is the entry it is about to write, its own f (detached).
+        positives = torch.where(hits[:, None], self.bank[slots], embeddings.detach())
+        loss = info_nce(embeddings, positives, self.bank[self._sample_negative_slots(filled)], self.temperature)
+        # Nothing written yet (the run's first step): the batch's other records are the negatives. A `where`,
+        # not an `if`: choosing on the device needs no host sync.
+        loss = torch.where(filled.any(), loss, _other_records_loss(embeddings, self.temperature))
+        # Gathered now (every worker reaches this point together), written only once the step is taken.
         all_embeddings, all_ids = gather_from_all(embeddings.detach()), gather_from_all(ids)
-        all_slots = all_ids % len(self.bank)
-        self._update_bank(all_embeddings, all_ids, all_slots, self.bank_ids[all_slots] == all_ids)
-        return loss, self._logs(embeddings, hits)
+        self.stage(lambda: self._write(all_embeddings, all_ids))
+        return loss, self._logs(embeddings, hits, filled)
+
+    def _lookup(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For each id: the slots of its set [N, ways], whether one holds it [N], and which one [N, valid on a hit]."""
+        set_slots = (ids % self.num_sets)[:, None] * self.ways + torch.arange(self.ways, device=ids.device)
+        match = self.bank_ids[set_slots] == ids[:, None]  # at most one match: an id is written to one slot only
+        slot = set_slots.gather(1, match.int().argmax(dim=1, keepdim=True)).squeeze(1)
+        return set_slots, match.any(dim=1), slot
+
+    def _sample_negative_slots(self, filled: Tensor) -> Tensor:
+        """`negatives` slots drawn uniformly, with replacement, among the filled ones (slot 0 if none is)."""
+        running = filled.cumsum(0)
+        count = running[-1]
+        # Drawn on the CPU from torch's default generator: the same draws on CPU and CUDA, reproducible from
+        # torch.get_rng_state() alone. The k-th filled slot is the first whose running count reaches k + 1.
+        draws = torch.rand(self.negatives).to(filled.device)
+        k = torch.minimum((draws * count).long(), count - 1)  # the min guards float rounding up to `count`
+        return torch.searchsorted(running, k + 1)
 
     @torch.no_grad()
-    def _update_bank(self, embeddings: Tensor, ids: Tensor, slots: Tensor, hits: Tensor) -> None:
-        """Hits: entry <- normalize(m·entry + (1-m)·f); misses: entry <- f and the slot's tag <- id."""
-        blended = F.normalize(self.momentum * self.bank[slots] + (1 - self.momentum) * embeddings, dim=1)
-        new_entries = torch.where(hits[:, None], blended, embeddings)
-        # Rows sharing a slot all write the value of the last of them: deterministic where index_copy_
-        # with repeated indices is not (CUDA), and no data-dependent shapes, so no host sync.
-        row = torch.arange(len(slots), device=slots.device)
-        same_slot = slots[:, None] == slots[None, :]
-        last_row = torch.where(same_slot, row[None, :], -1).amax(dim=1)
-        self.bank.index_copy_(0, slots, new_entries[last_row])
-        self.bank_ids.index_copy_(0, slots, ids[last_row])
+    def _write(self, embeddings: Tensor, ids: Tensor) -> None:
+        """One batch into the bank: hits blend into their entry, misses take a free or the oldest slot of their set.
+
+        Every row writes to some slot, and all rows writing one slot write the same values (those of the
+        row that owns the write), so `index_copy_` is deterministic even where CUDA applies repeated
+        indices in any order, and no shape depends on the data (no host sync).
+        """
+        rows = torch.arange(len(ids), device=ids.device)
+        set_slots, hits, hit_slots = self._lookup(ids)
+        last_of_id = _last_of_run(ids)
+        is_last = last_of_id == rows
+        # A slot holding an id of this batch is being hit: new records must not take it over.
+        taken = torch.isin(self.bank_ids[set_slots], ids)
+        free = (~taken).sum(dim=1)
+        # Free slots of the set, empty ones (written at -1) first, then least recently written.
+        age_order = torch.where(taken, torch.iinfo(torch.long).max, self.bank_written[set_slots]).argsort(dim=1, stable=True)
+        # New records of a set rank by how many of them come later in the batch: the latest get the slots.
+        new = is_last & ~hits
+        later = _later_in_run(torch.where(new, ids % self.num_sets, self.num_sets + rows))
+        granted = new & (later < free)
+        # A record that gets no slot writes, without owning it, into one that another record owns.
+        pick = torch.where(free > 0, later % free.clamp(min=1), 0)
+        claimed = set_slots.gather(1, age_order.gather(1, pick[:, None])).squeeze(1)
+        # Earlier rows of an id write where its last row does.
+        targets = torch.where(hits, hit_slots, claimed)[last_of_id]
+        owns = (is_last & hits) | granted
+        owner = _owner_of_target(targets, owns)
+
+        blended = F.normalize(self.momentum * self.bank[targets] + (1 - self.momentum) * embeddings, dim=1)
+        entries = torch.where(hits[:, None], blended, embeddings)
+        self.bank.index_copy_(0, targets, entries[owner].to(self.bank.dtype))
+        self.bank_ids.index_copy_(0, targets, ids[owner])
+        self.bank_written.index_copy_(0, targets, self.bank_clock.expand(len(targets)))
+        self.bank_clock.add_(1)
 
     @torch.no_grad()
-    def _logs(self, embeddings: Tensor, hits: Tensor) -> dict[str, Tensor]:
+    def _logs(self, embeddings: Tensor, hits: Tensor, filled: Tensor) -> dict[str, Tensor]:
         return {
             "embedding_std": embedding_std(embeddings),
             "bank_hit_ratio": hits.float().mean(),
-            "bank_fill": (self.bank_ids >= 0).float().mean(),
+            "bank_fill": filled.float().mean(),
         }
+
+
+def _other_records_loss(embeddings: Tensor, temperature: float) -> Tensor:
+    """NPID's loss with each record's own detached embedding as its positive and the batch's others as negatives."""
+    # Row i: [f_i·f_j]_j, the diagonal is the positive; float32 as in `info_nce` (bf16 autocast).
+    logits = (embeddings @ embeddings.detach().T).float() / temperature
+    return F.cross_entropy(logits, torch.arange(len(embeddings), device=embeddings.device))
+
+
+def _runs(keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A stable sort of `keys`; per element its position in it and the last position of its key's run."""
+    order = keys.argsort(stable=True)
+    return order, order.argsort(), torch.searchsorted(keys[order], keys, right=True) - 1
+
+
+def _last_of_run(keys: Tensor) -> Tensor:
+    """Per element, the index of the last element with the same key."""
+    order, _, last = _runs(keys)
+    return order[last]
+
+
+def _later_in_run(keys: Tensor) -> Tensor:
+    """Per element, how many later elements have the same key."""
+    _, position, last = _runs(keys)
+    return last - position  # the sort is stable: within a key, sorted positions follow the elements' order
+
+
+def _owner_of_target(targets: Tensor, owns: Tensor) -> Tensor:
+    """Per element, the index of the element with the same target that owns it (exactly one does)."""
+    order = (targets * 2 + (~owns).long()).argsort()  # by target, its owner first
+    return order[torch.searchsorted(targets[order], targets)]

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from streamssl.models import build_backbone, build_method
+from streamssl.models.backbones import SplitBatchNorm2d
+from streamssl.models.bn import running_stat_layers, running_stats_frozen
 from streamssl.models.jigsaw import Jigsaw
-from streamssl.models.method import Method
+from streamssl.models.method import Method, embedding_std
 from streamssl.models.moco import MoCo
 from streamssl.models.multitask import MultiTask
 from streamssl.models.pretext import (
@@ -20,6 +22,7 @@ from streamssl.models.pretext import (
     RotationHead,
     _greedy_permutations,
     hamming_permutations,
+    jigsaw_cell,
     jigsaw_tiles,
     normalize_tiles,
     rotate_batch,
@@ -42,6 +45,18 @@ def _tiny_backbone() -> tuple[nn.Module, int]:
 
 def _images(batch: int = BATCH, side: int = SIDE) -> torch.Tensor:
     return torch.randn(batch, 1, side, side)
+
+
+def _running_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every BN running statistic under `module` (running_mean, running_var, num_batches_tracked)."""
+    return {name: buffer.clone() for name, buffer in module.named_buffers()
+            if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def _assert_same_stats(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys() and got
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,6 +186,142 @@ def test_normalize_tiles_gives_each_tile_zero_mean_and_unit_std() -> None:
     assert torch.equal(normalised[1, 4], torch.zeros(3, 4, 4))
 
 
+def _coordinate_images(batch: int, side: int) -> torch.Tensor:
+    """Channel 0 holds each pixel's row, channel 1 its column: a tile then says where it was cut."""
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([rows, cols]).float().expand(batch, 2, side, side)
+
+
+@pytest.mark.parametrize("side", [28, 32])
+def test_default_tiles_keep_a_gap_of_at_least_two_pixels_and_still_jitter(side: int) -> None:
+    torch.manual_seed(0)
+    head = JigsawHead(8)
+    assert (head.tile, head.gap) == (6, 2)
+    images = _coordinate_images(512, side)
+    grid_origin, tile_offsets, _ = head._draw_puzzles(images)
+    cell = jigsaw_cell(side, side)
+    assert tile_offsets.min() >= 0 and tile_offsets.max() <= cell - head.tile  # every tile inside its cell
+    tiles = jigsaw_tiles(images, head.tile, grid_origin, tile_offsets)  # [B, 9, 2, 6, 6], grid order
+    first_row, last_row = tiles[:, :, 0, 0, 0], tiles[:, :, 0, -1, 0]  # source rows of each tile's first/last row
+    first_col, last_col = tiles[:, :, 1, 0, 0], tiles[:, :, 1, 0, -1]
+    gaps = []
+    for r in range(3):
+        for c in range(2):  # piece 3r + c and its right-hand neighbour
+            gaps.append(first_col[:, 3 * r + c + 1] - last_col[:, 3 * r + c] - 1)
+    for r in range(2):
+        for c in range(3):  # piece 3r + c and the one below
+            gaps.append(first_row[:, 3 * r + c + 3] - last_row[:, 3 * r + c] - 1)
+    gaps = torch.stack(gaps)
+    assert gaps.min() == 2  # the guarantee, reached
+    assert gaps.max() == cell - head.tile + (cell - head.tile - head.gap)  # the offsets do vary
+
+
+def test_puzzles_are_the_resized_normalised_shuffled_tiles_and_pass_through_the_convnet() -> None:
+    torch.manual_seed(0)
+    backbone, feature_dim = build_backbone("convnet", 1)
+    head = JigsawHead(feature_dim, num_permutations=10)
+    images = _images(4, 28)
+    torch.manual_seed(3)
+    tiles, labels = head.puzzles(images)
+    assert tiles.shape == (4 * 9, 1, 12, 12)
+    torch.manual_seed(3)  # the same draws: the puzzles are a function of torch's default generator alone
+    grid_origin, tile_offsets, same_labels = head._draw_puzzles(images)
+    assert torch.equal(labels, same_labels)
+    expected = shuffle_tiles(jigsaw_tiles(images, 6, grid_origin, tile_offsets), head.permutations[labels])
+    expected = torch.nn.functional.interpolate(expected.flatten(0, 1), size=(12, 12), mode="bilinear",
+                                               align_corners=False)
+    torch.testing.assert_close(tiles, normalize_tiles(expected), rtol=0, atol=0)
+    flat = tiles.flatten(1)
+    torch.testing.assert_close(flat.mean(dim=1), torch.zeros(36), atol=1e-5, rtol=0)
+    output = head(backbone, images)  # 12 px tiles survive the ConvNet's three max-pools
+    assert output.features.shape == (36, feature_dim) and torch.isfinite(output.features).all()
+
+
+def test_channels_last_input_gives_channels_last_tiles() -> None:
+    head = JigsawHead(8)
+    tiles, _ = head.puzzles(_images(2, 28).contiguous(memory_format=torch.channels_last))
+    assert tiles.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_jigsaw_rejects_bad_geometry() -> None:
+    with pytest.raises(ValueError, match="tile >= 1"):
+        JigsawHead(8, gap=-1)
+    head = JigsawHead(8, tile=7, gap=3)  # 9 px cells of 28 px images are too small for 7 + 3
+    with pytest.raises(ValueError, match="at least 30 px"):
+        head.puzzles(_images(2, 28))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch-norm running statistics
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d(4), nn.BatchNorm2d(4, momentum=None), SplitBatchNorm2d(4, 2)],
+                         ids=["momentum", "cumulative", "split"])
+def test_running_stats_frozen_trains_with_batch_stats_and_restores_the_running_ones(norm: nn.Module) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), norm).train()
+    model(torch.randn(8, 1, 6, 6) * 3 + 1)  # running stats away from their initial values
+    before = _running_stats(model)
+    buffers = [norm.running_mean, norm.running_var, norm.num_batches_tracked]
+    reference = copy.deepcopy(model)
+    x = torch.randn(8, 1, 6, 6)
+    with running_stats_frozen(model):
+        out = model(x)
+    _assert_same_stats(_running_stats(model), before)
+    assert all(now is then for now, then in zip([norm.running_mean, norm.running_var, norm.num_batches_tracked],
+                                                buffers, strict=True))  # the very tensors: state_dict, DDP hold them
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=0)  # batch statistics, as in a normal pass
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="boom"), running_stats_frozen(model):
+        model(x)
+        raise RuntimeError("boom")
+    _assert_same_stats(_running_stats(model), before)  # restored after an exception too
+    model(x)
+    assert not torch.equal(norm.running_mean, before["1.running_mean"])  # outside, updates happen as usual
+
+
+def test_running_stat_layers_skip_norms_without_running_stats() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.BatchNorm2d(2, track_running_stats=False), nn.InstanceNorm2d(2),
+                          nn.GroupNorm(1, 2))
+    assert running_stat_layers(model) == [model[0]]
+
+
+def test_jigsaw_tile_pass_leaves_the_running_stats_alone() -> None:
+    torch.manual_seed(0)
+    backbone, feature_dim = _tiny_backbone()
+    backbone.train()
+    before = _running_stats(backbone)
+    output = JigsawHead(feature_dim)(backbone, _images())
+    _assert_same_stats(_running_stats(backbone), before)
+    output.loss.backward()
+    assert all(p.grad is not None for p in backbone.parameters())
+
+
+def test_jigsaw_running_stats_are_those_of_the_full_view() -> None:
+    torch.manual_seed(0)
+    method = Jigsaw(*_tiny_backbone())
+    reference = copy.deepcopy(method.backbone)
+    images = _images()
+    _, logs = method([images])
+    with torch.no_grad():
+        full_features = reference(images)  # one training-mode pass of the untiled view, nothing else
+    _assert_same_stats(_running_stats(method.backbone), _running_stats(reference))
+    torch.testing.assert_close(logs["embedding_std"], embedding_std(full_features))
+
+
+def test_auxiliary_jigsaw_leaves_the_running_stats_to_the_inner_method() -> None:
+    torch.manual_seed(0)
+    multitask = MultiTask(_tiny_moco(), {"jigsaw": 1.0})
+    alone = copy.deepcopy(multitask.inner)
+    views = [_images(), _images()]
+    rng = torch.get_rng_state()
+    multitask(views)
+    torch.set_rng_state(rng)  # the inner method draws first, so it sees the same key shuffle
+    alone(views)
+    _assert_same_stats(_running_stats(multitask.inner.backbone), _running_stats(alone.backbone))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Heads
 
@@ -230,11 +381,19 @@ def test_standalone_method_under_bf16_autocast_with_the_convnet(method_class: ty
     assert all(p.grad is not None for p in method.parameters())
 
 
-def test_jigsaw_checkpoint_carries_the_permutation_set() -> None:
+def test_jigsaw_checkpoint_carries_the_permutation_set_and_bn_stats() -> None:
+    torch.manual_seed(0)
     backbone, feature_dim = _tiny_backbone()
     trained = Jigsaw(backbone, feature_dim, num_permutations=12, permutation_seed=4)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    for _ in range(2):
+        loss, _ = trained([_images()])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     state = trained.state_dict()
     assert torch.equal(state["head.permutations"], hamming_permutations(12, seed=4)[0])
+    assert int(state["backbone.norm1.num_batches_tracked"]) == 2  # the full view's passes only
 
     other_backbone, _ = _tiny_backbone()
     resumed = Jigsaw(other_backbone, feature_dim, num_permutations=12, permutation_seed=4)
@@ -245,6 +404,7 @@ def test_jigsaw_checkpoint_carries_the_permutation_set() -> None:
     torch.set_rng_state(rng)  # the trainer checkpoints the global RNG: it draws the puzzles
     resumed_loss, _ = resumed([images])
     torch.testing.assert_close(resumed_loss, loss, rtol=0, atol=0)
+    _assert_same_stats(_running_stats(resumed), _running_stats(trained))
 
 
 # ----------------------------------------------------------------------------------------------------------
