@@ -49,7 +49,7 @@ BATCH = 256
 FEATURES = 256  # the ConvNet's width
 OURS = {  # our options matching the lightly recipes below
     "moco": {"dim": 128, "queue_size": 4096, "momentum": 0.99, "temperature": 0.1, "mlp": True},
-    "byol": {"projection_dim": 128, "hidden_dim": 512, "tau_base": 0.99, "tau_horizon_steps": 10000},
+    "byol": {"projection_dim": 128, "hidden_dim": 512, "tau_base": 0.99},
     "swav": {"dim": 128, "num_prototypes": 300, "small_crops": 4, "small_crop_size": 12, "queue_size": 0,
              "freeze_prototypes_steps": 0},
 }

@@ -7,20 +7,26 @@ Sinkhorn-Knopp step turns the batch's scores into soft codes that spread the bat
 view of the same image — the other full-size view and the low-resolution multi-crops — must then predict
 those codes from its own scores. `forward` follows the paper's Algorithm 1 and the official training loop:
 normalise the prototypes, embed all crops, compute codes without gradient (optionally with a queue of earlier
-embeddings to enlarge the Sinkhorn problem), and take the swapped cross-entropy.
+embeddings to enlarge the Sinkhorn problem), and take the swapped cross-entropy. The queue write is staged
+(`Method.stage`), so only a step that is taken changes the queue.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from streamssl.models.bn import running_stats_frozen
 from streamssl.models.distributed import gather_from_all
 from streamssl.models.method import Method, embedding_std
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -85,11 +91,15 @@ class SwAV(Method):
     """SwAV with multi-crop, a feature queue and a prototype freeze, on one device.
 
     Hyper-parameters (keyword-only, defaults in brackets, chosen for the CPU default of 28x28 Fashion-MNIST,
-    batch 256 and runs of 1k-5k steps):
+    batch 256 and runs of a few hundred to a few thousand steps):
         dim: width of the projected, L2-normalised embedding [128, as in the paper].
-        num_prototypes: K, number of prototype vectors [300: the paper over-clusters ImageNet's 1000 classes
-            3x with 3000; 300 over-clusters Fashion-MNIST's 10 generously while a Sinkhorn problem of
-            256 + 1024 queued rows still gives each prototype ~4 samples].
+        num_prototypes: K, number of prototype vectors [100]. Sinkhorn's equal partition gives each prototype
+            B/K of the B rows' mass while each row sums to 1; with K > B no code entry can exceed B/K < 1 and
+            every sample is smeared over at least K/B prototypes, so the codes cannot become assignments (the
+            paper needs its queue for this: 3000 prototypes at batch 256). K must stay below the batch size
+            for the steps before the queue joins, and 100 does at batch 256 (2.56 rows per prototype, 12.8
+            once the 1024 queued rows join) while still over-clustering Fashion-MNIST's 10 classes 10x (the
+            paper over-clusters ImageNet's 1000 3x). `forward` warns once when a step has fewer rows than K.
         temperature: T of the prediction softmax [0.1, the paper's].
         epsilon: Sinkhorn entropy regularisation [0.05, the paper's].
         sinkhorn_iterations: Sinkhorn normalisation pairs [3, the paper's].
@@ -103,24 +113,45 @@ class SwAV(Method):
             for Sinkhorn; 0 disables it [1024: the paper adds a queue (3840) at batch 256, as the equal
             partition over one small batch is too tight; 4 batches keeps the queued features fresh in short
             runs and Sinkhorn cheap].
-        queue_start_step: step from which batches are enqueued; the queue joins Sinkhorn only once full,
-            since a part-empty queue can make training explode (lightly #1148) [500: after the prototypes
-            unfreeze and the early, fast-moving phase of training].
-        freeze_prototypes_steps: the prototypes get no gradient for this many first steps, as in the official
-            code, which lets the embeddings settle around the random prototypes first [250: the official
-            code freezes about one epoch; one pass over Fashion-MNIST's 60k images is ~234 steps].
+        queue_start: share of the run's horizon after which batches are enqueued, for a run with a horizon;
+            the queue joins Sinkhorn only once full, since a part-empty queue can make training explode
+            (lightly #1148) [0.15: the official code starts it after 15 of 200 epochs (7.5%); a short run
+            spends a larger share of itself in the fast-moving early phase, where 4-step-old embeddings are
+            stale, and with K < B the batch alone already gives a well-posed partition, so waiting costs
+            little; 0.15 also lets the prototypes train for 10% of the run after the freeze first].
+        queue_start_step: the same in steps, for an unbounded run (no horizon) [500: about two passes over
+            Fashion-MNIST's 60k images, after the prototypes unfreeze and the early phase of training].
+        freeze_prototypes: share of the run's horizon during which the prototypes get no gradient, for a run
+            with a horizon; as in the official code, it lets the embeddings settle around the random
+            prototypes first [0.05: the official code freezes one epoch, 0.1-0.5% of its runs but hundreds
+            of steps; that share of a 270-1200 step run would be 1-6 steps, 5% is 14-60].
+        freeze_prototypes_steps: the same in steps, for an unbounded run [250: the official code freezes
+            about one epoch; one pass over Fashion-MNIST's 60k images is ~234 steps].
+
+    The two schedules read `progress(step)`, the share of the horizon the trainer set (`horizon_steps`, the
+    same on every worker), and fall back to their step counts when it is None. Once the queue has taken a
+    batch it keeps taking every batch, even if a re-estimated horizon moves the start later: a full queue
+    that stopped being refreshed would feed Sinkhorn ever staler embeddings.
+
+    Batch norm: every crop is normalised by its own pass's batch statistics, as in the official code, but
+    only the full-size views' passes update the backbone's running statistics. The published encoder runs
+    in eval mode on full-size images, so its running statistics must describe those; 12 px crops give other
+    activation statistics (a different spatial extent under the same pooling), and the official code's
+    mixing them in would shift them. Running the small crops first would not help (an EMA keeps every
+    batch's share), so their pass runs under `running_stats_frozen` (models/bn.py).
 
     State (buffers and parameters, so `state_dict()` resumes exactly):
         prototypes.weight: [K, dim] prototypes, rows renormalised to unit length before each use.
         queue: [2, queue_size, dim] float32 embeddings of earlier batches per full-size view, newest first.
-        features_enqueued: embeddings written to each view's queue so far (the fill counter).
+        features_enqueued: embeddings written to each view's queue so far (the fill counter; > 0 also
+            records that the queue has started).
         step: optimizer steps done, advanced by `on_step_end`; drives the freeze and queue schedules.
 
     Logs: `embedding_std` of the full-size views' embeddings (collapse signal); `loss_over_ln_k`, the loss
     divided by ln K (the loss of uniform predictions: a value stuck near 1 means collapse); `queue_fill`
-    (share of the queue holding embeddings after this step's enqueue, 0 without a queue; it is used from
-    the step after it reaches 1); `prototype_usage` (share of prototypes that are the top code of at least
-    one sample of the batch in either full-size view).
+    (share of the queue holding embeddings once this step's staged enqueue is committed, 0 without a queue;
+    it is used from the step after it reaches 1); `prototype_usage` (share of prototypes that are the top
+    code of at least one sample of the batch in either full-size view).
 
     Each forward reads the two counters from the device once (the trainer reads the loss every step anyway).
     """
@@ -134,7 +165,7 @@ class SwAV(Method):
         feature_dim: int,
         *,
         dim: int = 128,
-        num_prototypes: int = 300,
+        num_prototypes: int = 100,
         temperature: float = 0.1,
         epsilon: float = 0.05,
         sinkhorn_iterations: int = 3,
@@ -142,7 +173,9 @@ class SwAV(Method):
         small_crop_size: int = 12,
         small_crop_scale: tuple[float, float] = (0.05, 0.4),
         queue_size: int = 1024,
+        queue_start: float = 0.15,
         queue_start_step: int = 500,
+        freeze_prototypes: float = 0.05,
         freeze_prototypes_steps: int = 250,
     ) -> None:
         super().__init__(backbone, feature_dim)
@@ -150,6 +183,11 @@ class SwAV(Method):
             raise ValueError(f"sinkhorn_iterations must be >= 1, got {sinkhorn_iterations}")
         if queue_size < 0 or small_crops < 0:
             raise ValueError("queue_size and small_crops must be >= 0")
+        if not (0.0 <= queue_start <= 1.0 and 0.0 <= freeze_prototypes <= 1.0):
+            raise ValueError(f"queue_start and freeze_prototypes are shares of the horizon, in [0, 1]; got "
+                             f"{queue_start} and {freeze_prototypes}")
+        if queue_start_step < 0 or freeze_prototypes_steps < 0:
+            raise ValueError("queue_start_step and freeze_prototypes_steps must be >= 0")
         self.temperature = temperature
         self.epsilon = epsilon
         self.sinkhorn_iterations = sinkhorn_iterations
@@ -157,8 +195,11 @@ class SwAV(Method):
         self.small_crop_size = small_crop_size
         self.small_crop_scale = (float(small_crop_scale[0]), float(small_crop_scale[1]))
         self.queue_size = queue_size
+        self.queue_start = queue_start
         self.queue_start_step = queue_start_step
+        self.freeze_prototypes = freeze_prototypes
         self.freeze_prototypes_steps = freeze_prototypes_steps
+        self._warned_few_rows = False
 
         self.head = nn.Sequential(
             nn.Linear(feature_dim, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True),
@@ -176,33 +217,59 @@ class SwAV(Method):
         steps_done, features_enqueued = torch.stack([self.step, self.features_enqueued]).tolist()
         embeddings = self._embed(views)  # z = normalize(head(backbone(x))) for every crop
         prototypes = self.prototypes.weight
-        if steps_done < self.freeze_prototypes_steps:
+        if self.prototypes_frozen(steps_done):
             prototypes = prototypes.detach()  # no path to the prototypes: their .grad stays None, SGD skips them
         scores = [_prototype_scores(z, prototypes) for z in embeddings]  # z · C
         # The queue was full before this batch: only then may it take part (a part-empty one can explode).
         queue_is_full = self.queue_size > 0 and features_enqueued >= self.queue_size
+        self._check_sinkhorn_rows(len(scores[0]) + (self.queue_size if queue_is_full else 0))
         codes = [self._codes(scores[view], prototypes, view, queue_is_full) for view in range(self.num_views)]
-        if self.queue_size > 0 and steps_done >= self.queue_start_step:
-            # [views, B, dim]; with several workers every queue takes the global batch (workers x B rows)
-            self._enqueue(gather_from_all(torch.stack(embeddings[: self.num_views]), dim=1))
+        enqueued = 0
+        if self.queue_size > 0 and (features_enqueued > 0 or self.queue_started(steps_done)):
+            # [views, B, dim]; with several workers every queue takes the global batch (workers x B rows).
+            # Staged: the trainer writes it only if this step's loss is finite and the step is taken.
+            batch = gather_from_all(torch.stack(embeddings[: self.num_views]), dim=1).detach()
+            self.stage(partial(self._enqueue, batch))
+            enqueued = batch.shape[1]
         loss = swapped_prediction_loss(scores, codes, self.temperature)  # every other view predicts q
-        return loss, self._logs(loss, embeddings[: self.num_views], codes)
+        return loss, self._logs(loss, embeddings[: self.num_views], codes, enqueued)
 
     def on_step_end(self, step: int) -> None:
         self.step.fill_(step + 1)
 
+    def prototypes_frozen(self, steps_done: int) -> bool:
+        """Whether the step after `steps_done` steps leaves the prototypes without gradient."""
+        progress = self.progress(steps_done)
+        if progress is None:
+            return steps_done < self.freeze_prototypes_steps
+        return progress < self.freeze_prototypes
+
+    def queue_started(self, steps_done: int) -> bool:
+        """Whether the queue's schedule has reached its start after `steps_done` steps."""
+        progress = self.progress(steps_done)
+        if progress is None:
+            return steps_done >= self.queue_start_step
+        return progress >= self.queue_start
+
     def _embed(self, views: list[Tensor]) -> list[Tensor]:
-        """L2-normalised float32 embeddings per view; crops of one size share one backbone pass (and its BN)."""
-        features, start = [], 0
-        while start < len(views):
-            end = start + 1
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            features.append(self.backbone(torch.cat(views[start:end])))
-            start = end
+        """L2-normalised float32 embeddings per view; crops of one size share one backbone pass (and its BN).
+
+        Only the full-size views' passes update the backbone's BN running statistics (see the class doc)."""
+        features = [self.backbone(torch.cat(run)) for run in _same_size_runs(views[: self.num_views])]
+        if len(views) > self.num_views:
+            with running_stats_frozen(self.backbone):
+                features += [self.backbone(torch.cat(run)) for run in _same_size_runs(views[self.num_views:])]
         # float32 so the codes and the loss do not inherit bf16 from autocast
         embeddings = F.normalize(self.head(torch.cat(features)).float(), dim=1)
         return list(embeddings.chunk(len(views)))
+
+    def _check_sinkhorn_rows(self, rows: int) -> None:
+        num_prototypes = self.prototypes.weight.shape[0]
+        if rows < num_prototypes and not self._warned_few_rows:
+            self._warned_few_rows = True
+            log.warning("swav: Sinkhorn has %d rows for %d prototypes, so its equal partition forces every code "
+                        "to spread over >= %.1f prototypes; use swav.num_prototypes below the batch size",
+                        rows, num_prototypes, num_prototypes / rows)
 
     @torch.no_grad()
     def _codes(self, scores: Tensor, prototypes: Tensor, view: int, use_queue: bool) -> Tensor:
@@ -223,12 +290,12 @@ class SwAV(Method):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     @torch.no_grad()
-    def _logs(self, loss: Tensor, embeddings: list[Tensor], codes: list[Tensor]) -> dict[str, Tensor]:
+    def _logs(self, loss: Tensor, embeddings: list[Tensor], codes: list[Tensor], enqueued: int) -> dict[str, Tensor]:
         num_prototypes = self.prototypes.weight.shape[0]
         top_codes = torch.cat([view_codes.argmax(dim=1) for view_codes in codes])
         used = torch.zeros(num_prototypes, dtype=torch.bool, device=top_codes.device).index_fill_(0, top_codes, True)
         if self.queue_size:
-            queue_fill = (self.features_enqueued.float() / self.queue_size).clamp(max=1.0)
+            queue_fill = ((self.features_enqueued + enqueued).float() / self.queue_size).clamp(max=1.0)
         else:
             queue_fill = torch.zeros((), device=loss.device)
         return {
@@ -237,6 +304,17 @@ class SwAV(Method):
             "queue_fill": queue_fill,
             "prototype_usage": used.float().mean(),
         }
+
+
+def _same_size_runs(views: list[Tensor]) -> Iterator[list[Tensor]]:
+    """Consecutive views of one spatial size, in order: each run can go through the backbone as one batch."""
+    start = 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        yield views[start:end]
+        start = end
 
 
 def _prototype_scores(embeddings: Tensor, prototypes: Tensor) -> Tensor:

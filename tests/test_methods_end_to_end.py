@@ -25,7 +25,7 @@ METHOD_SETS: dict[str, list[str]] = {
     "moco": [],
     "swav": ["swav.queue_size=64", "swav.queue_start_step=1", "swav.freeze_prototypes_steps=2",
              "swav.num_prototypes=16", "swav.small_crops=2"],
-    "byol": ["byol.tau_horizon_steps=20"],
+    "byol": [],  # tau follows the 8-step horizon
     "simclr": [],
     "simsiam": [],
     "deepcluster": ["deepcluster.num_clusters=4", "deepcluster.buffer_size=64", "deepcluster.recluster_every=3"],

@@ -1,7 +1,10 @@
 """SwAV against its definition: Sinkhorn marginals and stability, swapped prediction, prototype normalisation
-and freeze, the queue's FIFO order and start-when-full rule, multi-crop, resume."""
+and freeze, the queue's FIFO order, start-when-full rule and staged writes, schedules over the horizon, multi-crop
+and its BN running statistics, resume."""
 
+import copy
 import inspect
+import logging
 import math
 
 import pytest
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 
 from streamssl.models import Method, build_backbone
 from streamssl.models.swav import SwAV, sinkhorn, swapped_prediction_loss
+from streamssl.pipeline.config import load_config
 
 BATCH = 4
 K = 6
@@ -18,7 +22,7 @@ K = 6
 def _tiny_swav(**options: object) -> SwAV:
     backbone, feature_dim = build_backbone("convnet", 1)
     defaults = {"dim": 8, "num_prototypes": K, "small_crops": 2, "small_crop_size": 8, "queue_size": 0,
-                "freeze_prototypes_steps": 0}
+                "freeze_prototypes": 0.0, "freeze_prototypes_steps": 0}
     return SwAV(backbone, feature_dim, **{**defaults, **options})
 
 
@@ -187,6 +191,15 @@ def test_prototypes_are_renormalised_before_use() -> None:
     torch.testing.assert_close(swav.prototypes.weight.norm(dim=1), torch.ones(K))
 
 
+def _sgd_step(swav: SwAV, optimizer: torch.optim.Optimizer, step: int, views: list[torch.Tensor] | None = None) -> None:
+    """One taken step in the trainer's order: forward, backward, optimizer step, commit, on_step_end."""
+    optimizer.zero_grad()
+    swav(_views() if views is None else views)[0].backward()
+    optimizer.step()
+    swav.commit_step()
+    swav.on_step_end(step)
+
+
 def test_prototypes_get_no_gradient_while_frozen() -> None:
     torch.manual_seed(0)
     swav = _tiny_swav(freeze_prototypes_steps=2)
@@ -200,6 +213,142 @@ def test_prototypes_get_no_gradient_while_frozen() -> None:
         assert all(p.grad is not None for p in [*swav.backbone.parameters(), *swav.head.parameters()])
         swav.on_step_end(step)
     assert swav.step.item() == 3
+
+
+@pytest.mark.parametrize(("horizon", "frozen_steps", "queue_from"), [(0, 3, 7), (40, 4, 20), (200, 20, 100)])
+def test_schedules_follow_the_horizon_and_fall_back_to_steps_without_one(horizon: int, frozen_steps: int,
+                                                                         queue_from: int) -> None:
+    swav = _tiny_swav(freeze_prototypes=0.1, freeze_prototypes_steps=3, queue_start=0.5, queue_start_step=7,
+                      queue_size=8)
+    swav.horizon_steps = horizon  # 0: unbounded, the step counts apply
+    assert (swav.progress(5) is None) == (horizon == 0)
+    assert [swav.prototypes_frozen(step) for step in range(250)] == [step < frozen_steps for step in range(250)]
+    assert [swav.queue_started(step) for step in range(250)] == [step >= queue_from for step in range(250)]
+
+
+def test_defaults_freeze_and_start_the_queue_within_a_short_run() -> None:
+    backbone, feature_dim = build_backbone("convnet", 1)
+    swav = SwAV(backbone, feature_dim)
+    swav.horizon_steps = 270
+    frozen = sum(swav.prototypes_frozen(step) for step in range(270))
+    queue_from = next(step for step in range(270) if swav.queue_started(step))
+    assert frozen == 14 and queue_from == 41  # 5% and 15% of the run
+    assert queue_from + swav.queue_size // 256 < 270 // 4  # full, in Sinkhorn, within the first quarter
+    swav.horizon_steps = 0  # an unbounded stream: the step fallbacks
+    assert swav.prototypes_frozen(249) and not swav.prototypes_frozen(250)
+    assert not swav.queue_started(499) and swav.queue_started(500)
+
+
+def test_prototype_freeze_follows_progress_in_forward() -> None:
+    torch.manual_seed(0)
+    swav = _tiny_swav(freeze_prototypes=0.25, freeze_prototypes_steps=100)
+    swav.horizon_steps = 8  # steps 0 and 1 frozen (progress 0, 1/8), from step 2 trained
+    optimizer = torch.optim.SGD(swav.parameters(), lr=0.1)
+    for step in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        swav(_views())[0].backward()
+        assert (swav.prototypes.weight.grad is None) == (step < 2)
+        optimizer.step()
+        swav.commit_step()
+        swav.on_step_end(step)
+
+
+def test_queue_keeps_filling_once_started_even_if_the_horizon_moves_out() -> None:
+    torch.manual_seed(0)
+    swav = _tiny_swav(queue_size=8, queue_start=0.5, queue_start_step=100)
+    swav.horizon_steps = 4
+    swav.step.fill_(2)  # progress 0.5: the queue starts
+    swav(_views())
+    swav.commit_step()
+    assert swav.features_enqueued.item() == BATCH
+    swav.horizon_steps = 40  # a re-estimated horizon: progress 0.05, before the start again
+    assert not swav.queue_started(2)
+    swav(_views())
+    swav.commit_step()
+    assert swav.features_enqueued.item() == 2 * BATCH
+
+
+def test_queue_writes_are_staged_until_the_step_is_committed() -> None:
+    torch.manual_seed(0)
+    swav = _tiny_swav(queue_size=8, queue_start_step=0)
+    _, logs = swav(_views())
+    assert logs["queue_fill"].item() == 0.5  # what the queue will hold once this step is committed
+    assert swav.features_enqueued.item() == 0 and (swav.queue == 0).all()  # nothing written yet
+    swav.discard_step()  # a non-finite loss: the step is not taken
+    swav.commit_step()
+    assert swav.features_enqueued.item() == 0 and (swav.queue == 0).all()
+
+    views = _views()
+    with torch.no_grad():
+        expected = torch.stack(swav._embed(views)[:2])
+    swav(views)
+    swav.commit_step()
+    assert swav.features_enqueued.item() == BATCH
+    torch.testing.assert_close(swav.queue[:, :BATCH], expected)
+
+
+def test_sinkhorn_rows_outnumber_the_prototypes_in_the_default_config() -> None:
+    cfg = load_config(sets=["method=swav"])  # defaults with the method's recipe applied
+    assert cfg.train.batch_size >= cfg.swav.num_prototypes  # even before the queue joins
+    assert cfg.train.batch_size + cfg.swav.queue_size >= 10 * cfg.swav.num_prototypes  # and ~10 rows each after
+
+
+def test_sinkhorn_with_fewer_rows_than_prototypes_cannot_assign() -> None:
+    # Why K must stay below B: with K > B the equal partition caps every code at B/K < 1.
+    torch.manual_seed(0)
+    scores = _cosine_scores(4, 12) * 10  # sharp scores that would otherwise pick one prototype per sample
+    assert sinkhorn(scores, 0.05, 1000).max() <= 4 / 12 + 1e-3
+    assert sinkhorn(_cosine_scores(48, 12) * 10, 0.05, 1000).max() > 0.9
+
+
+def test_warns_once_when_sinkhorn_has_fewer_rows_than_prototypes(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="streamssl.models.swav"):
+        _tiny_swav()(_views(batch=8))  # 8 rows, 6 prototypes
+        assert not caplog.records
+        swav = _tiny_swav()
+        swav(_views(batch=4))
+        swav(_views(batch=4))
+    assert len(caplog.records) == 1 and "4 rows for 6 prototypes" in caplog.records[0].getMessage()
+
+
+def _running_stats(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buffer.clone() for name, buffer in module.named_buffers()}
+
+
+@pytest.mark.parametrize("bn_splits", [1, 2])
+def test_small_crops_leave_the_backbone_bn_running_statistics_alone(bn_splits: int) -> None:
+    torch.manual_seed(0)
+    backbone, feature_dim = build_backbone("convnet", 1, bn_splits=bn_splits)
+    swav = SwAV(backbone, feature_dim, dim=8, num_prototypes=K, small_crops=2, small_crop_size=8, queue_size=0,
+                freeze_prototypes=0.0)
+    views = _views()
+    full_only = copy.deepcopy(swav.backbone)
+    full_only(torch.cat(views[:2]))  # what the full-size views alone do to the running statistics
+    small_too = copy.deepcopy(full_only)
+    small_too(torch.cat(views[2:]))
+    assert any(not torch.equal(value, _running_stats(full_only)[name]) for name, value in _running_stats(small_too).items()
+               if "running" in name)  # the small crops would move them
+
+    loss, _ = swav(views)
+    loss.backward()
+
+    for name, value in _running_stats(full_only).items():
+        torch.testing.assert_close(_running_stats(swav.backbone)[name], value, rtol=0, atol=0)
+    assert all(p.grad is not None for p in swav.backbone.parameters())  # the small crops still train it
+
+
+def test_small_crops_are_normalised_by_their_own_batch_statistics() -> None:
+    torch.manual_seed(0)
+    swav = _tiny_swav()
+    views = _views()
+    reference = copy.deepcopy(swav)
+    with torch.no_grad():
+        features = torch.cat([reference.backbone(torch.cat(views[:2])), reference.backbone(torch.cat(views[2:]))])
+        expected = F.normalize(reference.head(features), dim=1).chunk(len(views))
+        embeddings = swav._embed(views)
+    for got, want in zip(embeddings, expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_queue_is_fifo_newest_first() -> None:
@@ -228,6 +377,7 @@ def test_queue_joins_sinkhorn_only_once_full() -> None:
     for _ in range(2):  # 4 then 8 of 8 slots filled: not used yet, the codes are the batch-only ones
         views = _views()
         loss, logs = with_queue(views)
+        with_queue.commit_step()
         torch.testing.assert_close(loss, without_queue(views)[0])
         fills.append(logs["queue_fill"].item())
     assert fills == [0.5, 1.0]
@@ -242,6 +392,7 @@ def test_queue_joins_sinkhorn_only_once_full() -> None:
         codes = [sinkhorn(torch.cat([queued[view] @ prototypes.T, scores[view]]))[-BATCH:] for view in range(2)]
         expected = swapped_prediction_loss(scores, codes, 0.1)
     loss, _ = with_queue(views)
+    with_queue.commit_step()
     torch.testing.assert_close(loss, expected)
     assert not torch.allclose(loss, without_queue(views)[0])
     torch.testing.assert_close(with_queue.queue, torch.cat([torch.stack(embeddings[:2]), queued[:, :4]], dim=1))
@@ -252,6 +403,7 @@ def test_queue_starts_filling_at_its_start_step() -> None:
     swav = _tiny_swav(queue_size=8, queue_start_step=2)
     for step in range(3):
         swav(_views())
+        swav.commit_step()
         swav.on_step_end(step)
         assert swav.features_enqueued.item() == (BATCH if step == 2 else 0)
 
@@ -269,27 +421,30 @@ def test_multi_crop_sgd_steps_under_bf16_autocast() -> None:
         assert all(torch.isfinite(value) for value in logs.values())
         assert swav.prototypes.weight.grad is not None
         optimizer.step()
+        swav.commit_step()
         swav.on_step_end(step)
-    assert swav.queue.dtype == torch.float32
+    assert swav.queue.dtype == torch.float32 and swav.features_enqueued.item() == 3 * BATCH
 
 
 def test_state_dict_resumes_identically() -> None:
+    options = {"queue_size": 8, "queue_start": 0.2, "freeze_prototypes": 0.25}
     torch.manual_seed(0)
-    trained = _tiny_swav(queue_size=8, queue_start_step=1, freeze_prototypes_steps=2)
+    trained = _tiny_swav(**options)
+    trained.horizon_steps = 8  # frozen for steps 0-1, enqueuing from step 2, the queue full after step 3
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
     for step in range(4):
-        optimizer.zero_grad()
-        trained(_views())[0].backward()
-        optimizer.step()
-        trained.on_step_end(step)
+        _sgd_step(trained, optimizer, step)
     assert {"queue", "features_enqueued", "step", "prototypes.weight"} <= set(trained.state_dict())
 
     torch.manual_seed(123)  # a fresh process would start from other weights
-    resumed = _tiny_swav(queue_size=8, queue_start_step=1, freeze_prototypes_steps=2)
+    resumed = _tiny_swav(**options)
     resumed.load_state_dict(trained.state_dict())
+    resumed.horizon_steps = 8  # the trainer sets it before every step
     views = _views()
     loss, logs = trained(views)
     resumed_loss, resumed_logs = resumed(views)
+    trained.commit_step()
+    resumed.commit_step()
 
     torch.testing.assert_close(resumed_loss, loss, rtol=0, atol=0)
     assert logs["queue_fill"].item() == 1.0
@@ -304,7 +459,15 @@ def test_options_are_typed_keyword_only_hyper_parameters() -> None:
     swav = SwAV(backbone, feature_dim)
     assert isinstance(swav, Method) and swav.name == "swav" and swav.num_views == 2
     assert (swav.small_crops, swav.small_crop_size, swav.small_crop_scale) == (4, 12, (0.05, 0.4))
-    assert swav.queue.shape == (2, 1024, 128) and swav.prototypes.weight.shape == (300, 128)
+    assert swav.queue.shape == (2, 1024, 128) and swav.prototypes.weight.shape == (100, 128)
+    assert (swav.freeze_prototypes, swav.queue_start) == (0.05, 0.15)
     options = [p for p in inspect.signature(SwAV).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    assert len(options) == 11
+    assert len(options) == 13
     assert all(p.annotation in ("int", "float", "bool", "str", "tuple[float, float]") for p in options)
+
+
+@pytest.mark.parametrize("options", [{"queue_start": 1.5}, {"freeze_prototypes": -0.1}, {"queue_start_step": -1},
+                                     {"freeze_prototypes_steps": -1}])
+def test_rejects_bad_schedule_options(options: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=r"queue_start|freeze_prototypes"):
+        _tiny_swav(**options)
