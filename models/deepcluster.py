@@ -1,14 +1,19 @@
-"""DeepCluster (Caron et al. 2018, "Deep Clustering for Unsupervised Learning of Visual Features"), made
-online for an unbounded stream.
+"""DeepCluster (Caron et al. 2018, "Deep Clustering for Unsupervised Learning of Visual Features"), with the
+projection head, cosine classifier and per-image label memory of DeepCluster-v2 (Caron et al. 2020,
+"Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", Sec. 4 and appendix), made
+online for a stream.
 
 The paper alternates two steps each epoch: k-means on the features of the whole dataset gives every
-image a pseudo-label, then the network is trained to classify the images into those clusters, with a
-classifier head re-initialised after every clustering (cluster indices are arbitrary from one run to
-the next). A stream has no dataset to re-extract and no epochs, so here the clustering runs on a rolling
-buffer of recent features every `recluster_every` steps, and each batch is labelled by its nearest
-current centroid. Empty clusters are re-seeded and samples weighted by inverse cluster size as in the
-paper (see models/kmeans.py). Not carried over: the paper's Sobel input filter and PCA-whitening of the
-features before k-means (the buffer holds the L2-normalised backbone features).
+image one pseudo-label, then the network is trained for an epoch to classify the images into those
+clusters, with a classifier re-initialised after every clustering (cluster indices are arbitrary from
+one clustering to the next). DeepCluster-v2 clusters the L2-normalised output of an MLP projection head,
+taken from a memory of the features every image got during the previous epoch's forward passes, and
+initialises the classifier with the new centroids. A stream has no dataset to re-extract and no epochs:
+here the memory is a ring of the latest view-1 projections with their record ids, k-means runs on it a
+few times per run (a share of the run's horizon apart), and a record seen again keeps the label its
+feature got in the last clustering; only a record that was not in it is labelled by its nearest centroid.
+Empty clusters are re-seeded and samples weighted by inverse cluster size as in the paper (see
+models/kmeans.py). Not carried over: the paper's Sobel input filter and PCA-whitening before k-means.
 """
 
 from __future__ import annotations
@@ -19,46 +24,69 @@ from torch import Tensor, nn
 
 from streamssl.models.distributed import gather_from_all
 from streamssl.models.kmeans import inverse_size_weights, kmeans, nearest_centroid, normalized_mutual_info
+from streamssl.models.losses import nt_xent
 from streamssl.models.method import Method, embedding_std
 
 
 class DeepCluster(Method):
-    """Online DeepCluster: k-means pseudo-labels on a rolling feature buffer, a classifier trained on them.
+    """Online DeepCluster(-v2): k-means pseudo-labels fixed per record id, a cosine classifier trained on them.
 
     Hyper-parameters (keyword-only, defaults in brackets):
         num_clusters: K of k-means and outputs of the classifier [100: the paper over-clusters, 10×
             Fashion-MNIST's 10 classes].
-        buffer_size: how many recent view-1 features k-means clusters; at least 4·K [8192].
-        recluster_every: steps between two clusterings [200; 200 steps of batch 256 is 51k samples, close
-            to one pass over Fashion-MNIST, the paper's one clustering per epoch].
+        dim: width of the L2-normalised projection that is clustered and classified [128, DeepCluster-v2's].
+        buffer_size: how many recent view-1 projections (and their ids) k-means clusters; at least 4·K
+            [65536: holds all of Fashion-MNIST's 60k images, so that after one pass every record the stream
+            brings back has the fixed label of the last clustering, as every image has in the paper; 32 MB].
+        temperature: T of the cosine classifier's softmax, and of the warm-up's NT-Xent [0.1, DeepCluster-v2's].
+        first_clustering_share: share of the run's horizon trained before the first clustering [0.2].
+        recluster_share: share of the horizon between two clusterings [0.2: a 274-step run clusters after
+            steps 55, 110, 165 and 220, a 1200-step run after 240, 480, 720 and 960; none once the horizon
+            is reached, where new labels would train nothing].
+        first_clustering_step, recluster_every: the same two in steps, for an unbounded run (no horizon)
+            [200, 200; 200 steps of batch 256 are 51k samples, close to one pass over Fashion-MNIST, the
+            paper's one clustering per epoch].
         kmeans_iterations: Lloyd iterations per clustering [20, as the paper's faiss runs].
 
-    Schedule: the first clustering runs after the step that fills the buffer (the paper clusters the
-    whole dataset; a full buffer is the closest a stream gets), later ones `recluster_every` steps after
-    the previous one; both are checked in `on_step_end`. Each one runs k-means from scratch (a random
-    sample of the buffer as initial centroids, as the paper does every epoch) and re-initialises the
-    classifier in place (weights ~ N(0, 0.01), bias 0, as the paper's top layer). The method cannot reach
-    the optimizer, so the classifier's optimizer state (momentum) carries over a re-initialisation;
-    it decays within a few steps.
+    Schedule (checked in `on_step_end`, on `steps_done`): the first clustering once `first_clustering_share`
+    of the horizon is done, later ones each `recluster_share` of the horizon after the previous one (for an
+    unbounded run: after `first_clustering_step`, then every `recluster_every` steps); never before the
+    ring holds 4·K projections, nor once the horizon is reached. The horizon is read at every check, so
+    a horizon the trainer re-estimates moves the schedule with it. Each clustering runs k-means from
+    scratch on the filled part of the ring (a random sample of it as initial centroids, as the paper does
+    every epoch), then re-initialises the classifier with the normalised new centroids (DeepCluster-v2:
+    cluster c's logit starts as the cosine to centroid c) and asks the trainer to drop the classifier's
+    optimizer state, whose momentum belongs to the previous clustering's clusters.
 
-    Loss: each image's pseudo-label is the centroid nearest to the L2-normalised, detached backbone
-    feature of its first view; the classifier on both views' backbone features is trained with
-    cross-entropy against it, each sample weighted by `inverse_size_weights` of its cluster in the last
-    clustering. Until the first clustering the loss is a zero still connected to the graph.
+    Warm-up, until the first clustering (not in the paper): the paper's first clustering is of random
+    features too, but it reclusters every epoch for hundreds of epochs; a run of a few hundred steps gets
+    a few clusterings, and the labels of the first would stand for a fifth of it. Until then every image
+    is its own cluster: the head learns to pick each image's other view among the batch (in-batch
+    instance discrimination, `nt_xent`), so the first clustering sees trained features.
+    `first_clustering_share=0` clusters as soon as the ring holds 4·K projections, as the paper does.
 
-    State (buffers, so a checkpoint of `state_dict()` resumes exactly):
-        feature_buffer [buffer_size, feature_dim], buffer_ids [buffer_size] (record ids, -1 for none):
-            a ring written at `features_seen % buffer_size`.
-        features_seen: features written to the ring so far.
-        centroids [K, feature_dim], cluster_sizes [K], cluster_weights [K]: from the last clustering.
+    Loss, after the first clustering: the pseudo-label of record i is the label its id got in the last
+    clustering (the newest of its features in the ring then), or, for an id that was not in it (a new
+    record, or no ids at all), the centroid nearest to its detached view-1 projection. The logits of both
+    views are cos(z, w_c) / T over the classifier rows w_c; the loss is their cross-entropy against the
+    record's label, each sample weighted by `inverse_size_weights` of its cluster in the last clustering.
+
+    State (buffers and parameters, so a checkpoint of `state_dict()` resumes exactly):
+        feature_buffer [buffer_size, dim], buffer_ids [buffer_size] (record ids, -1 for none): a ring
+            written at `features_seen % buffer_size`, only by steps that were taken (`stage`).
+        features_seen: projections written to the ring so far.
+        centroids [K, dim], cluster_sizes [K], cluster_weights [K]: from the last clustering.
+        clustered_ids [buffer_size] (sorted; -1 for none) and clustered_labels [buffer_size]: the label
+            memory, each id of the last clustering with its assignment, looked up by binary search.
         steps_done, clusterings, last_clustering_step: the schedule.
         nmi, empty_reassigned: logs of the last clustering.
 
-    Logs: `embedding_std` (of the view-1 backbone features), `clustered` (0 until the first clustering,
-    then 1), `nmi` (between the buffer's assignments to the previous clustering's centroids and to the
-    new ones; a stable clustering scores near 1; 0 until the second clustering), `cluster_size_max_share`
-    and `cluster_size_min_share` (of the buffer, last clustering), `empty_reassigned` (empty clusters
-    re-seeded in the last clustering), `pseudo_label_accuracy_of_head` (classifier argmax vs pseudo-label).
+    Logs: `embedding_std` (of the view-1 backbone features), `clustered` (0 during the warm-up, then 1),
+    `fixed_label_share` (share of the batch labelled from the last clustering rather than by its nearest
+    centroid), `nmi` (between the ring's assignments to the previous clustering's centroids and to the new
+    ones; a stable clustering scores near 1; 0 until the second clustering), `cluster_size_max_share` and
+    `cluster_size_min_share` (of the ring, last clustering), `empty_reassigned` (empty clusters re-seeded
+    in the last clustering), `pseudo_label_accuracy_of_head` (classifier argmax vs pseudo-label).
     """
 
     name = "deepcluster"
@@ -70,7 +98,12 @@ class DeepCluster(Method):
         feature_dim: int,
         *,
         num_clusters: int = 100,
-        buffer_size: int = 8192,
+        dim: int = 128,
+        buffer_size: int = 65536,
+        temperature: float = 0.1,
+        first_clustering_share: float = 0.2,
+        recluster_share: float = 0.2,
+        first_clustering_step: int = 200,
         recluster_every: int = 200,
         kmeans_iterations: int = 20,
     ) -> None:
@@ -79,19 +112,34 @@ class DeepCluster(Method):
             raise ValueError(f"num_clusters must be at least 2, got {num_clusters}")
         if buffer_size < 4 * num_clusters:
             raise ValueError(f"buffer_size ({buffer_size}) must be at least 4 * num_clusters ({4 * num_clusters})")
-        if recluster_every < 1 or kmeans_iterations < 1:
-            raise ValueError("recluster_every and kmeans_iterations must be at least 1")
+        if not 0 <= first_clustering_share < 1 or not 0 < recluster_share <= 1:
+            raise ValueError("first_clustering_share must be in [0, 1) and recluster_share in (0, 1], got "
+                             f"{first_clustering_share} and {recluster_share}")
+        if first_clustering_step < 0 or recluster_every < 1 or kmeans_iterations < 1:
+            raise ValueError("first_clustering_step must be at least 0, recluster_every and kmeans_iterations at least 1")
         self.num_clusters = num_clusters
+        self.temperature = temperature
+        self.first_clustering_share = first_clustering_share
+        self.recluster_share = recluster_share
+        self.first_clustering_step = first_clustering_step
         self.recluster_every = recluster_every
         self.kmeans_iterations = kmeans_iterations
-        self.classifier = nn.Linear(feature_dim, num_clusters)
+        # DeepCluster-v2's projection head; the published backbone features stay one layer away from the labels.
+        self.head = nn.Sequential(
+            nn.Linear(feature_dim, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True),
+            nn.Linear(feature_dim, dim),
+        )
+        # Rows are normalised at every use (a cosine classifier); set to the centroids at every clustering.
+        self.classifier = nn.Linear(dim, num_clusters, bias=False)
 
-        self.register_buffer("feature_buffer", torch.zeros(buffer_size, feature_dim))
+        self.register_buffer("feature_buffer", torch.zeros(buffer_size, dim))
         self.register_buffer("buffer_ids", torch.full((buffer_size,), -1, dtype=torch.long))
         self.register_buffer("features_seen", torch.zeros((), dtype=torch.long))
-        self.register_buffer("centroids", torch.zeros(num_clusters, feature_dim))
+        self.register_buffer("centroids", torch.zeros(num_clusters, dim))
         self.register_buffer("cluster_sizes", torch.zeros(num_clusters, dtype=torch.long))
         self.register_buffer("cluster_weights", torch.ones(num_clusters))
+        self.register_buffer("clustered_ids", torch.full((buffer_size,), -1, dtype=torch.long))
+        self.register_buffer("clustered_labels", torch.zeros(buffer_size, dtype=torch.long))
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("clusterings", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_clustering_step", torch.zeros((), dtype=torch.long))
@@ -101,20 +149,45 @@ class DeepCluster(Method):
     def forward(self, views: list[Tensor], ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         x1, x2 = views[:2]
         batch_size = len(x1)
-        features = self.backbone(torch.cat([x1, x2])).float()  # one pass over both views
-        view1 = F.normalize(features[:batch_size].detach(), dim=1)
-        logits = self.classifier(features).float()
+        features = self.backbone(torch.cat([x1, x2]))  # one pass over both views
+        z = F.normalize(self.head(features).float(), dim=1)
+        z1 = z[:batch_size]
         if self.clusterings > 0:
-            pseudo_labels = nearest_centroid(view1, self.centroids).repeat(2)  # both views share view 1's label
-            per_sample = F.cross_entropy(logits, pseudo_labels, reduction="none")
-            loss = (self.cluster_weights[pseudo_labels] * per_sample).mean()
-            head_accuracy = (logits.detach().argmax(dim=1) == pseudo_labels).float().mean()
+            labels, fixed = self.pseudo_labels(z1.detach(), ids)
+            targets = labels.repeat(2)  # both views share the record's label
+            logits = self._logits(z)
+            per_sample = F.cross_entropy(logits, targets, reduction="none")
+            loss = (self.cluster_weights[targets] * per_sample).mean()
+            head_accuracy = (logits.detach().argmax(dim=1) == targets).float().mean()
+            fixed_share = fixed.float().mean()
         else:
-            loss = 0 * logits.sum()  # nothing to classify yet; a zero the trainer can still backward
-            head_accuracy = torch.zeros((), device=logits.device)
-        # With several workers every buffer takes the global batch: identical buffers give identical clusterings.
-        self._remember(gather_from_all(view1), None if ids is None else gather_from_all(ids.to(view1.device)))
-        return loss, self._logs(features[:batch_size], head_accuracy)
+            # Warm-up: every image its own cluster. The unused classifier joins the graph with a zero, so
+            # that every parameter gets a gradient (DDP expects one for each).
+            loss = nt_xent(z1, z[batch_size:], self.temperature) + 0 * self.classifier.weight.sum()
+            head_accuracy = fixed_share = torch.zeros((), device=z.device)
+        # With several workers every ring takes the global batch: identical rings give identical clusterings.
+        ring_features = gather_from_all(z1.detach())
+        ring_ids = None if ids is None else gather_from_all(ids.to(z.device))
+        self.stage(lambda: self._remember(ring_features, ring_ids))
+        return loss, self._logs(features[:batch_size], head_accuracy, fixed_share)
+
+    def _logits(self, z: Tensor) -> Tensor:
+        # Float32 even under autocast: bf16 cosines (3 significant digits) are too coarse once divided by T.
+        with torch.autocast(z.device.type, enabled=False):
+            return z.float() @ F.normalize(self.classifier.weight.float(), dim=1).T / self.temperature
+
+    @torch.no_grad()
+    def pseudo_labels(self, z1: Tensor, ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        """[B] labels for detached view-1 projections `z1`, and [B] bool: whether the label came from the
+        last clustering's memory (the record's id was in it) rather than from the nearest centroid."""
+        labels = nearest_centroid(z1, self.centroids)
+        if ids is None:
+            return labels, torch.zeros(len(z1), dtype=torch.bool, device=z1.device)
+        ids = ids.to(self.clustered_ids.device, torch.long)
+        # clustered_ids is sorted with equal ids in ring order, oldest first: the last match is the newest.
+        slot = (torch.searchsorted(self.clustered_ids, ids, right=True) - 1).clamp(min=0)
+        fixed = (self.clustered_ids[slot] == ids) & (ids != -1)
+        return torch.where(fixed, self.clustered_labels[slot], labels), fixed
 
     def on_step_end(self, step: int) -> None:
         self.steps_done.add_(1)
@@ -122,9 +195,22 @@ class DeepCluster(Method):
             self._recluster()
 
     def _clustering_due(self) -> bool:
+        if self._filled() < 4 * self.num_clusters:
+            return False
+        since = self.steps_done - self.last_clustering_step
+        done = self.progress(self.steps_done)
+        if done is None:  # unbounded: the schedule in steps
+            if self.clusterings == 0:
+                return bool(self.steps_done >= self.first_clustering_step)
+            return bool(since >= self.recluster_every)
+        if done >= 1:  # labels made at the end of the horizon would train nothing
+            return False
         if self.clusterings == 0:
-            return bool(self.features_seen >= len(self.feature_buffer))
-        return bool(self.steps_done - self.last_clustering_step >= self.recluster_every)
+            return done >= self.first_clustering_share
+        return self.progress(since) >= self.recluster_share  # the share of the horizon these steps make up
+
+    def _filled(self) -> int:
+        return min(int(self.features_seen), len(self.feature_buffer))
 
     @torch.no_grad()
     def _remember(self, features: Tensor, ids: Tensor | None) -> None:
@@ -136,14 +222,17 @@ class DeepCluster(Method):
         kept = slice(max(len(features) - buffer_size, 0), None)
         first_slot = self.features_seen + kept.start
         slots = (first_slot + torch.arange(len(features) - kept.start, device=features.device)) % buffer_size
-        self.feature_buffer.index_copy_(0, slots, features[kept])
+        self.feature_buffer.index_copy_(0, slots, features[kept].to(self.feature_buffer.dtype))
         self.buffer_ids.index_copy_(0, slots, ids[kept].to(self.buffer_ids.device))
         self.features_seen.add_(len(features))
 
     @torch.no_grad()
     def _recluster(self) -> None:
-        """k-means on the buffer from scratch; new centroids, cluster weights and a fresh classifier."""
-        features = self.feature_buffer
+        """k-means on the ring from scratch; new centroids, weights, label memory and classifier."""
+        buffer_size, filled = len(self.feature_buffer), self._filled()
+        # Oldest first: a ring that has wrapped starts at its next write slot.
+        order = (self.features_seen - filled + torch.arange(filled, device=self.features_seen.device)) % buffer_size
+        features, ids = self.feature_buffer[order], self.buffer_ids[order]
         result = kmeans(features, self.num_clusters, self.kmeans_iterations)
         if self.clusterings > 0:
             previous = nearest_centroid(features, self.centroids)
@@ -152,18 +241,30 @@ class DeepCluster(Method):
         self.cluster_sizes.copy_(torch.bincount(result.assignments, minlength=self.num_clusters))
         self.cluster_weights.copy_(inverse_size_weights(result.assignments, self.num_clusters))
         self.empty_reassigned.fill_(result.reassigned)
-        # Cluster indices mean nothing across clusterings, so the old classifier is useless (paper, §3.2).
-        self.classifier.weight.normal_(0, 0.01)
-        self.classifier.bias.zero_()
+
+        # The label memory: ids sorted for binary search. Unfilled slots come first as id -1 (never looked
+        # up); the stable sort keeps a revisited id's features oldest first, so a lookup takes the newest.
+        unfilled = buffer_size - filled
+        all_ids = torch.cat([ids.new_full((unfilled,), -1), ids])
+        all_labels = torch.cat([result.assignments.new_zeros(unfilled), result.assignments])
+        sorted_ids, by_id = torch.sort(all_ids, stable=True)
+        self.clustered_ids.copy_(sorted_ids)
+        self.clustered_labels.copy_(all_labels[by_id])
+
+        # Cluster indices mean nothing across clusterings, so the old classifier is useless (paper, §3.2);
+        # DeepCluster-v2 starts the new one at the centroids, so its first steps already follow the labels.
+        self.classifier.weight.copy_(F.normalize(result.centroids, dim=1))
+        self.reset_optimizer_state(self.classifier.weight)
         self.last_clustering_step.copy_(self.steps_done)
         self.clusterings.add_(1)
 
     @torch.no_grad()
-    def _logs(self, view1_features: Tensor, head_accuracy: Tensor) -> dict[str, Tensor]:
+    def _logs(self, view1_features: Tensor, head_accuracy: Tensor, fixed_share: Tensor) -> dict[str, Tensor]:
         shares = self.cluster_sizes.float() / self.cluster_sizes.sum().clamp(min=1)
         return {
             "embedding_std": embedding_std(view1_features),
             "clustered": (self.clusterings > 0).float(),
+            "fixed_label_share": fixed_share,
             "nmi": self.nmi.clone(),
             "cluster_size_max_share": shares.max(),
             "cluster_size_min_share": shares.min(),
