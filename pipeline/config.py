@@ -375,7 +375,7 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any] | None, sets: list[str] 
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(cfg, key, value)
-            explicit.add(key)
+            explicit.update(_dotted_keys(key, value))  # a whole resolved config (Ray workers) sets every key
     for item in sets or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:

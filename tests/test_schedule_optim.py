@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from streamssl.models.method import split_decay
-from streamssl.pipeline.config import load_config
+from streamssl.pipeline.config import load_config, to_dict
 from streamssl.pipeline.optim import LARS, build_optimizer, set_learning_rate
 from streamssl.pipeline.schedule import HorizonEstimate, warmup_length
 from streamssl.pipeline.trainer import Trainer
@@ -82,6 +82,9 @@ def test_a_method_recipe_applies_unless_the_user_sets_the_key(tmp_path: Path) ->
     config = tmp_path / "run.yaml"
     config.write_text("method: moco\nmodel:\n  bn_splits: 4\n")
     assert load_config(str(config)).model.bn_splits == 4
+    # A resolved config handed on whole (as to Ray workers) keeps its values: the recipe does not re-apply.
+    resolved = to_dict(load_config(overrides={"method": "moco"}, sets=["train.batch_size=32"]))
+    assert load_config(overrides=resolved).train.batch_size == 32
 
 
 def test_every_recipe_names_real_config_keys() -> None:
