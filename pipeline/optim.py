@@ -53,13 +53,12 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, momentum
                     betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """`name` over `groups`; groups without their own weight_decay get `weight_decay`."""
     groups = [{"weight_decay": weight_decay, **group} for group in groups if group["params"]]
-    if name == "sgd":
-        plain = [{k: v for k, v in group.items() if k != "lars_exclude"} for group in groups]
-        return torch.optim.SGD(plain, lr=lr, momentum=momentum)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    plain = [{k: v for k, v in group.items() if k != "lars_exclude"} for group in groups]  # LARS's key only
+    if name == "sgd":
+        return torch.optim.SGD(plain, lr=lr, momentum=momentum)
     if name == "adamw":
-        plain = [{k: v for k, v in group.items() if k != "lars_exclude"} for group in groups]
         return torch.optim.AdamW(plain, lr=lr, betas=betas, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
 
