@@ -19,7 +19,7 @@ import torch
 
 from streamssl.models.cpc import CPC
 from streamssl.models.series_backbones import PooledSeriesEncoder, build_series_encoder
-from streamssl.pipeline.series_probe import load_ucr, raw_window_probe, series_linear_probe
+from streamssl.pipeline.series.probe import load_ucr, raw_window_probe, series_linear_probe
 
 
 def random_crops(series: torch.Tensor, count: int, window: int, gen: torch.Generator) -> torch.Tensor:

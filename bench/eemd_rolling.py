@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from PyEMD import EEMD, EMD
 
-from streamssl.models.eemd import RollingEEMD, batched_emd, trailing_windows
+from streamssl.pipeline.series.eemd import RollingEEMD, trailing_windows
+from streamssl.pipeline.series.emd import batched_emd
 
 
 def electricity() -> np.ndarray:

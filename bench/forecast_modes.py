@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from streamssl.models.forecaster import MODES
-from streamssl.pipeline.forecast import forecast, load_forecast_config
+from streamssl.pipeline.series.forecast import forecast, load_forecast_config
 
 
 def csv_list(text: str) -> list[str]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared script, about 10 minutes on one GPU:
-#   1. the tests that touch CUDA paths (tests/test_cuda.py: every method's step under bf16 autocast on the GPU,
+#   1. the tests that touch CUDA paths (tests/pipeline/test_cuda.py: every method's step under bf16 autocast on the GPU,
 #      staged state, the kNN monitor, the encoder EMA, LARS) plus the learning check;
 #   2. in-memory vs stream-fed throughput of the default method, ConvNet and ResNet-18, bf16 autocast;
 #   3. a 300k-sample default run and its full-set kNN.
@@ -32,7 +32,7 @@ $PY -m pip install -q --no-deps --no-build-isolation -e .
   | tee "$OUT/gpu.txt"
 
 echo "== 1. CUDA tests"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_learning.py 2>&1 | tail -15 | tee "$OUT/tests.txt" || true
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/pipeline/test_cuda.py tests/pipeline/test_learning.py 2>&1 | tail -15 | tee "$OUT/tests.txt" || true
 
 echo "== 2. throughput, in memory vs stream-fed, bf16 autocast"
 for backbone in convnet resnet18; do

@@ -37,9 +37,9 @@ from kafka import KafkaConsumer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.kafka_broker: the same Tansu the tests start
 from streamssl.pipeline.config import load_config
-from streamssl.pipeline.deadletter import DeadLetters
-from streamssl.pipeline.loader import Batch, BatchLoader
-from streamssl.pipeline.trainer import Trainer
+from streamssl.pipeline.images import Trainer
+from streamssl.pipeline.loading.deadletter import DeadLetters
+from streamssl.pipeline.loading.loader import Batch, BatchLoader
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.kafka_produce import create_topic, lake_records, produce
 from streamssl.streams.kafka_source import KafkaSource
@@ -116,7 +116,7 @@ def main() -> None:
         warm = Trainer(load_config(sets=[*sets, f"run_dir={work / 'warm-up'}"]))
         size = warm.cfg.train.batch_size
         for _ in range(5):
-            warm.train_step(Batch(torch.from_numpy(images[:size]).unsqueeze(1), [], {}, {}, torch.arange(size)))
+            warm.task.step(Batch(torch.from_numpy(images[:size]).unsqueeze(1), [], {}, {}, torch.arange(size)))
         del warm
         totals = {name: [0.0, 0.0] for name in ("raw", "decoded", "stream", "steady", "memory")}
         for round_index in range(args.rounds):
@@ -137,7 +137,7 @@ def main() -> None:
                              torch.arange(i * batch_size, (i + 1) * batch_size)) for i in range(args.steps)]
             started = time.monotonic()
             for batch in batches:
-                trainer.train_step(batch)
+                trainer.task.step(batch)
             memory = args.steps * batch_size / (time.monotonic() - started)
             for name, rate in (("stream", stream), ("steady", steady), ("memory", memory)):
                 totals[name][0] += args.steps * batch_size

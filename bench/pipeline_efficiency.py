@@ -22,8 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it, befor
 import torch
 
 from streamssl.pipeline.config import load_config
-from streamssl.pipeline.loader import Batch
-from streamssl.pipeline.trainer import Trainer
+from streamssl.pipeline.images import Trainer
+from streamssl.pipeline.loading.loader import Batch
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import default_lake
 
@@ -56,7 +56,7 @@ def main() -> None:
                          torch.arange(i * batch_size, (i + 1) * batch_size)) for i in range(args.steps)]
         started = time.monotonic()
         for batch in batches:
-            trainer.train_step(batch)
+            trainer.task.step(batch)
         memory_seconds += time.monotonic() - started
         memory_samples += args.steps * batch_size
         print(f"round {round_index + 1}: stream {args.steps * batch_size / trainer.loop_seconds:.0f} samples/s, "

@@ -26,8 +26,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI: idle OpenMP t
 import torch
 
 from streamssl.pipeline.config import load_config
-from streamssl.pipeline.distributed import WorkerTrainer, cpus_per_worker, fit_on_ray, start_ray, stop_ray
-from streamssl.pipeline.loader import Batch, record_id
+from streamssl.pipeline.loading.loader import Batch, record_id
+from streamssl.pipeline.ray.cluster import cpus_per_worker, start_ray, stop_ray
+from streamssl.pipeline.ray.driver import fit_on_ray
+from streamssl.pipeline.ray.worker import WorkerTrainer
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import default_lake
 
@@ -61,26 +63,27 @@ class TimedTrainer(WorkerTrainer):
 
     def __init__(self, *args: Any, warmup: int, images: torch.Tensor | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.warmup, self.images, self.step_ends = warmup, images, []
+        self.warmup, self.step_ends = warmup, []
+        if images is not None:
+            self.task.open_feed = lambda position: TensorFeed(images, self.cfg.train.batch_size, self.worker, self.workers)
+        step = self.task.step
 
-    def open_loader(self) -> Any:
-        if self.images is None:
-            return super().open_loader()
-        return TensorFeed(self.images, self.cfg.train.batch_size, self.worker, self.workers)
+        def timed_step(batch: Batch) -> Any:
+            result = step(batch)
+            self.step_ends.append(time.perf_counter())
+            return result
 
-    def train_step(self, batch: Batch) -> tuple[float, dict[str, float]] | None:
-        result = super().train_step(batch)
-        self.step_ends.append(time.perf_counter())
-        return result
+        self.task.step = timed_step
 
-    def finish(self, reason: str) -> None:
-        super().finish(reason)
+    def run(self) -> Any:
+        state = super().run()
         if self.worker == 0:
             measured = self.step_ends[self.warmup:]
             samples = (len(measured) - 1) * self.cfg.train.batch_size * self.workers
             rate = samples / (measured[-1] - measured[0])
-            (self.run_dir / "bench.json").write_text(json.dumps({"samples_per_second": rate, "steps": len(measured),
-                                                                 "threads": torch.get_num_threads()}))
+            (self.paths.root / "bench.json").write_text(json.dumps({"samples_per_second": rate, "steps": len(measured),
+                                                                    "threads": torch.get_num_threads()}))
+        return state
 
 
 def bench_loop(config: dict[str, Any]) -> None:

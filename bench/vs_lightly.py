@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from streamssl.models import build_backbone, build_method
 from streamssl.pipeline.augment import BatchAugment
 from streamssl.pipeline.config import AugmentConfig
-from streamssl.pipeline.trainer import resolve_precision
+from streamssl.pipeline.device import resolve_precision
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 
 BATCH = 256

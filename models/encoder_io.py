@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from streamssl.models.backbones import build_backbone
 from streamssl.models.forecaster import build_trunk
 from streamssl.models.series_backbones import PooledSeriesEncoder, build_series_encoder
+from streamssl.streams.files import atomic_write
 
 WEIGHTS_FILE = "encoder.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -105,9 +105,9 @@ def save_encoder(folder: Path, backbone: nn.Module, manifest: dict[str, Any]) ->
     (folder / WEIGHTS_FILE).write_bytes(weights)
     full_manifest = {**manifest, "files": {WEIGHTS_FILE: hashlib.sha256(weights).hexdigest()}}
     # The manifest goes last and by rename, so a folder with a manifest always has complete weights.
-    temp = folder / f".{MANIFEST_FILE}.tmp"
-    temp.write_text(json.dumps(full_manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, folder / MANIFEST_FILE)
+    # The publisher fsyncs the whole version folder before it becomes visible.
+    with atomic_write(folder / MANIFEST_FILE, durable=False) as handle:
+        handle.write((json.dumps(full_manifest, indent=2, sort_keys=True) + "\n").encode())
     return full_manifest
 
 

@@ -24,7 +24,7 @@ from streamssl.models.swav import SwAV
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (MoCo, SwAV, BYOL, SimCLR, SimSiam, DeepCluster, NPID, Rotation, Jigsaw)
 }
-# Time-series methods: trained by the series job (pipeline/series_trainer.py) on windows, not on images.
+# Time-series methods: trained by the series job (pipeline/series/job.py) on windows, not on images.
 SERIES_METHODS: dict[str, type] = {"cpc": CPC, "forecast": Forecaster}
 
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from streamssl.models.encoder_io import EncoderLoadError
 from streamssl.models.registry import SERIES_METHODS
-from streamssl.pipeline import forecast
 from streamssl.pipeline.config import ConfigError, load_config
+from streamssl.pipeline.series import forecast
 from streamssl.streams.records import SourceError
 
 log = logging.getLogger("streamssl")
@@ -99,7 +99,8 @@ def _run(args: argparse.Namespace) -> int:
         "train.max_steps": args.max_steps, "train.max_minutes": args.max_minutes, "metrics.port": args.metrics_port,
     }
     cfg = load_config(args.config, overrides, args.set)
-    from streamssl.pipeline.trainer import Trainer, TrainingDiverged  # the training stack loads only for `run`
+    from streamssl.pipeline.images import Trainer  # the training stack loads only for `run`
+    from streamssl.pipeline.loop import TrainingDiverged
 
     stop = threading.Event()
 
@@ -113,11 +114,11 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         if cfg.method in SERIES_METHODS:
-            from streamssl.pipeline.series_trainer import run_series
+            from streamssl.pipeline.series.job import run_series
 
             run_series(cfg, stop)
         elif args.workers or args.ray_address or cfg.data.source.startswith("ray+"):
-            from streamssl.pipeline.distributed import run_distributed
+            from streamssl.pipeline.ray.driver import run_distributed
 
             run_distributed(cfg, args.workers, args.ray_address, stop)
         else:
@@ -141,9 +142,9 @@ def _eval(args: argparse.Namespace) -> int:
     from streamssl.models import build_backbone, load_encoder
     from streamssl.models.encoder_io import PublishedEncoder
     from streamssl.pipeline.config import DataConfig, EvalConfig
-    from streamssl.pipeline.data import knn_sets
-    from streamssl.pipeline.knn import knn_top1
-    from streamssl.pipeline.probe import fine_tune, labelled_fraction, linear_probe
+    from streamssl.pipeline.evaluation.knn import knn_top1
+    from streamssl.pipeline.evaluation.probe import fine_tune, labelled_fraction, linear_probe
+    from streamssl.pipeline.loading.sources import knn_sets
 
     if args.labels is not None and not 0 < args.labels <= 1:
         raise ConfigError(f"--labels is a fraction in (0, 1], got {args.labels}")

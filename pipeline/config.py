@@ -179,7 +179,7 @@ class SeriesConfig:
     eval_points: int = 500  # rolling (prequential) nRMSE over this many most recent points
     points: int = 4000  # `streamssl forecast`: only the most recent N points of the series (0 = all)
     decomposition_seed: int = 0  # EEMD noise seed; fixed across training seeds so one decomposition serves all
-    # The continuous job (`streamssl run --method forecast|cpc`, pipeline/series_trainer.py):
+    # The continuous job (`streamssl run --method forecast|cpc`, pipeline/series/job.py):
     series_column: str = ""  # Parquet/CSV column naming each row's series ("" = one series)
     warmup_points: int = 512  # first points of each series: frozen normalisation (and the grouping); >= window
     batch_size: int = 64  # forecast: new examples per step; cpc: windows per step (train.batch_size is for images)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -17,6 +16,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from streamssl.streams.fashion_mnist import load_fashion_mnist
+from streamssl.streams.files import atomic_write
 
 
 def cache_root() -> Path:
@@ -39,25 +39,15 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
         The number of samples written.
     """
     path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            # A whole-second mtime: TarWriter's default float time adds a pax header to every member,
-            # which doubles the size of a lake of small PNGs.
-            with TarWriter(stream, encoder=False, mtime=int(time.time())) as writer:
-                for key, fields in samples:
-                    if "." in key.rsplit("/", 1)[-1]:
-                        raise ValueError(f"sample key {key!r} contains '.', which readers take for an extension")
-                    writer.write({"__key__": key, **fields})
-                    count += 1
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    # A whole-second mtime: TarWriter's default float time adds a pax header to every member,
+    # which doubles the size of a lake of small PNGs.
+    with atomic_write(path) as stream, TarWriter(stream, encoder=False, mtime=int(time.time())) as writer:
+        for key, fields in samples:
+            if "." in key.rsplit("/", 1)[-1]:
+                raise ValueError(f"sample key {key!r} contains '.', which readers take for an extension")
+            writer.write({"__key__": key, **fields})
+            count += 1
     return count
 
 

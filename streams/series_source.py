@@ -10,9 +10,9 @@ A series stream is a sequence of `Point(series_id, timestamp, value, source, ind
   `state_dict()` continues with exactly the next row.
 * `parse_point(record)`: a Kafka `Record` whose JSON value is `{"series_id", "timestamp", "value"}`.
 
-`PointReader` runs either source on a thread and hands out points and rejects in stream order, each with
-the source position right after it. `write_series_file` publishes a Parquet file atomically (what a writer
-into a followed directory must do) and `demo_series()` writes the electricity series as such files once.
+pipeline/series/feed.py runs either source on a thread for the series job. `write_series_file` publishes
+a Parquet file atomically (what a writer into a followed directory must do) and `demo_series()` writes the
+electricity series as such files once.
 
 Bad input is skipped with a reason and never stops a stream. Per row / record: "missing_value",
 "non_numeric_value", "non_finite_value" (NaN, ±inf), "missing_timestamp", "bad_timestamp"; per row also
@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import queue
 import shutil
 import tempfile
 import threading
@@ -46,6 +45,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from streamssl.streams.files import atomic_write
 from streamssl.streams.lake import cache_root
 from streamssl.streams.records import Record, SourceError
 from streamssl.streams.series_data import load_series
@@ -355,15 +355,8 @@ def write_series_file(path: Path, timestamps: Any, values: Any, series_ids: Any 
     columns = {time_column: pa.array(timestamps), value_column: pa.array(values, type=pa.float64())}
     if series_ids is not None:
         columns[series_column] = pa.array(series_ids, type=pa.string())
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            pq.write_table(pa.table(columns), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_write(path) as handle:
+        pq.write_table(pa.table(columns), handle)
     return path
 
 
@@ -389,70 +382,3 @@ def demo_series(root: Path | None = None, rows_per_file: int = 2000) -> Path:
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return directory
-
-
-class PointReader:
-    """Iterates a series source on a thread of its own, so that its consumer is never stuck behind a waiting source.
-
-    `messages` receives, in stream order: ("point", Point, position), ("reject", source, key, reason, detail,
-    payload, position), then ("end",) when a finite source is done or ("error", one line) when it fails.
-    Each position is the source's `state_dict()` right after that item, so a consumer that checkpoints the
-    position of the last message it handled resumes exactly there, however far the thread has read ahead.
-    `Record`s (Kafka) become points through `parse_point`; garbage becomes a reject carrying its bytes.
-
-    Args:
-        make_source: `make_source(on_reject=…)` builds the source (a ParquetSeriesSource or a KafkaSource).
-        position: where to start (a `state_dict()`; empty = the beginning).
-    """
-
-    def __init__(self, make_source: Callable[..., Any], position: dict[str, Any]) -> None:
-        self.messages: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=4096)
-        self.stats: dict[str, float] = {}
-        self._stopping = threading.Event()
-        self.source = make_source(on_reject=self._on_reject)
-        self.source.load_state_dict(position)
-        self._thread = threading.Thread(target=self._run, name="streamssl-series-reader", daemon=True)
-        self._thread.start()
-
-    def _on_reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
-        self._put(("reject", source, key, reason, detail, payload, self.source.state_dict()))
-
-    def _put(self, message: tuple[Any, ...]) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.messages.put(message, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _run(self) -> None:
-        try:
-            for count, item in enumerate(self.source):
-                if self._stopping.is_set():
-                    continue  # closed: let the source finish its own way (a Kafka source commits, then leaves)
-                if isinstance(item, Record):
-                    try:
-                        item = parse_point(item)
-                    except ValueError as err:
-                        reason, _, detail = str(err).partition(": ")
-                        self._on_reject(item.source, item.key, reason, detail,
-                                        item.fields.get("json", item.fields.get("bin", b"")))
-                        continue
-                self._put(("point", item, self.source.state_dict()))
-                if count % 256 == 0:
-                    self.stats = self.source.stats()
-            self._put(("end",))
-        except SourceError as err:
-            self._put(("error", str(err)))
-        except Exception as err:  # surfaces in the job instead of a silently dead reader
-            self._put(("error", f"series reader failed: {type(err).__name__}: {err}"))
-
-    def commit(self, position: dict[str, Any]) -> None:
-        """Upstream commit (Kafka offsets) of a durably checkpointed position; a no-op for files."""
-        if hasattr(self.source, "commit"):
-            self.source.commit(position)
-
-    def close(self) -> None:
-        self._stopping.set()
-        self.source.close()
-        self._thread.join(timeout=10)

@@ -1,0 +1,231 @@
+"""The image task: stream → batched augment → the method's step, kNN eval, the encoder to publish.
+
+`Trainer` is the loop (pipeline/loop.py) driving this task: what `streamssl run` runs for every image method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from streamssl.models import build_backbone, build_method
+from streamssl.pipeline.augment import BatchAugment
+from streamssl.pipeline.collective import Collective
+from streamssl.pipeline.config import Config, ConfigError
+from streamssl.pipeline.device import resolve_device, resolve_precision
+from streamssl.pipeline.evaluation.knn import knn_top1
+from streamssl.pipeline.loading.loader import Batch, BatchLoader
+from streamssl.pipeline.loading.sources import knn_sets, source_factory
+from streamssl.pipeline.loop import Loop
+from streamssl.pipeline.optim import build_optimizer, set_learning_rate
+from streamssl.pipeline.schedule import learning_rate, warmup_length
+from streamssl.pipeline.task import Feed, Step
+
+log = logging.getLogger(__name__)
+
+
+class ImageTask:
+    """One self-supervised image method (`cfg.method`) on this worker.
+
+    Args:
+        cfg: The run's config; `train.batch_size` is per worker, so the learning rate scales with the global
+            batch, workers x batch_size (linear scaling rule).
+        collective: The worker group; its size scales the learning rate.
+    """
+
+    finished = ""  # a stream of images has no end of its own
+
+    def __init__(self, cfg: Config, collective: Collective | None = None) -> None:
+        self.cfg = cfg
+        workers = (collective or Collective()).world_size
+        # First: a missing data path must fail before anything is written into the run dir.
+        self.make_source: Callable[..., Any] = source_factory(cfg.data, cfg.train.seed, cfg.kafka)
+        self.device = self.map_location = resolve_device(cfg.train.device)
+        self.autocast = resolve_precision(cfg.train.precision, self.device) == "bf16"
+        if cfg.train.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+
+        backbone, self.feature_dim = build_backbone(cfg.model.backbone, cfg.data.channels, bn_splits=cfg.model.bn_splits)
+        try:
+            method = build_method(cfg.method, backbone, self.feature_dim, cfg.method_options(), dataclasses.asdict(cfg.aux))
+        except ValueError as err:  # a method refusing an option value
+            raise ConfigError(f"{cfg.method}: {err}") from None
+        self.method = method.to(self.device)
+        if cfg.train.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        # What the step calls: the method itself, or (pipeline/ray/worker.py) a DDP wrapper around it.
+        self.forward_module: torch.nn.Module = self.method
+        self.base_lr = cfg.optim.lr * cfg.train.batch_size * workers / 256  # linear scaling rule
+        self.optimizer = build_optimizer(cfg.optim.name, self.method.param_groups(), self.base_lr, cfg.optim.momentum,
+                                         cfg.optim.weight_decay)
+        # What gets published: the encoder itself, or a weight EMA of it (train.ema_decay).
+        self.encoder_ema = (None if not cfg.train.ema_decay else torch.optim.swa_utils.AveragedModel(
+            self.method.encoder(), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.train.ema_decay),
+            use_buffers=True))
+        self.augment = BatchAugment(cfg.augment, cfg.data.mean, cfg.data.std, cfg.data.size)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
+        # How batches arrive: the background decoder by default, a Ray Data feed under Ray (pipeline/ray/worker.py).
+        self.open_feed: Callable[[dict[str, Any]], Feed] = self._batch_loader
+        self._knn_data: tuple[torch.Tensor, ...] | None = None
+        self._knn_baselines: dict[str, float] | None = None
+        self.loop: Loop | None = None
+
+    def attach(self, loop: Loop) -> None:
+        self.loop = loop
+
+    def _batch_loader(self, position: dict[str, Any]) -> Feed:
+        cfg = self.cfg
+        return BatchLoader(self.make_source, position, cfg.train.batch_size, cfg.data.image_field, cfg.data.channels,
+                           cfg.data.size, self.loop.dead_letters, cfg.data.prefetch_batches)
+
+    def open(self, position: dict[str, Any]) -> Feed:
+        return self.open_feed(position)
+
+    def close(self) -> None:
+        pass
+
+    # --- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "augment": self.generator.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "encoder_ema": None if self.encoder_ema is None else self.encoder_ema.state_dict(),
+                "schedule": {"base_lr": self.base_lr}, "rng": rng}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.method.load_state_dict(ckpt["method"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.encoder_ema is not None:
+            if ckpt.get("encoder_ema") is not None:
+                self.encoder_ema.load_state_dict(ckpt["encoder_ema"])
+            else:  # train.ema_decay switched on for a run that had none: the average starts from here
+                self.encoder_ema.n_averaged.zero_()
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        self.generator.set_state(ckpt["rng"]["augment"].cpu())
+        random.setstate(ckpt["rng"]["python"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+
+    roll_back = load_state_dict  # weights, optimizer, method state and RNG: the image task has no other data state
+
+    # --- the step --------------------------------------------------------------------------------------
+    def step(self, batch: Batch) -> Step:
+        """One optimizer step; not taken (finite=False) when the loss was not finite on any worker."""
+        cfg, state, method = self.cfg, self.loop.state, self.method
+        images = batch.images.to(self.device, non_blocking=True)
+        views = self.augment(images, self.generator, method.num_views, method.small_crops, method.small_crop_size,
+                             method.small_crop_scale)
+        if cfg.train.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        lr = self.learning_rate()
+        set_learning_rate(self.optimizer, lr, self.base_lr)
+        method.horizon_steps = state.horizon_steps
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, logs = self.forward_module(views, batch.ids.to(self.device, non_blocking=True))
+        loss_value = self.loop.collective.mean(loss)  # a non-finite loss on one worker: every worker skips
+        samples = batch.images.shape[0]
+        if not math.isfinite(loss_value):
+            method.discard_step()  # its queue/bank writes would carry the bad step into every later one
+            return Step(loss_value, {}, samples, lr, finite=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        method.commit_step()
+        method.on_step_end(state.step)
+        if self.encoder_ema is not None:
+            self.encoder_ema.update_parameters(method.encoder())
+        for param in method.take_reset_parameters():  # re-initialised by the method: no stale momentum
+            self.optimizer.state.pop(param, None)
+        self.loop.metrics.learning_rate.set(lr)
+        return Step(loss_value, {name: float(value) for name, value in logs.items()}, samples, lr)
+
+    def learning_rate(self) -> float:
+        """This step's LR: warm-up over a share of the current cycle, then cosine to the horizon."""
+        optim, state = self.cfg.optim, self.loop.state
+        horizon, start = state.horizon_steps, state.cycle_start
+        cycle = horizon - start if horizon else 0
+        warmup = warmup_length(cycle, optim.warmup_fraction, optim.warmup_steps)
+        return learning_rate(state.step - start, self.base_lr, warmup, optim.schedule, cycle, optim.min_lr_ratio)
+
+    # --- evaluation and publishing ---------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.cfg.eval
+        if cfg.dataset == "none":
+            return {}
+        if self._knn_data is None:
+            self._knn_data = knn_sets(cfg)
+        started = time.perf_counter()
+        top1 = self.knn(self.encoder())
+        if self._knn_baselines is None:
+            self._knn_baselines = self.knn_baselines()
+        step = self.loop.state.step
+        self.loop.metrics.knn_top1.set(top1)
+        log.info("kNN top-1 %.4f at step %d (%.1f s; same subset: raw pixels %.4f, untrained encoder %.4f)", top1,
+                 step, time.perf_counter() - started, self._knn_baselines["knn_raw_pixels"],
+                 self._knn_baselines["knn_untrained"])
+        return {"knn_top1": top1, "knn_step": float(step), **self._knn_baselines}
+
+    def encoder(self) -> torch.nn.Module:
+        return self.method.encoder() if self.encoder_ema is None else self.encoder_ema.module
+
+    def manifest(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"backbone": cfg.model.backbone, "backbone_options": {}, "embedding_dim": self.feature_dim,
+                "input": {"channels": cfg.data.channels, "height": cfg.data.size, "width": cfg.data.size,
+                          "range": "float in [0, 1], normalised inside the encoder",
+                          "mean": cfg.data.mean, "std": cfg.data.std}}
+
+    def knn(self, encoder: torch.nn.Module) -> float:
+        cfg = self.cfg.eval
+        return knn_top1(encoder, *self._knn_data, self.cfg.data.mean, self.cfg.data.std, self.device, k=cfg.k,
+                        temperature=cfg.temperature, autocast=self.autocast)
+
+    def knn_baselines(self) -> dict[str, float]:
+        """What the monitor's number must beat, on the same subset and preprocessing: raw pixels, and this
+        run's encoder as it was before training (the same seed's initialisation)."""
+        with torch.random.fork_rng(devices=[]):  # leaves the training RNG exactly where it was
+            torch.manual_seed(self.cfg.train.seed)
+            untrained, _ = build_backbone(self.cfg.model.backbone, self.cfg.data.channels)
+        return {"knn_raw_pixels": self.knn(torch.nn.Flatten()), "knn_untrained": self.knn(untrained.to(self.device))}
+
+    # --- what the loop prints ----------------------------------------------------------------------------
+    def progress(self, samples_rate: float, seconds: float, loss: float, logs: dict[str, float]) -> str:
+        metrics = self.loop.state.eval_metrics
+        knn = f"{metrics['knn_top1']:.4f} @ {int(metrics['knn_step'])}" if "knn_top1" in metrics else "-"
+        extra = " | ".join(f"{name} {value:.3f}" for name, value in logs.items())
+        return (f"step {self.loop.state.step} | {samples_rate:.0f} samples/s | loss {loss:.4f} | "
+                f"lr {self.optimizer.param_groups[0]['lr']:.4f} | knn {knn} | {extra}")
+
+    def summary(self) -> str:
+        state, eval_cfg = self.loop.state, self.cfg.eval
+        metrics = state.eval_metrics
+        knn = "" if "knn_top1" not in metrics else (
+            f", kNN top-1 {metrics['knn_top1']:.4f} (subset of {eval_cfg.bank_size}/{eval_cfg.test_size}; raw pixels "
+            f"{metrics['knn_raw_pixels']:.4f}, untrained encoder {metrics['knn_untrained']:.4f})")
+        return f", {state.samples_seen} samples{knn}"
+
+
+class Trainer(Loop):
+    """The loop driving an `ImageTask`: `Trainer(cfg).run()` is `streamssl run` for an image method."""
+
+    def __init__(self, cfg: Config, stop: threading.Event | None = None, *, collective: Collective | None = None,
+                 **loop_options: Any) -> None:
+        super().__init__(cfg, ImageTask(cfg, collective), stop, collective=collective, **loop_options)
+
+    @property
+    def method(self) -> Any:
+        return self.task.method

@@ -1,0 +1,361 @@
+"""The one training loop of every job: messages from a feed → the task's step, with stop reasons, non-finite
+handling and rollback, the schedule horizon, eval, checkpoint and publish cadences, and metrics.
+
+A job is a `Task` (pipeline/task.py: images in pipeline/images.py, continuous series in pipeline/series/job.py);
+what several workers must agree on goes through the injected `Collective`.
+
+Stopping (SIGINT/SIGTERM via `stop`, max_steps, max_minutes, the end of a finite stream, the task's own end)
+always ends the same way: the current step finishes, then eval, checkpoint, publish. Resuming from the run
+dir restores the task (model, optimizer, method state, RNGs) and the stream position, so N steps in one go
+and N/2 + N/2 across a restart train on the same samples in the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from streamssl.monitoring.metrics import Metrics
+from streamssl.pipeline.checkpointing import Checkpointer
+from streamssl.pipeline.collective import Collective
+from streamssl.pipeline.config import ConfigError, to_dict
+from streamssl.pipeline.loading.deadletter import DeadLetters
+from streamssl.pipeline.loading.messages import Reject
+from streamssl.pipeline.loading.sources import dead_letter_topic
+from streamssl.pipeline.publishing import Publisher
+from streamssl.pipeline.schedule import HorizonEstimate
+from streamssl.pipeline.task import Feed, Task
+from streamssl.streams.files import RunPaths
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(Exception):
+    """The loss stayed non-finite after every allowed rollback; the CLI prints it as one line."""
+
+
+@dataclass
+class RunState:
+    """Counters that go into every checkpoint next to the task's own state."""
+
+    step: int = 0
+    samples_seen: int = 0
+    checkpoints_written: int = 0
+    position: dict[str, Any] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    published_step: int = -1
+    # The schedule: the step the LR anneals to (0 = none) and where the current cycle began (a time-bounded
+    # invocation that resumes a finished schedule starts a new cycle: a warm restart).
+    horizon_steps: int = 0
+    cycle_start: int = 0
+    eval_step: int = -1  # the step `eval_metrics` were measured at
+
+
+class Loop:
+    """Runs `task` in `cfg.run_dir` until a stop reason; `run()` returns the final counters.
+
+    Args:
+        cfg: The run's config.
+        task: The job (built first: a missing data path or a bad option fails before the run dir is written).
+        stop: Set to stop after the current step.
+        collective: What the workers agree on (default: this process alone).
+        checkpointer: The run dir's checkpoints (default: this process's own; see pipeline/ray/worker.py).
+    """
+
+    def __init__(self, cfg: Any, task: Task, stop: threading.Event | None = None, *,
+                 collective: Collective | None = None, checkpointer: Checkpointer | None = None) -> None:
+        self.cfg, self.task = cfg, task
+        self.stop = stop or threading.Event()
+        self.collective = collective or Collective()
+        self.paths = RunPaths(cfg.run_dir)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        if self.collective.rank == 0:
+            self.paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.metrics = Metrics(cfg.method)
+        self.dead_letter_topic = topic = dead_letter_topic(cfg.data, cfg.kafka)
+        forward = None if topic is None else (
+            lambda source, key, reason, detail, payload: topic.send(key, payload, reason, detail, source))
+        self.dead_letters = DeadLetters(self.paths.dead_letters, self.metrics, forward)
+        self.checkpointer = checkpointer or Checkpointer(self.paths.checkpoints, keep=cfg.checkpoint.keep)
+        self.publisher = Publisher(self.paths.published)
+        self.state = RunState()
+        self.metrics_port = 0
+        self.loop_seconds = 0.0
+        self.startup_seconds = 0.0  # of loop_seconds, until the first message arrived (connecting, joining, first fetch)
+        self.feed: Feed | None = None
+        self._held: Any = None  # a message taken from the feed that the other workers have not matched yet
+        self._checkpointed: tuple[int, Any] = (-1, None)  # step and position object of the last checkpoint
+        self._nonfinite_in_a_row = 0
+        self._rollbacks = 0
+        self._horizon_estimate: HorizonEstimate | None = None
+        task.attach(self)
+
+    # --- checkpoint / resume / rollback ------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        st, own = self.state, self.task.state_dict()
+        state = {
+            "format": 1, "method_name": self.cfg.method, "step": st.step, "samples_seen": st.samples_seen,
+            "checkpoints_written": st.checkpoints_written, **own, "source": st.position,
+            # the LR is a pure function of step and horizon
+            "schedule": {**own.get("schedule", {}), "step": st.step, "horizon_steps": st.horizon_steps,
+                         "cycle_start": st.cycle_start},
+            "eval_metrics": st.eval_metrics, "eval_step": st.eval_step, "config": to_dict(self.cfg),
+        }
+        if self.collective.world_size > 1:  # every worker's own stream position and RNG, in rank order
+            ranks = self.collective.gather({"position": st.position, "rng": own.get("rng", {})})
+            state.update(ranks=ranks, world_size=self.collective.world_size)
+        return state
+
+    def resume(self) -> bool:
+        found = self.checkpointer.load_latest(map_location=self.task.map_location)
+        if found is None:
+            return False
+        ckpt, path = found
+        if ckpt.get("method_name") != self.cfg.method:
+            raise ConfigError(f"run dir {self.paths.root} holds a '{ckpt.get('method_name')}' run, not '{self.cfg.method}'")
+        self.task.load_state_dict(ckpt)
+        schedule, metrics = ckpt.get("schedule", {}), dict(ckpt.get("eval_metrics", {}))
+        self.state = RunState(ckpt["step"], ckpt["samples_seen"], ckpt["checkpoints_written"], ckpt["source"], metrics,
+                              self.publisher.latest_step(), schedule.get("horizon_steps", 0), schedule.get("cycle_start", 0),
+                              ckpt.get("eval_step", int(metrics.get("knn_step", -1))))
+        self._checkpointed = (self.state.step, self.state.position)
+        log.info("resumed from %s at step %d (%d samples seen)", path.name, self.state.step, self.state.samples_seen)
+        return True
+
+    def roll_back(self) -> None:
+        """After `nan_rollback_after` non-finite losses in a row: back to the last good checkpoint's weights,
+        optimizer and RNG, but not its stream position: the batches that diverged are skipped, not replayed."""
+        cfg = self.cfg.train
+        found = self.checkpointer.load_latest(map_location=self.task.map_location)
+        if found is None or self._rollbacks >= cfg.max_rollbacks:
+            why = "no checkpoint to roll back to" if found is None else f"{self._rollbacks} rollbacks did not help"
+            raise TrainingDiverged(f"loss was not finite for {self._nonfinite_in_a_row} steps in a row and {why}; "
+                                   "lower the learning rate or check the data")
+        ckpt, path = found
+        self.task.roll_back(ckpt)
+        self._rollbacks += 1
+        self._nonfinite_in_a_row = 0
+        self.metrics.rollbacks.inc()
+        log.warning("rolled back from step %d to %s (rollback %d of at most %d)", self.state.step, path.name,
+                    self._rollbacks, cfg.max_rollbacks)
+        self.state.step, self.state.samples_seen = ckpt["step"], ckpt["samples_seen"]
+
+    def save_checkpoint(self) -> None:
+        started = time.perf_counter()
+        self.state.checkpoints_written += 1
+        self.checkpointer.save(self.checkpoint_state(), self.state.step)
+        self._checkpointed = (self.state.step, self.state.position)
+        self.metrics.observe_checkpoint(time.perf_counter() - started)
+        if self.feed is not None:  # durable now: Kafka may move the group's committed offsets up to it
+            self.feed.commit(self.state.position)
+
+    # --- eval and publishing: rank 0 ---------------------------------------------------------------
+    def evaluate(self) -> None:
+        if self.collective.rank == 0:
+            self.state.eval_metrics, self.state.eval_step = self.task.evaluate(), self.state.step
+
+    def publish(self) -> None:
+        if self.collective.rank != 0:
+            self.state.published_step = self.state.step
+            return
+        if self.state.eval_step != self.state.step:
+            self.evaluate()  # the manifest carries the metrics of exactly the weights it publishes
+        encoder = self.task.encoder()
+        if encoder is None:
+            return
+        manifest = {"step": self.state.step, "samples_seen": self.state.samples_seen, "method": self.cfg.method,
+                    "metrics": dict(self.state.eval_metrics), **self.task.manifest()}
+        version, folder = self.publisher.publish(encoder, manifest)
+        self.state.published_step = self.state.step
+        self.metrics.observe_publish(version)
+        log.info("published %s", folder)
+
+    def audit_keys(self, keys: list[str]) -> None:
+        """Lineage: which records went into which step. Lines after the last checkpoint are replayed after a crash,
+        so a key may appear twice; at-least-once delivery means every acknowledged key appears at least once."""
+        with open(self.paths.trained_keys, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": self.state.step, "keys": keys}) + "\n")
+
+    # --- the schedule horizon ----------------------------------------------------------------------
+    def plan_horizon(self) -> None:
+        """The horizon of this invocation (see pipeline/schedule.py): the step budget, a stored time-based
+        horizon not reached yet (a resumed run continues its schedule), or a new estimate from the time budget."""
+        cfg = self.cfg
+        optim = getattr(cfg, "optim", None)
+        fixed = (optim.total_steps if optim is not None else 0) or cfg.train.max_steps
+        if fixed:
+            self.state.horizon_steps, self.state.cycle_start = fixed, 0
+        elif not cfg.train.max_minutes:
+            self.state.horizon_steps = 0
+        elif self.state.horizon_steps <= self.state.step:
+            self.state.cycle_start = self.state.step
+            self._horizon_estimate = HorizonEstimate(self.state.step, cfg.train.max_minutes * 60)
+            self.state.horizon_steps = self._horizon_estimate.update(self.state.step, 0.0)
+
+    def update_horizon(self, elapsed: float) -> None:
+        estimate = self._horizon_estimate
+        if estimate is None:
+            return
+        horizon, frozen = estimate.update(self.state.step, elapsed), estimate.frozen
+        if self.collective.world_size > 1:  # the smallest estimate, frozen once every worker's is: one LR for all
+            horizon, frozen = self.collective.min_int(horizon), not self.collective.any(not frozen)[0]
+        self.state.horizon_steps = horizon
+        if frozen:
+            log.info("schedule horizon: step %d (estimated from the step rate and the time budget)", horizon)
+            self._horizon_estimate = None
+
+    # --- stopping and messages ---------------------------------------------------------------------
+    def stop_reason(self, deadline: float) -> str:
+        """Why this worker should stop before its next step ("" to go on)."""
+        if self.stop.is_set():
+            return "stop requested"
+        if self.cfg.train.max_steps and self.state.step >= self.cfg.train.max_steps:
+            return f"reached max_steps {self.cfg.train.max_steps}"
+        if time.monotonic() >= deadline:
+            return f"time budget of {self.cfg.train.max_minutes} min used"
+        return self.task.finished
+
+    def next_message(self, feed: Feed, deadline: float) -> tuple[Any, str]:
+        """The next message to train on, or (None, why the run stops), in rounds that every worker joins.
+
+        A worker that has no message yet still joins each round, so a worker never waits in a collective
+        for one that waits for data. A Ray `streaming_split` pass starts only when every worker asks for
+        it: when one worker's reader waits there, all others read to the end of their pass (`drain`)
+        instead of holding back behind a full prefetch queue.
+        """
+        while True:
+            reason = self.stop_reason(deadline)
+            if self._held is None and not reason:
+                waited = time.perf_counter()
+                with contextlib.suppress(queue.Empty):
+                    self._held = feed.next(timeout=0.5)
+                    reason = "" if self._held is not None else "stream ended"
+                self.metrics.wait_seconds.inc(time.perf_counter() - waited)
+            waiting = bool(getattr(feed, "waiting_for_pass", False))
+            stop_any, missing_any, waiting_any = self.collective.any(bool(reason), self._held is None, waiting)
+            if stop_any:
+                return None, reason or "another worker stopped"
+            if waiting_any and self.collective.world_size > 1 and hasattr(feed, "drain"):
+                feed.drain()
+            if not missing_any:
+                message, self._held = self._held, None
+                return message, ""
+
+    def checkpoint_due(self, seconds_since_checkpoint: float) -> bool:
+        cfg = self.cfg.checkpoint
+        due = bool((cfg.every_steps and self.state.step % cfg.every_steps == 0)
+                   or (cfg.every_seconds and seconds_since_checkpoint >= cfg.every_seconds))
+        if self.collective.world_size > 1 and cfg.every_seconds:  # by steps alone, every worker decides the same
+            due = self.collective.any(due)[0]
+        return due
+
+    def eval_due(self, seconds_since_eval: float) -> bool:
+        cfg = self.cfg.eval
+        return bool((cfg.every_steps and self.state.step % cfg.every_steps == 0)
+                    or (cfg.every_seconds and seconds_since_eval >= cfg.every_seconds))
+
+    def serve_metrics(self) -> None:
+        cfg = self.cfg.metrics
+        if not cfg.port or self.collective.rank != 0:
+            return
+        try:
+            self.metrics_port = self.metrics.serve(cfg.port, cfg.host)
+        except OSError as err:
+            raise ConfigError(f"cannot serve metrics on {cfg.host}:{cfg.port} ({err.strerror}); "
+                              "pick another --metrics-port or 0 for none") from None
+        log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def run(self) -> RunState:
+        try:
+            self.serve_metrics()
+            self.resume()
+            self.plan_horizon()
+            feed = self.feed = self.task.open(self.state.position)
+            self._train(feed)
+        finally:
+            if self.feed is not None:
+                self.feed.close()
+                self.feed = None
+            self.task.close()
+            if self.dead_letter_topic is not None:
+                self.dead_letter_topic.close()
+            self.metrics.close()
+        return self.state
+
+    def _train(self, feed: Feed) -> None:
+        cfg, state = self.cfg, self.state
+        started = time.monotonic()
+        deadline = started + cfg.train.max_minutes * 60 if cfg.train.max_minutes else float("inf")
+        last_checkpoint_time = last_eval_time = last_log_time = started
+        last_log_samples, last_loss, logs = state.samples_seen, float("nan"), {}
+        while True:
+            message, reason = self.next_message(feed, deadline)
+            if message is None:
+                break
+            if not self.startup_seconds:
+                self.startup_seconds = time.monotonic() - started
+            if isinstance(message, Reject):
+                self.dead_letters.reject(message.source, message.key, message.reason, message.detail, message.payload)
+                state.position = message.position
+                continue
+            step_started = time.perf_counter()
+            result = self.task.step(message)
+            # A skipped step still consumed its message: the position moves on, the step count does not.
+            state.position = message.position
+            self.metrics.observe_source(getattr(message, "source_stats", None) or {})
+            if result is None:
+                continue
+            if not result.finite:
+                self._nonfinite_in_a_row += 1
+                self.metrics.skipped_steps.inc()
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", state.step, self._nonfinite_in_a_row)
+                if self._nonfinite_in_a_row >= cfg.train.nan_rollback_after:
+                    self.roll_back()
+                continue
+            self._nonfinite_in_a_row = 0
+            last_loss, logs = result.loss, result.logs
+            state.step += 1
+            if cfg.train.audit_keys and hasattr(message, "keys"):
+                self.audit_keys(message.keys)
+            state.samples_seen += result.samples * self.collective.world_size
+            self.metrics.observe_step(result.samples, time.perf_counter() - step_started, result.lr)
+            self.metrics.observe_logs({"loss": last_loss, **logs})
+
+            now = time.monotonic()
+            self.update_horizon(now - started)
+            if self.eval_due(now - last_eval_time):
+                self.evaluate()
+                last_eval_time = now = time.monotonic()
+            if now - last_log_time >= cfg.train.log_every_seconds:
+                rate = (state.samples_seen - last_log_samples) / (now - last_log_time)
+                self.metrics.samples_per_second.set(rate)
+                if self.collective.rank == 0:
+                    print(self.task.progress(rate, now - last_log_time, last_loss, logs), flush=True)
+                last_log_time, last_log_samples = now, state.samples_seen
+            if self.checkpoint_due(now - last_checkpoint_time):
+                self.save_checkpoint()
+                last_checkpoint_time = time.monotonic()
+                if state.checkpoints_written % cfg.checkpoint.publish_every == 0:
+                    self.publish()
+        self.loop_seconds = time.monotonic() - started
+        self.finish(reason)  # while the feed still runs: the final checkpoint's offsets are committed too
+
+    def finish(self, reason: str) -> None:
+        log.info("stopping: %s", reason)
+        state = self.state
+        if state.step > 0 and state.eval_step != state.step:
+            self.evaluate()
+        if self._checkpointed[0] != state.step or self._checkpointed[1] is not state.position:
+            self.save_checkpoint()
+        if state.published_step != state.step:
+            self.publish()
+        print(f"done: {reason}; step {state.step}{self.task.summary()}", flush=True)

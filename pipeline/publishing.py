@@ -1,0 +1,59 @@
+"""Publishing: encoder-only artifacts in RUN_DIR/published/vNNNNNN/, with an atomic `latest` pointer.
+
+A version is written into a hidden temp folder and renamed into place, then `latest` (a relative
+symlink) is replaced with os.replace, so a consumer never sees a half-written version or a
+dangling pointer. `streamssl.models.load_encoder` reads it back without any training code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from streamssl.models.encoder_io import save_encoder
+from streamssl.streams.files import fsync_dir
+
+_VERSION = re.compile(r"^v(\d{6})$")
+
+
+class Publisher:
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def latest_version(self) -> int:
+        versions = [int(m.group(1)) for p in self.directory.iterdir() if (m := _VERSION.match(p.name))]
+        return max(versions, default=0)
+
+    def latest_step(self) -> int:
+        """Training step of the version `latest` points at; -1 if nothing is published yet."""
+        manifest = self.directory / "latest" / "manifest.json"
+        return int(json.loads(manifest.read_text())["step"]) if manifest.is_file() else -1
+
+    def publish(self, backbone: nn.Module, manifest: dict[str, Any]) -> tuple[int, Path]:
+        """Writes the next version and points `latest` at it; returns (version, folder)."""
+        version = self.latest_version() + 1
+        name = f"v{version:06d}"
+        temp = self.directory / f".{name}.tmp"
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir()
+        save_encoder(temp, backbone, {**manifest, "version": version,
+                                      "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        for file in temp.iterdir():  # durable before it becomes visible: a crash never publishes empty files
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(temp)
+        os.replace(temp, self.directory / name)
+        link = self.directory / ".latest.tmp"
+        link.unlink(missing_ok=True)
+        link.symlink_to(name)
+        os.replace(link, self.directory / "latest")
+        fsync_dir(self.directory)
+        return version, self.directory / name

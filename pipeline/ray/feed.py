@@ -1,0 +1,167 @@
+"""Ray Data feeding one trainer: rows decoded in Ray Data tasks, handed over as `Batch`es with an exact position.
+
+`ray_dataset` reads a `ray+…` spec and attaches the decode step; `RayDataFeed` is the loader a trainer uses
+for its share (a `streaming_split` iterator, or the whole dataset with one worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from streamssl.pipeline.config import Config
+from streamssl.pipeline.loading.deadletter import DeadLetters
+from streamssl.pipeline.loading.loader import Batch, decode_record, read_message, record_id
+from streamssl.pipeline.loading.sources import resolve_mode
+from streamssl.streams.ray_source import RayShardReader, read_ray_dataset
+from streamssl.streams.records import Record, SourceError
+
+log = logging.getLogger(__name__)
+
+
+# --- Ray Data: decoding, and the batches one worker gets ------------------------------------------------
+def decode_rows(rows: dict[str, np.ndarray], *, image_field: str, channels: int, size: int) -> dict[str, np.ndarray]:
+    """Runs inside Ray Data tasks: {key, image, source} rows → `streams.ray_source.DECODED_COLUMNS`.
+
+    Encoded images are decoded exactly as the loader process decodes webdataset and Kafka records; pixel
+    arrays that Ray Data decoded already (`ray+images`) are only laid out as [C, H, W].
+    """
+    keys, sources, encoded = rows["key"], rows["source"], rows["image"]
+    count = len(keys)
+    reasons, details, payloads = [""] * count, [""] * count, [b""] * count
+    if encoded.dtype != object:  # read_images: uint8 [N, H, W] or [N, H, W, C], already size x size
+        images = np.ascontiguousarray(encoded.reshape(count, size, size, channels).transpose(0, 3, 1, 2))
+    else:
+        images = np.zeros((count, channels, size, size), dtype=np.uint8)
+        for row in range(count):
+            fields = {image_field: encoded[row]} if len(encoded[row]) else {}
+            try:
+                images[row] = decode_record(Record(str(keys[row]), fields, str(sources[row]), row), image_field,
+                                            channels, size)
+            except ValueError as err:
+                reasons[row], _, details[row] = str(err).partition(": ")
+                payloads[row] = bytes(encoded[row])
+    return {"image": images, "key": keys, "id": np.array([record_id(str(key)) for key in keys], dtype=np.int64),
+            "reason": np.array(reasons, dtype=object), "detail": np.array(details, dtype=object),
+            "payload": np.array(payloads, dtype=object), "source": sources}
+
+
+def ray_dataset(cfg: Config) -> Any:
+    """The training dataset of a `ray+…` data spec, decoded for this config (lazy; Ray must be running)."""
+    decode = partial(decode_rows, image_field=cfg.data.image_field, channels=cfg.data.channels, size=cfg.data.size)
+    return read_ray_dataset(cfg.data.source, decode, image_field=cfg.data.image_field, channels=cfg.data.channels,
+                            size=cfg.data.size)
+
+
+class RayDataFeed:
+    """The trainer's loader for a Ray dataset: a `RayShardReader` run on a thread, batches queued ahead.
+
+    A thread, not the loader's process: the reading and decoding already happen in Ray Data tasks, and a
+    Ray iterator cannot cross a fork. `waiting_for_pass` and `drain()` let workers of a `streaming_split`
+    get past its per-pass barrier (see `WorkerTrainer.next_batch`).
+    """
+
+    def __init__(self, iterator: Any, position: dict[str, Any], cfg: Config, dead_letters: DeadLetters) -> None:
+        mode = resolve_mode(cfg.data.source, cfg.data.mode)
+        self._reader = RayShardReader(iterator, batch_size=cfg.train.batch_size, mode=mode,
+                                      shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
+                                      on_reject=lambda *reject: self._put(("reject", *reject), bounded=False))
+        self._reader.load_state_dict(position)
+        self._iterator = iterator
+        self.dead_letters = dead_letters
+        self._prefetch = cfg.data.prefetch_batches
+        self._messages: deque[tuple[Any, ...]] = deque()
+        self._batches_queued = 0
+        self._ready = threading.Condition()
+        self._drain_pass = -1  # while the reader reads this pass, the prefetch bound is lifted
+        self._closed = False
+        self._ended = False
+        self._thread = threading.Thread(target=self._feed, name="streamssl-ray-feed", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting_for_pass(self) -> bool:
+        return self._reader.waiting_for_pass
+
+    def drain(self) -> None:
+        """Read to the end of the current pass regardless of the prefetch bound (another worker waits there)."""
+        with self._ready:
+            self._drain_pass = self._reader.reading_pass
+            self._ready.notify_all()
+
+    def _put(self, message: tuple[Any, ...], bounded: bool = True) -> None:
+        with self._ready:
+            while (bounded and self._batches_queued >= self._prefetch and not self._closed
+                   and self._drain_pass != self._reader.reading_pass):
+                self._ready.wait(0.1)
+            self._messages.append(message)
+            self._batches_queued += message[0] == "batch"
+            self._ready.notify_all()
+
+    def _feed(self) -> None:
+        try:
+            for images, keys, ids, position in self._reader:
+                self._put(("batch", images, keys, position, self._reader.stats(), ids))
+            self._put(("end",), bounded=False)
+        except SourceError as err:
+            self._put(("error", str(err)), bounded=False)
+        except SystemExit:
+            return  # Ray shut down while this thread waited for data (the run is over)
+        except Exception as err:  # a failed Ray Data task surfaces here: end the run with it, not a silent hang
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self._put(("error", f"Ray Data read failed: {type(err).__name__}: {first_line}"), bounded=False)
+
+    def next(self, timeout: float) -> Batch | None:
+        deadline = time.monotonic() + timeout
+        while not self._ended:
+            with self._ready:
+                while not self._messages:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise queue.Empty
+                    self._ready.wait(left)
+                message = self._messages.popleft()
+                self._batches_queued -= message[0] == "batch"
+                self._ready.notify_all()
+            batch = read_message(message, self.dead_letters)
+            if batch is not None:
+                return batch
+            self._ended = message[0] == "end"
+        return None
+
+    def commit(self, position: dict[str, Any]) -> None:
+        """Nothing upstream to acknowledge: a Ray dataset is re-read from our own position."""
+
+    def close(self) -> None:
+        self._reader.close()
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._release_split()
+            self._thread.join(timeout=5)
+
+    def _release_split(self) -> None:
+        """Ends a read left waiting at a `streaming_split` pass barrier that the other splits will not reach.
+
+        Such a read stays blocked inside Ray for good, and a later `ray.shutdown()` with a thread inside Ray
+        ends the whole process with exit code 1. Killing the split's coordinator actor makes the wait fail
+        instead; it is only done here, when the run is over for every split.
+        """
+        coordinator = getattr(self._iterator, "_coord_actor", None)  # Ray Data has no public handle for it
+        if coordinator is None:
+            log.warning("the Ray Data reader did not stop within 5 s of close()")
+            return
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(coordinator)
