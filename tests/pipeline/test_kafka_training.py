@@ -23,6 +23,8 @@ from streamssl.pipeline.images import Trainer
 from streamssl.streams.kafka_produce import create_topic, lake_records, produce
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `pytest -m 'not slow'` skips it in an inner loop
+
 RECORDS = 320  # 10 steps of 32
 BATCH = 32
 CHECKPOINT_EVERY = 2

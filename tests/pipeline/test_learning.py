@@ -21,7 +21,9 @@ from streamssl.pipeline.loading.loader import Batch, record_id
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from tests.conftest import tiny_config
 
-STEPS = 30
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `pytest -m 'not slow'` skips it in an inner loop
+
+STEPS = 20
 BATCH = 32
 TRAIN_IMAGES = 1024  # cycled, ~2 passes: a revisit is what NPID's bank and DeepCluster's fixed labels need
 MARGIN = 0.01  # kNN top-1 above the untrained encoder, on 1,000 held-out test images against a 2,000-image bank

@@ -18,6 +18,8 @@ from streamssl.streams.lake import build_lake
 from tests.conftest import tiny_config
 from tests.pipeline.test_resume import RecordingTrainer
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `pytest -m 'not slow'` skips it in an inner loop
+
 STEPS = 8
 # Small enough that every piece of method state moves within 8 steps of batch 32 on a 128-image lake,
 # where records repeat (NPID bank hits, DeepCluster reclustering, SwAV queue in use, BYOL tau moving).

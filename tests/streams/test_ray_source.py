@@ -30,6 +30,8 @@ from streamssl.streams.ray_source import RayShardReader, parse_ray_spec, read_ra
 from streamssl.streams.records import SourceError
 from tests.conftest import LAKE_IMAGES
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `pytest -m 'not slow'` skips it in an inner loop
+
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:

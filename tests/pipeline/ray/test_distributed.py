@@ -28,6 +28,8 @@ from tests.conftest import LAKE_IMAGES, free_port, tiny_config
 from tests.pipeline.test_kafka_training import _committed, _fill, _trained
 from tests.streams.test_ray_source import ray_cluster  # noqa: F401  (a local Ray for this module)
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: `pytest -m 'not slow'` skips it in an inner loop
+
 BATCH = 4
 
 
