@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streamssl.models.method import Method, embedding_std, momentum_update, write_ring
+from streamssl.models.method import Method, embedding_std, momentum_update
+from streamssl.models.ring import write_ring
 from streamssl.models.series_backbones import PooledSeriesEncoder, SeriesEncoder
 
 

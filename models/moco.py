@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from streamssl.models.distributed import gather_from_all, world_size
 from streamssl.models.losses import info_nce
-from streamssl.models.method import Method, embedding_std, momentum_update, write_ring
+from streamssl.models.method import Method, embedding_std, momentum_update
+from streamssl.models.ring import write_ring
 
 
 class MoCo(Method):
