@@ -60,6 +60,18 @@ def sniff(value: bytes) -> str:
     return "bin"
 
 
+def merge_positions(positions: list[dict[str, Any]]) -> dict[str, Any]:
+    """All workers' Kafka positions as one: a run resumed with another worker count splits the partitions
+    differently, so every worker gets the newest offset known for each partition (offsets only grow) and
+    uses the ones it reads. {} if no worker had read anything yet."""
+    kafka = [position for position in positions if position.get("kind") == "kafka"]
+    offsets: dict[str, int] = {}
+    for position in kafka:
+        for partition, offset in position.get("offsets", {}).items():
+            offsets[partition] = max(offsets.get(partition, 0), int(offset))
+    return {**kafka[0], "offsets": offsets} if kafka else {}
+
+
 class KafkaSource:
     """Yields `Record`s from a Kafka topic as a member of a consumer group, with an exact resumable position.
 

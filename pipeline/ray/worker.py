@@ -43,6 +43,7 @@ from streamssl.pipeline.loading.sources import resolve_mode, source_factory
 from streamssl.pipeline.loop import RunState
 from streamssl.pipeline.ray.feed import RayDataFeed
 from streamssl.streams.files import RunPaths
+from streamssl.streams.kafka_source import merge_positions
 from streamssl.streams.ray_source import is_ray_spec
 from streamssl.streams.webdataset_source import list_complete_shards
 
@@ -69,18 +70,6 @@ def rank_shard_spec(spec: str, mode: str, worker: int, workers: int) -> str:
 
 
 # --- checkpoints: rank 0 writes, every rank reads its own part ------------------------------------------
-def _merged_kafka(positions: list[dict[str, Any]]) -> dict[str, Any]:
-    """All workers' Kafka positions as one: a run resumed with another worker count splits the partitions
-    differently, so every worker gets the newest offset known for each partition (offsets only grow) and
-    uses the ones it reads. {} if no worker had read anything yet."""
-    kafka = [position for position in positions if position.get("kind") == "kafka"]
-    offsets: dict[str, int] = {}
-    for position in kafka:
-        for partition, offset in position.get("offsets", {}).items():
-            offsets[partition] = max(offsets.get(partition, 0), int(offset))
-    return {**kafka[0], "offsets": offsets} if kafka else {}
-
-
 class SharedCheckpointer(Checkpointer):
     """The run dir's checkpoints for a group of workers (our own format; see pipeline/checkpointing.py).
 
@@ -153,7 +142,7 @@ class SharedCheckpointer(Checkpointer):
                               f"{self.workers}: resume with the same number of workers, or use a new --run-dir")
         position = ranks[self.worker]["position"]
         if any(entry["position"].get("kind") == "kafka" for entry in ranks):
-            position = _merged_kafka([entry["position"] for entry in ranks])
+            position = merge_positions([entry["position"] for entry in ranks])
         return {**ckpt, "source": position, "rng": ranks[self.worker]["rng"]}
 
 
