@@ -19,11 +19,23 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """The views `forward` expects of each image: `full` full-size ones, then `small` crops of `small_size`
+    pixels covering `small_scale` (min, max) of the image area (SwAV's multi-crop)."""
+
+    full: int
+    small: int = 0
+    small_size: int = 0
+    small_scale: tuple[float, float] = (0.05, 0.4)
 
 
 class Method(nn.Module, ABC):
@@ -54,6 +66,10 @@ class Method(nn.Module, ABC):
         self.horizon_steps = 0  # set by the trainer before each step; 0 = unbounded (no end to anneal to)
         self._staged: list[Callable[[], None]] = []
         self._reset: list[nn.Parameter] = []
+
+    def views(self) -> ViewSpec:
+        """What the augmentation makes of each image for this method."""
+        return ViewSpec(self.num_views, self.small_crops, self.small_crop_size, self.small_crop_scale)
 
     @abstractmethod
     def forward(self, views: list[Tensor], ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:

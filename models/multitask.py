@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
-from streamssl.models.method import Method
+from streamssl.models.method import Method, ViewSpec
 from streamssl.models.pretext import JigsawHead, PretextOutput, RotationHead
 
 # Task name -> head factory taking the backbone's feature width; the heads' own defaults apply. The order
@@ -90,7 +90,8 @@ class MultiTask(Method):
     def encoder(self) -> nn.Module:
         return self.inner.encoder()
 
-    # The trainer reads these to decide which views to make; they are the inner method's.
+    def views(self) -> ViewSpec:  # the inner method's: the aux heads use its first view
+        return self.inner.views()
 
     @property
     def backbone(self) -> nn.Module:  # type: ignore[override]
@@ -99,19 +100,3 @@ class MultiTask(Method):
     @property
     def name(self) -> str:  # type: ignore[override]
         return self.inner.name
-
-    @property
-    def num_views(self) -> int:  # type: ignore[override]
-        return self.inner.num_views
-
-    @property
-    def small_crops(self) -> int:  # type: ignore[override]
-        return self.inner.small_crops
-
-    @property
-    def small_crop_size(self) -> int:  # type: ignore[override]
-        return self.inner.small_crop_size
-
-    @property
-    def small_crop_scale(self) -> tuple[float, float]:  # type: ignore[override]
-        return self.inner.small_crop_scale

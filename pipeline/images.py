@@ -127,8 +127,8 @@ class ImageTask:
         """One optimizer step; not taken (finite=False) when the loss was not finite on any worker."""
         cfg, state, method = self.cfg, self.loop.state, self.method
         images = batch.images.to(self.device, non_blocking=True)
-        views = self.augment(images, self.generator, method.num_views, method.small_crops, method.small_crop_size,
-                             method.small_crop_scale)
+        spec = method.views()
+        views = self.augment(images, self.generator, spec.full, spec.small, spec.small_size, spec.small_scale)
         if cfg.train.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         lr = self.learning_rate()

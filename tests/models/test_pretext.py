@@ -14,7 +14,7 @@ from streamssl.models import build_backbone, build_method
 from streamssl.models.backbones import SplitBatchNorm2d
 from streamssl.models.bn import running_stat_layers, running_stats_frozen
 from streamssl.models.jigsaw import Jigsaw
-from streamssl.models.method import Method, embedding_std
+from streamssl.models.method import Method, ViewSpec, embedding_std
 from streamssl.models.moco import MoCo
 from streamssl.models.multitask import MultiTask
 from streamssl.models.pretext import (
@@ -469,8 +469,7 @@ def test_multitask_looks_like_its_inner_method_to_the_trainer() -> None:
 
     inner = Recorder()
     multitask = MultiTask(inner, {"rotation": 1.0})
-    assert (multitask.name, multitask.num_views, multitask.small_crops, multitask.small_crop_size,
-            multitask.small_crop_scale) == ("recorder", 3, 2, 12, (0.1, 0.3))
+    assert (multitask.name, multitask.views()) == ("recorder", ViewSpec(3, 2, 12, (0.1, 0.3)))
     assert multitask.backbone is inner.backbone and multitask.encoder() is inner.backbone
     assert multitask.feature_dim == inner.feature_dim
     multitask.on_step_end(7)
