@@ -321,3 +321,23 @@ def test_a_checkpoint_written_before_the_one_loop_resumes_exactly_where_a_straig
     straight.run()
     assert resumed.state.step == straight.state.step == 10
     _assert_same(_resumable_state(resumed), _resumable_state(straight))
+
+
+def test_repeated_nan_in_a_series_run_rolls_back_and_the_stream_goes_on(tmp_path: Path) -> None:
+    # A forecaster loss that turns NaN on demand cannot come from real points, so the model's forward is
+    # wrapped to poison three calls; the loop's skip and rollback (the same as for images) are real.
+    job = SeriesJob(_config(tmp_path / "run", _lake(tmp_path / "data", _series(300)), "forecast"))
+    real_forward, calls = job.task.model.forward, {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss, logs = real_forward(*args)
+        return (loss * float("nan"), logs) if 8 <= calls["n"] <= 10 else (loss, logs)
+
+    job.task.model.forward = poisoned
+    state = job.run()
+    assert job.metrics.skipped_steps._value.get() == 3 and job.metrics.rollbacks._value.get() == 1
+    # 29 full batches of 8 after the 64-point warm-up: 7 good steps, 3 poisoned, then the rollback to the
+    # checkpoint of step 5 drops 2 good ones; the rest of the stream trains on.
+    assert calls["n"] == (300 - WARMUP) // BATCH and state.step == calls["n"] - 3 - 2
+    assert job.task.points_seen == 300
