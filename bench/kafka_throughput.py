@@ -7,7 +7,7 @@ hits both sides:
   `BatchLoader.next`) vs a raw kafka-python `KafkaConsumer.poll` loop over the same records (bytes only,
   nothing decoded). Goal: ratio ≥ 0.8.
 * training: `Trainer.run` on `kafka://…` (the real loop: consumer, decode, checkpoint-aligned commits) vs
-  `train_step` on the same number of batches already decoded in memory. Goal: ratio ≥ 0.95. Reported twice:
+  the image task's `step` on the same number of batches already decoded in memory. Goal: ratio ≥ 0.95. Reported twice:
   with the Kafka side's start-up (creating the consumer, joining the group, the first fetch: a few seconds
   per round, once per run in production) and from its first batch on (steady state). A few untimed steps
   before round 1 warm up the process (thread pools, kernels) so that neither side pays for that alone.

@@ -2,7 +2,7 @@
 
 Both sides use one Trainer (same model, batch, augmentation, precision): the stream side runs the
 real loop (`Trainer.run`: shards on disk → background decode → train), the memory side calls
-`train_step` on batches decoded up front. Rounds alternate so that machine noise hits both.
+the image task's `step` on batches decoded up front. Rounds alternate so that machine noise hits both.
 Prints samples/s of each and their ratio (goal ≥ 0.95 on 2 CPU cores).
 
     .venv/bin/python bench/pipeline_efficiency.py [--steps 100] [--rounds 3] [--set key=value ...]
