@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,3 +20,21 @@ RejectFn = Callable[[str, str, str], None]  # on_reject(source, key, reason)
 
 class SourceError(Exception):
     """A data source that cannot be used at all (missing path, bad spec); one readable line."""
+
+
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))
+
+
+def sniff(value: bytes) -> str:
+    """The field name for a message value: "png", "jpg", "webp" by magic bytes, "json" for a JSON object, else "bin"."""
+    for magic, kind in _MAGIC:
+        if value.startswith(magic):
+            return kind
+    if value[:4] == b"RIFF" and value[8:12] == b"WEBP":
+        return "webp"
+    if value.lstrip()[:1] == b"{":
+        try:
+            return "json" if isinstance(json.loads(value), dict) else "bin"
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return "bin"
+    return "bin"

@@ -43,7 +43,7 @@ from streamssl.pipeline.loading.sources import resolve_mode, source_factory
 from streamssl.pipeline.loop import RunState
 from streamssl.pipeline.ray.feed import RayDataFeed
 from streamssl.streams.files import RunPaths
-from streamssl.streams.kafka_source import merge_positions
+from streamssl.streams.kafka_assignment import merge_positions
 from streamssl.streams.ray_source import is_ray_spec
 from streamssl.streams.webdataset_source import list_complete_shards
 
