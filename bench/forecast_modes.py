@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from streamssl.models.forecaster import MODES
-from streamssl.pipeline.series.forecast import forecast, load_forecast_config
+from streamssl.pipeline.config import load_config
+from streamssl.pipeline.series.forecast import forecast
 
 
 def csv_list(text: str) -> list[str]:
@@ -73,7 +74,8 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, default=3000, help="training steps per run (early stopping may end sooner)")
     parser.add_argument("--max-minutes", type=float, default=2.0, help="training time limit per run")
     parser.add_argument("--out", default="", help="also append every run's JSON line to this file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="series.*, forecast.*, fit.*")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any key `streamssl forecast` reads (`streamssl config --show --job forecast`)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     series, modes = csv_list(args.series), csv_list(args.modes)
@@ -84,10 +86,11 @@ def main() -> int:
     rows: list[dict] = []
     started = time.monotonic()
     for name, lag, mode, seed in grid(series, lags, modes, seeds):
-        cfg = load_forecast_config({"forecast.mode": mode, "series.lag": lag, "series.horizon": args.horizon,
-                                    "series.points": args.points, "fit.max_steps": args.max_steps,
-                                    "fit.max_minutes": args.max_minutes, "fit.seed": seed}, args.set)
-        rows.append(forecast(name, cfg))
+        cfg = load_config(overrides={"data.source": name, "forecast.mode": mode, "series.lag": lag,
+                                     "series.horizon": args.horizon, "series.points": args.points,
+                                     "train.max_steps": args.max_steps, "train.max_minutes": args.max_minutes,
+                                     "train.seed": seed}, sets=args.set, job="forecast")
+        rows.append(forecast(cfg))
         print(json.dumps(rows[-1]), flush=True)
         if args.out:
             with Path(args.out).open("a") as out:

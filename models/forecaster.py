@@ -24,12 +24,16 @@ unless it is also a view). The loss is MSE(main) + aux_weight * mean over aux ta
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODES = ("persistence", "single", "mtl", "mtv", "combined")
-TRUNKS = ("cnn", "lstm")
+Mode = Literal["persistence", "single", "mtl", "mtv", "combined"]
+Trunk = Literal["cnn", "lstm"]
+MODES: tuple[str, ...] = get_args(Mode)
+TRUNKS: tuple[str, ...] = get_args(Trunk)
 
 
 class ConvTrunk(nn.Module):
@@ -81,8 +85,8 @@ class Forecaster(nn.Module):
         predict_change: the main head forecasts x[t+h] - x[t] (see the module docstring).
     """
 
-    def __init__(self, in_channels: int, lag: int, n_aux: int, *, mode: str = "combined", hidden: int = 64,
-                 trunk: str = "cnn", aux_weight: float = 1.0, predict_change: bool = True) -> None:
+    def __init__(self, in_channels: int, lag: int, n_aux: int, *, mode: Mode = "combined", hidden: int = 64,
+                 trunk: Trunk = "cnn", aux_weight: float = 1.0, predict_change: bool = True) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown forecast mode '{mode}'; valid: {', '.join(MODES)}")

@@ -51,10 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", default="",
                      help="an existing Ray cluster (e.g. auto); default: a local Ray started for the run")
 
-    show = commands.add_parser("config", help="print the resolved config (defaults, the method's recipe, file, --set) "
-                                              "as JSON")
+    show = commands.add_parser("config", help="print the resolved config (defaults, the job's and the method's defaults, "
+                                              "file, --set) as JSON, or with --show every key and its help")
     show.add_argument("--config", help="YAML config file")
-    show.add_argument("--method", help="self-supervised method (default moco)")
+    show.add_argument("--method", help="self-supervised method (default moco; forecast with --job forecast)")
+    show.add_argument("--job", choices=["run", "forecast"], default="run",
+                      help="`streamssl run` (the method decides: images or series) or `streamssl forecast`")
+    show.add_argument("--show", action="store_true",
+                      help="every key the job reads, one per line: `key = default  # help`")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
     evaluate = commands.add_parser("eval", help="kNN / linear-probe / few-label top-1 of an encoder, printed as JSON")
@@ -130,9 +134,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from streamssl.pipeline.config import to_dict
+    from streamssl.pipeline.config import describe, job_of, to_dict
 
-    print(json.dumps(to_dict(load_config(args.config, {"method": args.method}, args.set))))
+    cfg = load_config(args.config, {"method": args.method}, args.set, job="forecast" if args.job == "forecast" else None)
+    if args.show:
+        print("\n".join(describe(cfg.method, "forecast" if args.job == "forecast" else job_of(cfg))))
+    else:
+        print(json.dumps(to_dict(cfg)))
     return 0
 
 

@@ -1,9 +1,14 @@
-"""One typed config tree for a run: defaults here, then a YAML file, then `--set key=value`.
+"""One typed config tree for every job: defaults, the job's and the method's defaults, a YAML file, flags, `--set`.
 
-Every schedule is in steps or seconds (a stream has no epochs). Unknown keys and values of the
-wrong type are refused with a `ConfigError` whose message fits on one line. Each method gets a
-section named after it (`moco.queue_size`, `swav.epsilon`, …) generated from its keyword-only
-constructor options, so a method's defaults and types are written down once, in its own file.
+The tree is `Config`: the fixed sections of pipeline/sections.py plus one section per registered method
+(`moco.queue_size`, `forecast.mode`, …) generated from the method's keyword-only constructor options, so a
+method's defaults and types are written down once, in its own file. Three jobs read it: `images`
+(`streamssl run` with an image method), `series` (`streamssl run --method forecast|cpc`) and `forecast`
+(`streamssl forecast`). Every schedule is in steps or seconds (a stream has no epochs).
+
+`load_config` refuses, with a `ConfigError` whose message fits on one line: unknown keys, values of the
+wrong type or outside a `Literal`'s choices, out-of-range values, and keys the job does not read set away
+from their default (a silently ignored setting is a bug report waiting to happen).
 """
 
 from __future__ import annotations
@@ -11,188 +16,51 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from streamssl.models.registry import METHODS, SERIES_METHODS
-from streamssl.monitoring.metrics import DEFAULT_METRICS_PORT
+from streamssl.pipeline.sections import (
+    AugmentConfig,
+    AuxConfig,
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    KafkaConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimConfig,
+    SeriesConfig,
+    TrainConfig,
+)
+
+__all__ = ["AugmentConfig", "AuxConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "Job",
+           "KafkaConfig", "MethodOptions", "MetricsConfig", "ModelConfig", "OptimConfig", "SeriesConfig", "TrainConfig",
+           "describe", "job_of", "load_config", "to_dict"]
+
+Job = Literal["images", "series", "forecast"]
 
 
 class ConfigError(Exception):
     """A bad config key or value; the CLI prints it as one line."""
 
 
-@dataclass
-class DataConfig:
-    source: str = ""  # shard dir, brace pattern or URL; "" = the embedded Fashion-MNIST lake
-    mode: str = "auto"  # cycle | once | follow; auto = follow for a directory, cycle otherwise
-    shuffle_buffer: int = 2048  # records; part of the stream position, so resume stays exact
-    poll_seconds: float = 2.0  # follow mode: how often to look for new shards
-    image_field: str = "png"  # which extension of a record holds the image (png / jpg / jpeg)
-    channels: int = 1
-    size: int = 28  # images are decoded and resized to size x size
-    mean: list[float] = field(default_factory=lambda: [0.286])  # Fashion-MNIST train statistics
-    std: list[float] = field(default_factory=lambda: [0.353])
-    prefetch_batches: int = 4
+class MethodOptions:
+    """A method's section: its keyword-only constructor options as fields (see `options_section`)."""
+
+    method: typing.ClassVar[type]
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {f.name: tuple(getattr(self, f.name)) if f.metadata.get("tuple") else getattr(self, f.name)
+                for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
 
-@dataclass
-class KafkaConfig:
-    """Client settings for `--data kafka://HOST:PORT[,HOST:PORT]/TOPIC[?group=G]`, passed through to kafka-python."""
-
-    group: str = "streamssl"  # consumer group (the URL's ?group= wins); --workers N commit to it too
-    client_id: str = "streamssl"
-    auto_offset_reset: str = "earliest"  # where a new group starts on a partition with no committed offset
-    session_timeout_ms: int = 10000
-    security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
-    sasl_mechanism: str = ""  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 | OAUTHBEARER
-    sasl_plain_username: str = ""
-    sasl_plain_password: str = ""  # prefer the STREAMSSL_KAFKA_PASSWORD environment variable
-    ssl_cafile: str = ""
-    ssl_certfile: str = ""
-    ssl_keyfile: str = ""
-    dead_letter_topic: str = ""  # undecodable records are also produced here ("" = dead-letter file only)
-
-    def client_options(self) -> dict[str, Any]:
-        """kafka-python keyword arguments: only the ones set, so the client's own defaults stay in force."""
-        options: dict[str, Any] = {"client_id": self.client_id, "security_protocol": self.security_protocol}
-        password = os.environ.get("STREAMSSL_KAFKA_PASSWORD", self.sasl_plain_password)
-        for name, value in (("sasl_mechanism", self.sasl_mechanism), ("sasl_plain_username", self.sasl_plain_username),
-                            ("sasl_plain_password", password), ("ssl_cafile", self.ssl_cafile),
-                            ("ssl_certfile", self.ssl_certfile), ("ssl_keyfile", self.ssl_keyfile)):
-            if value:
-                options[name] = value
-        return options
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "convnet"  # convnet (CPU default) | resnet18 (for GPUs)
-    # split BN in training, so a single device behaves like MoCo's multi-GPU shuffle BN (MoCo's recipe sets 8)
-    bn_splits: int = 1
-
-
-@dataclass
-class AugmentConfig:
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4  # only for 3-channel input
-    blur_prob: float = 0.5
-    # SimCLR's range for 224 px images, scaled by data.size / 224 (a 28 px image gets sigma 0.0125-0.25 px):
-    # the 224 px range applied to 28 px images blurred away most of what there is to learn
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
-
-
-@dataclass
-class OptimConfig:
-    """Defaults here; a method's `recipe` (in its own file) overrides them unless the user sets the key."""
-
-    name: str = "sgd"  # sgd | lars | adamw; weight decay (and LARS's trust ratio) skip BN and bias parameters
-    lr: float = 0.06  # for batch 256; scaled linearly with batch size
-    momentum: float = 0.9  # SGD/LARS momentum (AdamW: beta1 stays 0.9)
-    weight_decay: float = 5e-4
-    warmup_fraction: float = 0.05  # linear warm-up over this share of the horizon
-    warmup_steps: int = 0  # explicit warm-up steps instead (0 = the fraction; 100 steps for an unbounded run)
-    schedule: str = "cosine"  # cosine | constant
-    # cosine horizon; 0 = train.max_steps, else estimated from --max-minutes, else none (constant LR)
-    total_steps: int = 0
-    min_lr_ratio: float = 0.0
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 256
-    max_steps: int = 0  # total for the run dir (a resumed run continues up to it); 0 = no limit
-    max_minutes: float = 5.0  # this invocation's wall-clock budget; 0 = no limit
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 where the hardware has it natively, else fp32) | fp32 | bf16
-    channels_last: bool = True
-    seed: int = 0
-    deterministic: bool = False  # bit-exact CPU resume (torch deterministic algorithms)
-    log_every_seconds: float = 10.0
-    audit_keys: bool = False  # append each trained batch's record keys to RUN_DIR/trained-keys.jsonl (lineage)
-    nan_rollback_after: int = 3  # non-finite losses in a row (each step skipped) before rolling back
-    max_rollbacks: int = 3  # rollbacks per invocation before giving up with an error
-    # Publish (and monitor) an exponential moving average of the encoder's weights and BN statistics with this
-    # decay per step instead of the raw weights (0 = off): an encoder that is good at any moment for a run with
-    # no end to anneal to; see the README on week-long runs
-    ema_decay: float = 0.0
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 500
-    every_seconds: float = 300.0
-    keep: int = 3
-    publish_every: int = 1  # publish after every N-th checkpoint (and always at the end)
-
-
-@dataclass
-class EvalConfig:
-    every_steps: int = 0  # kNN monitor every N steps (0 = by time only)
-    every_seconds: float = 120.0  # and every N seconds (0 = by steps only); always at the end and before publishing
-    dataset: str = "fashion-mnist"  # fashion-mnist | none
-    bank_size: int = 10000  # labelled reference subset of the train split
-    test_size: int = 2000  # held-out subset of the test split
-    k: int = 200
-    temperature: float = 0.1
-
-
-@dataclass
-class MetricsConfig:
-    port: int = DEFAULT_METRICS_PORT  # 0 = off
-    host: str = "127.0.0.1"
-
-
-@dataclass
-class AuxConfig:
-    """Pretext tasks added to any method as weighted auxiliary heads (0 = off)."""
-
-    rotation: float = 0.0
-    jigsaw: float = 0.0
-
-
-@dataclass
-class SeriesConfig:
-    """Time-series runs (`--method forecast` / `cpc`, `streamssl forecast`): windows, decomposition, grouping."""
-
-    value_column: str = "value"  # CSV/Parquet column with the values ("" = the only numeric column)
-    time_column: str = "timestamp"  # CSV/Parquet column with the time ("" = row order)
-    window: int = 128  # trailing window decomposed at each forecast origin (and CPC's input length)
-    lag: int = 12  # past points fed to the forecaster
-    horizon: int = 1  # steps ahead forecast
-    decomposition: str = "eemd"  # eemd | ceemdan
-    trials: int = 50  # EEMD ensemble size
-    noise_width: float = 0.05
-    max_imfs: int = 4  # IMFs kept per window (+ the residue); fewer are zero-padded
-    grouping: str = "two_means"  # two_means | threshold: how components split into aux targets / views
-    threshold: float = 0.5  # |Pearson| at or above it: aux target (grouping threshold)
-    eval_points: int = 500  # rolling (prequential) nRMSE over this many most recent points
-    points: int = 4000  # `streamssl forecast`: only the most recent N points of the series (0 = all)
-    decomposition_seed: int = 0  # EEMD noise seed; fixed across training seeds so one decomposition serves all
-    # The continuous job (`streamssl run --method forecast|cpc`, pipeline/series/job.py):
-    series_column: str = ""  # Parquet/CSV column naming each row's series ("" = one series)
-    warmup_points: int = 512  # first points of each series: frozen normalisation (and the grouping); >= window
-    batch_size: int = 64  # forecast: new examples per step; cpc: windows per step (train.batch_size is for images)
-    lr: float = 1e-3  # Adam learning rate of the continuous job
-    history: int = 1024  # cpc: most recent points per series that training windows are drawn from
-    points_per_step: int = 16  # cpc: new points between training steps
-    # torch CPU threads of the job (0 = torch's default): its models are tiny, and on busy cores intra-op threads
-    # cost far more than they gain (measured: a batch-1 forecast took 14 ms with 2 threads next to the EEMD pool)
-    threads: int = 1
-    processes: int = 0  # EEMD worker processes of the job (0 = one per CPU core, 1 = none); results do not depend on it
-
-
-def options_section(method: type) -> type:
+def options_section(method: type) -> type[MethodOptions]:
     """A dataclass of a method's keyword-only constructor options: names, types and defaults from the method."""
     hints = typing.get_type_hints(method.__init__)
     fields: list[tuple[str, Any, Any]] = []
@@ -206,13 +74,19 @@ def options_section(method: type) -> type:
                                                          metadata={"tuple": True})))
         else:
             fields.append((param.name, hint, field(default=param.default)))
-    return dataclasses.make_dataclass(f"{method.__name__}Options", fields)
+    section = dataclasses.make_dataclass(f"{method.__name__}Options", fields, bases=(MethodOptions,))
+    section.method = method
+    return section
+
+
+ALL_METHODS = {**METHODS, **SERIES_METHODS}
+OPTIONS = {name: options_section(cls) for name, cls in ALL_METHODS.items()}
 
 
 @dataclass
-class BaseConfig:
-    method: str = "moco"
-    run_dir: str = "runs/default"
+class Config:
+    method: str = "moco"  # the self-supervised method (each has a section of its own below)
+    run_dir: str = "runs/default"  # checkpoints, published encoders, dead letters; `streamssl forecast`: "" = none
     data: DataConfig = field(default_factory=DataConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -224,38 +98,75 @@ class BaseConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     aux: AuxConfig = field(default_factory=AuxConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
+    # one section per method, named after it
+    byol: MethodOptions = field(default_factory=OPTIONS["byol"])
+    cpc: MethodOptions = field(default_factory=OPTIONS["cpc"])
+    deepcluster: MethodOptions = field(default_factory=OPTIONS["deepcluster"])
+    forecast: MethodOptions = field(default_factory=OPTIONS["forecast"])
+    jigsaw: MethodOptions = field(default_factory=OPTIONS["jigsaw"])
+    moco: MethodOptions = field(default_factory=OPTIONS["moco"])
+    npid: MethodOptions = field(default_factory=OPTIONS["npid"])
+    rotation: MethodOptions = field(default_factory=OPTIONS["rotation"])
+    simclr: MethodOptions = field(default_factory=OPTIONS["simclr"])
+    simsiam: MethodOptions = field(default_factory=OPTIONS["simsiam"])
+    swav: MethodOptions = field(default_factory=OPTIONS["swav"])
 
     def method_options(self) -> dict[str, Any]:
         """The section named after the method (e.g. `moco`), as its keyword options."""
-        section = getattr(self, self.method)
-        return {f.name: tuple(getattr(section, f.name)) if f.metadata.get("tuple") else getattr(section, f.name)
-                for f in dataclasses.fields(section)}
+        section: MethodOptions = getattr(self, self.method)
+        return section.as_kwargs()
 
 
-# The full tree: the fixed sections plus one per registered method.
-Config = dataclasses.make_dataclass(
-    "Config", [(name, options_section(cls), field(default_factory=options_section(cls)))
-               for name, cls in sorted({**METHODS, **SERIES_METHODS}.items())], bases=(BaseConfig,))
-
-
-CHOICES = {
-    "data.mode": ("auto", "cycle", "once", "follow"),
-    "data.image_field": ("png", "jpg", "jpeg"),
-    "model.backbone": ("convnet", "resnet18"),
-    "optim.schedule": ("cosine", "constant"),
-    "optim.name": ("sgd", "lars", "adamw"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "eval.dataset": ("fashion-mnist", "none"),
-    "kafka.auto_offset_reset": ("earliest", "latest"),
-    "kafka.security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
-    "series.decomposition": ("eemd", "ceemdan"),
-    "series.grouping": ("two_means", "threshold"),
+# Defaults of a job where they differ from the tree's; like a method's recipe, they yield to anything set.
+JOB_DEFAULTS: dict[Job, dict[str, Any]] = {
+    "series": {},
+    "images": {},
+    # offline: validation checks (and checkpoints) every 100 steps, only these; publish the best model at the end
+    "forecast": {"method": "forecast", "run_dir": "", "train.max_steps": 3000, "eval.every_steps": 100,
+                 "eval.every_seconds": 0.0, "checkpoint.every_steps": 100, "checkpoint.every_seconds": 0.0,
+                 "checkpoint.publish_every": 0, "metrics.port": 0},
 }
+# The keys each job reads (a section name = all of it), besides the method's own section.
+_LOOP = ("method", "run_dir", "checkpoint", "metrics", "train.max_steps", "train.max_minutes", "train.device",
+         "train.seed", "train.deterministic", "train.log_every_seconds", "train.nan_rollback_after",
+         "train.max_rollbacks", "eval.every_steps", "eval.every_seconds")
+_OFFLINE_ONLY = ("series.points", "series.train_fraction", "series.val_fraction", "series.patience", "series.cache_dir",
+                 "series.weight_decay")
+_CONTINUOUS_ONLY = ("series.series_column", "series.warmup_points", "series.history", "series.points_per_step",
+                    "series.eval_points", "series.processes")
+APPLIES: dict[Job, tuple[str, ...]] = {
+    "images": ("method", "run_dir", "data", "kafka", "model", "augment", "optim", "train", "checkpoint", "eval",
+               "metrics", "aux"),
+    "series": (*_LOOP, "data.source", "data.mode", "data.poll_seconds", "kafka", "series"),
+    "forecast": (*_LOOP, "data.source", "series"),
+}
+_NOT_FOR: dict[Job, tuple[str, ...]] = {"images": (), "series": _OFFLINE_ONLY, "forecast": _CONTINUOUS_ONLY}
 
 
+def job_of(cfg: Config) -> Job:
+    """The `streamssl run` job of the config's method."""
+    return "series" if cfg.method in SERIES_METHODS else "images"
+
+
+def applies(key: str, job: Job, method: str) -> bool:
+    """Whether `job` running `method` reads `key` (dotted)."""
+    section = key.partition(".")[0]
+    if section in ALL_METHODS:
+        return section == method
+    if any(key == k or key.startswith(k + ".") for k in _NOT_FOR[job]):
+        return False
+    return any(key == k or key.startswith(k + ".") for k in APPLIES[job])
+
+
+# --- reading values -----------------------------------------------------------------------------
 def _convert(value: Any, hint: Any, key: str) -> Any:
     """Checks/converts one YAML value against a dataclass field type."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -274,13 +185,17 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
+def _hints(node: Any) -> dict[str, Any]:
+    return {name: hint for name, hint in typing.get_type_hints(type(node)).items()
+            if typing.get_origin(hint) is not typing.ClassVar}
+
+
 def _set(node: Any, dotted: str, value: Any, prefix: str = "") -> None:
     name, _, rest = dotted.partition(".")
-    hints = typing.get_type_hints(type(node))
+    hints = _hints(node)
     if name not in hints:
         full = prefix + name
-        options = [prefix + n for n in hints]
-        close = difflib.get_close_matches(full, options, n=1)
+        close = difflib.get_close_matches(full, [prefix + n for n in hints], n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"unknown config key '{prefix + dotted}'{hint}")
     current = getattr(node, name)
@@ -298,60 +213,6 @@ def _set(node: Any, dotted: str, value: Any, prefix: str = "") -> None:
     setattr(node, name, _convert(value, hints[name], prefix + name))
 
 
-def validate(cfg: Config) -> None:
-    if cfg.method not in METHODS and cfg.method not in SERIES_METHODS:
-        raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(sorted({**METHODS, **SERIES_METHODS}))}")
-    for key, allowed in CHOICES.items():
-        node: Any = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        if node not in allowed:
-            raise ConfigError(f"{key}: {node!r} is not one of {', '.join(allowed)}")
-    positive = {
-        "train.batch_size": cfg.train.batch_size, "data.size": cfg.data.size, "data.channels": cfg.data.channels,
-        "checkpoint.keep": cfg.checkpoint.keep, "eval.k": cfg.eval.k, "model.bn_splits": cfg.model.bn_splits,
-        "checkpoint.publish_every": cfg.checkpoint.publish_every, "data.prefetch_batches": cfg.data.prefetch_batches,
-        "train.nan_rollback_after": cfg.train.nan_rollback_after,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    if len(cfg.data.mean) != cfg.data.channels or len(cfg.data.std) != cfg.data.channels:
-        raise ConfigError("data.mean and data.std need one value per channel (data.channels)")
-    if cfg.train.batch_size % cfg.model.bn_splits:
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by model.bn_splits")
-    if not 0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[-1] <= 1:
-        raise ConfigError("augment.crop_scale must be [min, max] with 0 < min <= max <= 1")
-    if cfg.eval.dataset == "fashion-mnist" and cfg.data.channels != 1:
-        raise ConfigError("eval.dataset fashion-mnist needs data.channels 1 (set eval.dataset none otherwise)")
-    if cfg.train.max_steps < 0 or cfg.train.max_minutes < 0:
-        raise ConfigError("train.max_steps and train.max_minutes must be >= 0")
-
-
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
-                sets: list[str] | None = None) -> Config:
-    """Defaults ← YAML file ← explicit overrides (CLI flags) ← `key=value` strings."""
-    cfg = Config()
-    explicit: set[str] = set()
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping")
-        for key, value in loaded.items():
-            _set(cfg, str(key), value)
-            explicit.update(_dotted_keys(str(key), value))
-    apply_overrides(cfg, overrides, sets, explicit)
-    apply_recipe(cfg, explicit)
-    validate(cfg)
-    return cfg
-
-
 def _dotted_keys(key: str, value: Any) -> set[str]:
     """`optim: {lr: 1}` sets `optim.lr`; the keys a YAML value spells out, dotted."""
     if isinstance(value, dict):
@@ -359,19 +220,10 @@ def _dotted_keys(key: str, value: Any) -> set[str]:
     return {key}
 
 
-def apply_recipe(cfg: Any, explicit: set[str]) -> None:
-    """The method's own defaults (`Method.recipe`) for every key the user did not set."""
-    recipe = getattr(METHODS.get(cfg.method), "recipe", {})
-    for key, value in recipe.items():
-        if key not in explicit:
-            _set(cfg, key, value)
-
-
-def apply_overrides(cfg: Any, overrides: dict[str, Any] | None, sets: list[str] | None,
-                    explicit: set[str] | None = None) -> None:
+def apply_overrides(cfg: Config, overrides: dict[str, Any] | None, sets: list[str] | None,
+                    explicit: set[str]) -> None:
     """Explicit overrides (CLI flags; None = not given), then `key=value` strings (values parsed as YAML).
     The keys set are added to `explicit`."""
-    explicit = set() if explicit is None else explicit
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(cfg, key, value)
@@ -388,5 +240,203 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any] | None, sets: list[str] 
         explicit.update(_dotted_keys(key.strip(), value))
 
 
+def apply_defaults(cfg: Config, job: Job, explicit: set[str]) -> None:
+    """The job's, then the method's own defaults (`Method.recipe`), for every key the user did not set."""
+    _fill(cfg, JOB_DEFAULTS[job], explicit)
+    _fill(cfg, getattr(ALL_METHODS.get(cfg.method), "recipe", {}), explicit)  # after the job's: it may set the method
+
+
+def _fill(cfg: Config, defaults: dict[str, Any], explicit: set[str]) -> None:
+    for key, value in defaults.items():
+        if key not in explicit:
+            _set(cfg, key, value)
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    return loaded
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
+                sets: list[str] | None = None, job: Job | None = None) -> Config:
+    """Defaults ← YAML file ← explicit overrides (CLI flags) ← `key=value` strings, then the job's and the
+    method's defaults for what none of them set; validated for `job` (default: the method's `run` job)."""
+    cfg, explicit = Config(), set[str]()
+    for key, value in (_read_file(path) if path else {}).items():
+        _set(cfg, str(key), value)
+        explicit.update(_dotted_keys(str(key), value))
+    apply_overrides(cfg, overrides, sets, explicit)
+    if cfg.method not in ALL_METHODS:
+        raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(sorted(ALL_METHODS))}")
+    job = job or job_of(cfg)
+    apply_defaults(cfg, job, explicit)
+    validate(cfg, job)
+    return cfg
+
+
+def reference(method: str, job: Job) -> Config:
+    """What `method` under `job` gets when nothing is set."""
+    cfg = Config(method=method)
+    apply_defaults(cfg, job, set())
+    return cfg
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# --- the one validator --------------------------------------------------------------------------
+def validate(cfg: Config, job: Job) -> None:
+    """Refuses keys the job does not read set away from their default, then values out of range."""
+    if job == "forecast" and cfg.method != "forecast":
+        raise ConfigError(f"`streamssl forecast` trains the forecast method, not {cfg.method!r}")
+    if job != "forecast" and (job == "series") != (cfg.method in SERIES_METHODS):
+        raise ConfigError(f"method {cfg.method!r} does not run in the {job} job")
+    base = flatten(reference(cfg.method, job))
+    ignored = [key for key, value in flatten(cfg).items() if value != base[key] and not applies(key, job, cfg.method)]
+    if ignored:
+        raise ConfigError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to "
+                          f"{_JOB_NAMES[job]} with method {cfg.method} (see `streamssl config --show`)")
+    t, c = cfg.train, cfg.checkpoint
+    at_least_one = {"checkpoint.keep": c.keep, "train.nan_rollback_after": t.nan_rollback_after}
+    at_least_zero = {"train.max_steps": t.max_steps, "train.max_minutes": t.max_minutes,
+                     "checkpoint.every_steps": c.every_steps, "checkpoint.every_seconds": c.every_seconds,
+                     "checkpoint.publish_every": c.publish_every, "eval.every_steps": cfg.eval.every_steps,
+                     "eval.every_seconds": cfg.eval.every_seconds, "train.max_rollbacks": t.max_rollbacks}
+    if job == "images":
+        d = cfg.data
+        at_least_one.update({"train.batch_size": t.batch_size, "data.size": d.size, "data.channels": d.channels,
+                             "eval.k": cfg.eval.k, "model.bn_splits": cfg.model.bn_splits,
+                             "data.prefetch_batches": d.prefetch_batches})
+        if len(d.mean) != d.channels or len(d.std) != d.channels:
+            raise ConfigError("data.mean and data.std need one value per channel (data.channels)")
+        if t.batch_size % cfg.model.bn_splits:
+            raise ConfigError(f"train.batch_size {t.batch_size} must be divisible by model.bn_splits")
+        if not 0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[-1] <= 1:
+            raise ConfigError("augment.crop_scale must be [min, max] with 0 < min <= max <= 1")
+        if cfg.eval.dataset == "fashion-mnist" and d.channels != 1:
+            raise ConfigError("eval.dataset fashion-mnist needs data.channels 1 (set eval.dataset none otherwise)")
+    else:
+        _validate_series(cfg, job, at_least_one, at_least_zero)
+    for key, value in at_least_one.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    negative = [key for key, value in at_least_zero.items() if value < 0]
+    if negative:
+        raise ConfigError(f"{', '.join(negative)} must be >= 0")
+
+
+_JOB_NAMES: dict[Job, str] = {"images": "an image run", "series": "a series run", "forecast": "`streamssl forecast`"}
+
+
+def _validate_series(cfg: Config, job: Job, at_least_one: dict[str, float], at_least_zero: dict[str, float]) -> None:
+    s, options = cfg.series, cfg.method_options()
+    at_least_one.update({"series.window": s.window, "series.lag": s.lag, "series.horizon": s.horizon,
+                         "series.batch_size": s.batch_size, "series.max_imfs": s.max_imfs, "series.trials": s.trials})
+    at_least_zero.update({"series.noise_width": s.noise_width, "series.threads": s.threads})
+    if cfg.method == "forecast":
+        at_least_one["forecast.hidden"] = options["hidden"]
+        at_least_zero["forecast.aux_weight"] = options["aux_weight"]
+    if s.lr <= 0:
+        raise ConfigError(f"series.lr must be > 0, got {s.lr}")
+    if s.lag > s.window:
+        raise ConfigError(f"series.lag {s.lag} must not exceed series.window {s.window}")
+    if job == "forecast":
+        at_least_zero.update({"series.points": s.points, "series.patience": s.patience,
+                              "series.weight_decay": s.weight_decay})
+        if min(s.train_fraction, s.val_fraction) <= 0 or s.train_fraction + s.val_fraction >= 1:
+            raise ConfigError("series.train_fraction and series.val_fraction must be > 0 and sum to less than 1 "
+                              "(the test set)")
+        if not (cfg.train.max_steps or cfg.train.max_minutes or s.patience):
+            raise ConfigError("train.max_steps, train.max_minutes and series.patience are all 0: training would "
+                              "never stop")
+        if not cfg.eval.every_steps or cfg.eval.every_seconds:
+            raise ConfigError("`streamssl forecast` checks validation by steps only: eval.every_steps >= 1 and "
+                              "eval.every_seconds 0")
+        return
+    at_least_one["series.points_per_step"] = s.points_per_step
+    if s.eval_points < 2:
+        raise ConfigError(f"series.eval_points must be at least 2, got {s.eval_points}")
+    if not s.window <= s.warmup_points:
+        raise ConfigError(f"need series.window <= series.warmup_points, got {s.window}, {s.warmup_points}")
+    if cfg.method == "cpc" and s.history < s.window:
+        raise ConfigError(f"series.history {s.history} must be at least series.window {s.window}")
+
+
+# --- `streamssl config --show` ------------------------------------------------------------------
+def field_help(cls: type) -> dict[str, str]:
+    """A dataclass field's help: its trailing comment, else the comment lines right above it; for a method's
+    section, the option's line in the method's docstring (`name: text`)."""
+    if issubclass(cls, MethodOptions):
+        return _docstring_options(inspect.getdoc(cls.method) or "")
+    helps: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"(\w+): [^=]+=.*?(?:  # (.*))?$", stripped)
+        if match:
+            helps[match[1]] = match[2] or " ".join(above)
+        above = []
+    return helps
+
+
+def _docstring_options(doc: str) -> dict[str, str]:
+    """`name: text` entries of a docstring, with their more deeply indented continuation lines."""
+    found: dict[str, str] = {}
+    name, indent = "", 0
+    for line in doc.splitlines():
+        depth = len(line) - len(line.lstrip())
+        match = re.match(r"\s*(\w+): (.+)$", line)
+        if name and line.strip() and depth > indent:
+            found[name] += " " + line.strip()
+        elif match:
+            name, indent = match[1], depth
+            found[name] = match[2].strip()
+        else:
+            name = ""
+    return found
+
+
+def describe(method: str, job: Job) -> list[str]:
+    """`key = default  # help` for every key that `job` running `method` reads, with their defaults."""
+    cfg = reference(method, job)
+    lines = []
+
+    def walk(node: Any, prefix: str) -> None:
+        helps = field_help(type(node))
+        for f in dataclasses.fields(node):
+            value, key = getattr(node, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            elif applies(key, job, method):
+                lines.append(f"{key} = {json_value(value)}  # {helps.get(f.name, '')}".rstrip(" #"))
+
+    walk(cfg, "")
+    return lines
+
+
+def json_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

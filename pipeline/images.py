@@ -106,6 +106,9 @@ class ImageTask:
                 "encoder_ema": None if self.encoder_ema is None else self.encoder_ema.state_dict(),
                 "schedule": {"base_lr": self.base_lr}, "rng": rng}
 
+    def upgrade(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        return ckpt  # one layout so far
+
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

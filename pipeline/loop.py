@@ -16,17 +16,18 @@ import contextlib
 import json
 import logging
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
 from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.checkpointing import Checkpointer
 from streamssl.pipeline.collective import Collective
-from streamssl.pipeline.config import ConfigError, to_dict
+from streamssl.pipeline.config import Config, ConfigError, to_dict
 from streamssl.pipeline.loading.deadletter import DeadLetters
 from streamssl.pipeline.loading.messages import Reject
 from streamssl.pipeline.loading.sources import dead_letter_topic
@@ -68,11 +69,13 @@ class Loop:
         stop: Set to stop after the current step.
         collective: What the workers agree on (default: this process alone).
         checkpointer: The run dir's checkpoints (default: this process's own; see pipeline/ray/worker.py).
+        out: Where progress lines and the final `done: …` line go (`streamssl forecast` keeps stdout for its JSON).
     """
 
-    def __init__(self, cfg: Any, task: Task, stop: threading.Event | None = None, *,
-                 collective: Collective | None = None, checkpointer: Checkpointer | None = None) -> None:
-        self.cfg, self.task = cfg, task
+    def __init__(self, cfg: Config, task: Task, stop: threading.Event | None = None, *,
+                 collective: Collective | None = None, checkpointer: Checkpointer | None = None,
+                 out: TextIO = sys.stdout) -> None:
+        self.cfg, self.task, self.out = cfg, task, out
         self.stop = stop or threading.Event()
         self.collective = collective or Collective()
         self.paths = RunPaths(cfg.run_dir)
@@ -114,8 +117,13 @@ class Loop:
             state.update(ranks=ranks, world_size=self.collective.world_size)
         return state
 
-    def resume(self) -> bool:
+    def load_latest(self) -> tuple[dict[str, Any], Any] | None:
+        """The newest readable checkpoint in today's layout (the task upgrades older ones) and its path."""
         found = self.checkpointer.load_latest(map_location=self.task.map_location)
+        return None if found is None else (self.task.upgrade(found[0]), found[1])
+
+    def resume(self) -> bool:
+        found = self.load_latest()
         if found is None:
             return False
         ckpt, path = found
@@ -134,7 +142,7 @@ class Loop:
         """After `nan_rollback_after` non-finite losses in a row: back to the last good checkpoint's weights,
         optimizer and RNG, but not its stream position: the batches that diverged are skipped, not replayed."""
         cfg = self.cfg.train
-        found = self.checkpointer.load_latest(map_location=self.task.map_location)
+        found = self.load_latest()
         if found is None or self._rollbacks >= cfg.max_rollbacks:
             why = "no checkpoint to roll back to" if found is None else f"{self._rollbacks} rollbacks did not help"
             raise TrainingDiverged(f"loss was not finite for {self._nonfinite_in_a_row} steps in a row and {why}; "
@@ -339,12 +347,13 @@ class Loop:
                 rate = (state.samples_seen - last_log_samples) / (now - last_log_time)
                 self.metrics.samples_per_second.set(rate)
                 if self.collective.rank == 0:
-                    print(self.task.progress(rate, now - last_log_time, last_loss, logs), flush=True)
+                    print(self.task.progress(rate, now - last_log_time, last_loss, logs), file=self.out, flush=True)
                 last_log_time, last_log_samples = now, state.samples_seen
             if self.checkpoint_due(now - last_checkpoint_time):
                 self.save_checkpoint()
                 last_checkpoint_time = time.monotonic()
-                if state.checkpoints_written % cfg.checkpoint.publish_every == 0:
+                every = cfg.checkpoint.publish_every
+                if every and state.checkpoints_written % every == 0:
                     self.publish()
         self.loop_seconds = time.monotonic() - started
         self.finish(reason)  # while the feed still runs: the final checkpoint's offsets are committed too
@@ -358,4 +367,4 @@ class Loop:
             self.save_checkpoint()
         if state.published_step != state.step:
             self.publish()
-        print(f"done: {reason}; step {state.step}{self.task.summary()}", flush=True)
+        print(f"done: {reason}; step {state.step}{self.task.summary()}", file=self.out, flush=True)

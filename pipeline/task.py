@@ -1,6 +1,7 @@
 """What the loop (pipeline/loop.py) drives: a `Task` reading a `Feed`, one `Step` at a time.
 
-One task per job: images (pipeline/images.py), continuous series (pipeline/series/job.py).
+One task per job: images (pipeline/images.py), continuous series (pipeline/series/job.py), the offline
+forecaster (pipeline/series/forecast.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class Task(Protocol):
     def state_dict(self) -> dict[str, Any]:
         """Everything the next step depends on, besides the loop's counters and the stream position;
         its "rng" entry is what each worker of a group restores for itself."""
+
+    def upgrade(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """A loaded checkpoint in today's layout (a task whose layout changed converts older ones here)."""
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None: ...
 

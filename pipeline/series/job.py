@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from streamssl.models.forecaster import Forecaster
-from streamssl.pipeline.config import ConfigError
+from streamssl.pipeline.config import Config, ConfigError
 from streamssl.pipeline.device import resolve_device
 from streamssl.pipeline.loop import Loop, RunState
 from streamssl.pipeline.series.examples import NRMSE_DEFINITION, USES_AUX, USES_VIEWS, Groups, decide_groups, forecast_errors
@@ -55,32 +55,15 @@ log = logging.getLogger(__name__)
 GROUPING_WINDOWS = 64  # warm-up windows decomposed to decide the grouping (evenly spread over the warm-up)
 
 
-def validate_series(cfg: Any) -> None:
-    s = cfg.series
-    if cfg.method not in ("forecast", "cpc"):
-        raise ConfigError(f"the series job runs forecast or cpc, not {cfg.method!r}")
-    if min(s.window, s.lag, s.horizon, s.batch_size, s.points_per_step, s.max_imfs, s.trials) < 1 or s.eval_points < 2:
-        raise ConfigError("series.window, lag, horizon, batch_size, points_per_step, max_imfs, trials must be >= 1 "
-                          "and series.eval_points >= 2")
-    if not s.lag <= s.window <= s.warmup_points:
-        raise ConfigError(f"need series.lag <= series.window <= series.warmup_points, got {s.lag}, {s.window}, "
-                          f"{s.warmup_points}")
-    if cfg.method == "cpc" and s.history < s.window:
-        raise ConfigError(f"series.history {s.history} must be at least series.window {s.window}")
-    if s.lr <= 0:
-        raise ConfigError(f"series.lr must be > 0, got {s.lr}")
-
-
 class SeriesTask:
     """One continuous forecast / CPC job: the loop hands it points (`PointMessage`) one by one."""
 
     finished = ""  # a stream of points has no end of its own
     map_location = "cpu"  # pending forecasts and scores are moved to the device where they are used
 
-    def __init__(self, cfg: Any) -> None:
-        validate_series(cfg)
+    def __init__(self, cfg: Config) -> None:
         self.cfg, s = cfg, cfg.series
-        self.options = cfg.method_options() if getattr(cfg, cfg.method, None) is not None else {}
+        self.options = cfg.method_options()
         self.forecasting = cfg.method == "forecast"
         self.mode = self.options.get("mode", "combined") if self.forecasting else ""
         if self.mode == "persistence":
@@ -298,6 +281,9 @@ class SeriesTask:
             "rng": {"torch": torch.get_rng_state(), "sampler": self.sampler.get_state()},
         }
 
+    def upgrade(self, ckpt: dict[str, Any]) -> dict[str, Any]:
+        return ckpt  # one layout so far
+
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.points_seen = self._logged_points = ckpt["points_seen"]
         self.windows.load_state_dict(ckpt["windows"])
@@ -384,10 +370,10 @@ class SeriesTask:
 class SeriesJob(Loop):
     """The loop driving a `SeriesTask`: `SeriesJob(cfg).run()` is `streamssl run --method forecast|cpc`."""
 
-    def __init__(self, cfg: Any, stop: threading.Event | None = None) -> None:
+    def __init__(self, cfg: Config, stop: threading.Event | None = None) -> None:
         super().__init__(cfg, SeriesTask(cfg), stop)
 
 
-def run_series(cfg: Any, stop: threading.Event | None = None) -> RunState:
+def run_series(cfg: Config, stop: threading.Event | None = None) -> RunState:
     """Entry point of `streamssl run --method forecast|cpc`: trains until stopped; returns the run's state."""
     return SeriesJob(cfg, stop).run()

@@ -14,11 +14,13 @@ from safetensors.torch import load_file
 
 from streamssl.models import load_encoder
 from streamssl.models.forecaster import build_trunk
-from streamssl.pipeline.config import ConfigError
-from streamssl.pipeline.series.forecast import add_parser, forecast, load_forecast_config, run
+from streamssl.pipeline.config import ConfigError, load_config
+from streamssl.pipeline.series.forecast import add_parser, forecast, run
 from streamssl.streams.records import SourceError
 
-TINY = ["series.window=32", "series.trials=4", "series.max_imfs=3", "fit.eval_every=20", "fit.batch_size=32"]
+TINY = ["series.window=32", "series.trials=4", "series.max_imfs=3", "eval.every_steps=20", "checkpoint.every_steps=20",
+        "series.batch_size=32"]
+OLD_CHECKPOINT = Path(__file__).parents[2] / "fixtures" / "forecast-v1-ckpt-000000040.pt"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
 
 
 def sets(cache: Path, *extra: str) -> list[str]:
-    return [arg for item in (*TINY, f"fit.cache_dir={cache}", *extra) for arg in ("--set", item)]
+    return [arg for item in (*TINY, f"series.cache_dir={cache}", *extra) for arg in ("--set", item)]
 
 
 def test_cli_prints_json_and_resumes_exactly(series_csv: Path, cache: Path, tmp_path: Path,
@@ -106,9 +108,10 @@ def test_other_settings_in_the_same_run_dir_are_refused(series_csv: Path, cache:
 def test_combined_beats_persistence(series_csv: Path, cache: Path) -> None:
     scores = {}
     for mode in ("persistence", "combined"):
-        cfg = load_forecast_config({"forecast.mode": mode, "series.lag": 12, "series.horizon": 3},
-                                   [*TINY, "fit.max_steps=400", "fit.eval_every=50", f"fit.cache_dir={cache}"])
-        scores[mode] = forecast(str(series_csv), cfg)["nrmse"]
+        cfg = load_config(overrides={"data.source": str(series_csv), "forecast.mode": mode, "series.lag": 12,
+                                     "series.horizon": 3}, job="forecast",
+                          sets=[*TINY, "train.max_steps=400", "eval.every_steps=50", f"series.cache_dir={cache}"])
+        scores[mode] = forecast(cfg)["nrmse"]
     # 3 steps ahead of a 7- and 24-point seasonality: persistence is poor, a trained model is much better
     assert scores["combined"] < 0.8 * scores["persistence"], scores
 
@@ -117,7 +120,9 @@ def test_combined_beats_persistence(series_csv: Path, cache: Path) -> None:
     (["--set", "series.value_column=load"], SourceError, "no value column 'load' (columns: timestamp, value)"),
     (["--lag", "0"], ConfigError, "series.lag: must be at least 1"),
     (["--set", "forecast.trunk=gru"], ConfigError, "forecast.trunk: 'gru' is not one of cnn, lstm"),
-    (["--set", "fit.learning_rate=0.1"], ConfigError, "unknown config key 'fit.learning_rate'"),
+    (["--set", "series.learning_rate=0.1"], ConfigError, "unknown config key 'series.learning_rate'"),
+    (["--set", "augment.blur_prob=0.1"], ConfigError, "augment.blur_prob does not apply to `streamssl forecast`"),
+    (["--set", "series.warmup_points=64"], ConfigError, "series.warmup_points does not apply"),
 ])
 def test_bad_arguments_are_one_line_errors(series_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                            argv: list[str], error: type[Exception], message: str) -> None:
@@ -129,3 +134,20 @@ def test_bad_arguments_are_one_line_errors(series_csv: Path, tmp_path: Path, cap
 def test_missing_series_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SourceError, match="series file not found"):
         cli(["forecast", "--series", str(tmp_path / "nope.csv")], capsys)
+
+
+def test_a_checkpoint_from_before_the_one_loop_resumes_exactly(series_csv: Path, cache: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixture is step 40 of this run, written by the forecast command when it had its own loop and `fit.*`
+    keys (fit.eval_every=20, fit.batch_size=32, fit.keep=1, forecast.hidden=8), run next to load.csv."""
+    monkeypatch.chdir(series_csv.parent)  # the run's identity holds the series as it was named
+    base = ["forecast", "--series", "load.csv", "--mode", "combined", "--lag", "6", "--horizon", "2",
+            "--max-steps", "80", *sets(cache, "forecast.hidden=8", "checkpoint.keep=1")]
+    straight = cli([*base, "--run-dir", str(tmp_path / "straight")], capsys)
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "ckpt-000000040.pt").write_bytes(OLD_CHECKPOINT.read_bytes())
+    resumed = cli([*base, "--run-dir", str(tmp_path / "old")], capsys)
+    assert resumed["resumed"] and resumed["steps"] == 80
+    for key in ("nrmse", "rmse", "best_step", "best_val_mse", "groups"):
+        assert resumed[key] == straight[key], key

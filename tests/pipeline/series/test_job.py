@@ -19,7 +19,6 @@ from streamssl.models import load_encoder
 from streamssl.models.forecaster import Forecaster
 from streamssl.pipeline.config import ConfigError, load_config
 from streamssl.pipeline.series.examples import forecast_errors
-from streamssl.pipeline.series.forecast import ForecastOptions
 from streamssl.pipeline.series.job import SeriesJob, run_series
 from streamssl.streams.kafka_produce import create_topic, produce
 from streamssl.streams.kafka_source import KafkaSource
@@ -48,12 +47,8 @@ def _config(run_dir: Path, data: Path, method: str = "forecast", *sets: str, mod
         "train.log_every_seconds=1000", "checkpoint.every_steps=5", "checkpoint.every_seconds=0",
         f"series.warmup_points={WARMUP}", f"series.window={WINDOW}", f"series.lag={LAG}", f"series.batch_size={BATCH}",
         "series.eval_points=50", "series.history=96", "series.points_per_step=4", "series.trials=4",
-        "series.max_imfs=2", "series.processes=1", *sets])
-    cfg.method = method  # set after loading: the registry may not list the series methods
-    if method == "forecast":
-        if getattr(cfg, "forecast", None) is None:
-            cfg.forecast = ForecastOptions()
-        cfg.forecast.mode, cfg.forecast.hidden = mode, 16
+        "series.max_imfs=2", "series.processes=1", f"method={method}",
+        *([f"forecast.mode={mode}", "forecast.hidden=16"] if method == "forecast" else []), *sets])
     return cfg
 
 
@@ -249,7 +244,8 @@ def test_streamssl_run_trains_series_methods_and_resumes(tmp_path: Path, method:
              "--set", "data.mode=once", "--set", f"series.warmup_points={WARMUP}", "--set", "series.window=64",
              "--set", f"series.lag={LAG}", "--set", f"series.batch_size={BATCH}", "--set", "series.history=96",
              "--set", "series.trials=4", "--set", "series.max_imfs=2", "--set", "series.processes=1",
-             "--set", "forecast.hidden=16", "--set", "checkpoint.every_steps=2"],
+             "--set", f"{method}.{'hidden' if method == 'forecast' else 'context_dim'}=16",
+             "--set", "checkpoint.every_steps=2"],
             capture_output=True, text=True, timeout=240)
 
     first = cli(3)
@@ -298,9 +294,7 @@ def _old_layout_config(run_dir: Path, data: Path, steps: int) -> Any:
         f"run_dir={run_dir}", f"data.source={data}", "data.mode=once", "metrics.port=0", "train.max_minutes=0",
         "train.log_every_seconds=1000", "checkpoint.every_steps=5", "checkpoint.every_seconds=0",
         "series.warmup_points=64", "series.window=32", "series.lag=8", "series.batch_size=8", "series.eval_points=50",
-        f"train.max_steps={steps}"])
-    cfg.method, cfg.forecast = "forecast", ForecastOptions()
-    cfg.forecast.mode, cfg.forecast.hidden = "single", 16
+        f"train.max_steps={steps}", "method=forecast", "forecast.mode=single", "forecast.hidden=16"])
     return cfg
 
 

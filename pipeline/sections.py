@@ -1,0 +1,188 @@
+"""The fixed sections of the config tree (pipeline/config.py): each key's type, default and help.
+
+A key's help is its trailing comment, or the comment lines right above it (`streamssl config --show`
+prints them). Choices are `Literal` types: the loader refuses anything else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from streamssl.monitoring.metrics import DEFAULT_METRICS_PORT
+
+
+@dataclass
+class DataConfig:
+    # images: shard dir, brace pattern or URL ("" = the embedded Fashion-MNIST lake); series: a file, directory or
+    # kafka:// URL; `streamssl forecast`: electricity | temperature | exchange | a .csv/.parquet file
+    source: str = ""
+    mode: Literal["auto", "cycle", "once", "follow"] = "auto"  # auto = follow for a directory, cycle otherwise
+    shuffle_buffer: int = 2048  # records; part of the stream position, so resume stays exact
+    poll_seconds: float = 2.0  # follow mode: how often to look for new shards
+    image_field: Literal["png", "jpg", "jpeg"] = "png"  # which extension of a record holds the image
+    channels: int = 1  # image channels (1 = grey, 3 = RGB)
+    size: int = 28  # images are decoded and resized to size x size
+    mean: list[float] = field(default_factory=lambda: [0.286])  # per channel (Fashion-MNIST train statistics)
+    std: list[float] = field(default_factory=lambda: [0.353])  # per channel (Fashion-MNIST train statistics)
+    prefetch_batches: int = 4  # decoded batches the loader process may hold ready
+
+
+@dataclass
+class KafkaConfig:
+    """Client settings for `--data kafka://HOST:PORT[,HOST:PORT]/TOPIC[?group=G]`, passed through to kafka-python."""
+
+    group: str = "streamssl"  # consumer group (the URL's ?group= wins); --workers N commit to it too
+    client_id: str = "streamssl"  # how the brokers name this client in their logs
+    # where a new group starts on a partition with no committed offset
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = 10000  # a consumer silent this long leaves the group (its partitions move)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"  # how to reach the brokers
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = ""  # "" = no SASL
+    sasl_plain_username: str = ""  # SASL PLAIN / SCRAM user
+    sasl_plain_password: str = ""  # prefer the STREAMSSL_KAFKA_PASSWORD environment variable
+    ssl_cafile: str = ""  # CA bundle that signed the brokers' certificates
+    ssl_certfile: str = ""  # client certificate (mutual TLS)
+    ssl_keyfile: str = ""  # client key (mutual TLS)
+    dead_letter_topic: str = ""  # undecodable records are also produced here ("" = dead-letter file only)
+
+    def client_options(self) -> dict[str, Any]:
+        """kafka-python keyword arguments: only the ones set, so the client's own defaults stay in force."""
+        options: dict[str, Any] = {"client_id": self.client_id, "security_protocol": self.security_protocol}
+        password = os.environ.get("STREAMSSL_KAFKA_PASSWORD", self.sasl_plain_password)
+        for name, value in (("sasl_mechanism", self.sasl_mechanism), ("sasl_plain_username", self.sasl_plain_username),
+                            ("sasl_plain_password", password), ("ssl_cafile", self.ssl_cafile),
+                            ("ssl_certfile", self.ssl_certfile), ("ssl_keyfile", self.ssl_keyfile)):
+            if value:
+                options[name] = value
+        return options
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["convnet", "resnet18"] = "convnet"  # convnet: the CPU default; resnet18: for GPUs
+    # split BN in training, so a single device behaves like MoCo's multi-GPU shuffle BN (MoCo's recipe sets 8)
+    bn_splits: int = 1
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop: [min, max] area share
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])  # random resized crop: aspect ratio range
+    flip_prob: float = 0.5  # horizontal flip
+    jitter_prob: float = 0.8  # colour jitter (brightness, contrast, saturation)
+    brightness: float = 0.4  # jitter strength
+    contrast: float = 0.4  # jitter strength
+    saturation: float = 0.4  # only for 3-channel input
+    blur_prob: float = 0.5  # Gaussian blur
+    # SimCLR's range for 224 px images, scaled by data.size / 224 (a 28 px image gets sigma 0.0125-0.25 px):
+    # the 224 px range applied to 28 px images blurred away most of what there is to learn
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+
+
+@dataclass
+class OptimConfig:
+    """Defaults here; a method's `recipe` (in its own file) overrides them unless the user sets the key."""
+
+    name: Literal["sgd", "lars", "adamw"] = "sgd"  # weight decay (and LARS's trust ratio) skip BN and bias parameters
+    lr: float = 0.06  # for batch 256; scaled linearly with batch size
+    momentum: float = 0.9  # SGD/LARS momentum (AdamW: beta1 stays 0.9)
+    weight_decay: float = 5e-4  # L2 penalty on weights (not BN or bias)
+    warmup_fraction: float = 0.05  # linear warm-up over this share of the horizon
+    warmup_steps: int = 0  # explicit warm-up steps instead (0 = the fraction; 100 steps for an unbounded run)
+    schedule: Literal["cosine", "constant"] = "cosine"  # the LR after warm-up
+    # cosine horizon; 0 = train.max_steps, else estimated from --max-minutes, else none (constant LR)
+    total_steps: int = 0
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * this
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256  # images per step and worker (a method's recipe may change it)
+    max_steps: int = 0  # total for the run dir (a resumed run continues up to it); 0 = no limit
+    max_minutes: float = 5.0  # this invocation's wall-clock budget; 0 = no limit
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware has it natively, else fp32
+    channels_last: bool = True  # NHWC memory layout (faster convolutions on CPU and GPU)
+    seed: int = 0  # model initialisation, augmentation and sampling
+    deterministic: bool = False  # bit-exact CPU resume (torch deterministic algorithms)
+    log_every_seconds: float = 10.0  # progress line interval
+    audit_keys: bool = False  # append each trained batch's record keys to RUN_DIR/trained-keys.jsonl (lineage)
+    nan_rollback_after: int = 3  # non-finite losses in a row (each step skipped) before rolling back
+    max_rollbacks: int = 3  # rollbacks per invocation before giving up with an error
+    # Publish (and monitor) an exponential moving average of the encoder's weights and BN statistics with this
+    # decay per step instead of the raw weights (0 = off): an encoder that is good at any moment for a run with
+    # no end to anneal to; see the README on week-long runs
+    ema_decay: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # checkpoint every N steps (0 = by time only)
+    every_seconds: float = 300.0  # and every N seconds (0 = by steps only); always at the end
+    keep: int = 3  # checkpoints kept in RUN_DIR/checkpoints
+    publish_every: int = 1  # publish after every N-th checkpoint (0 = only at the end; always at the end)
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # evaluate (kNN monitor; forecast: validation check) every N steps (0 = by time only)
+    every_seconds: float = 120.0  # and every N seconds (0 = by steps only); always at the end and before publishing
+    dataset: Literal["fashion-mnist", "none"] = "fashion-mnist"  # the kNN monitor's labelled set
+    bank_size: int = 10000  # labelled reference subset of the train split
+    test_size: int = 2000  # held-out subset of the test split
+    k: int = 200  # kNN neighbours
+    temperature: float = 0.1  # kNN vote weights exp(similarity / T)
+
+
+@dataclass
+class MetricsConfig:
+    port: int = DEFAULT_METRICS_PORT  # 0 = off
+    host: str = "127.0.0.1"  # interface the exporter listens on (0.0.0.0 = all)
+
+
+@dataclass
+class AuxConfig:
+    """Pretext tasks added to any method as weighted auxiliary heads (0 = off)."""
+
+    rotation: float = 0.0  # loss weight of a rotation-prediction head
+    jigsaw: float = 0.0  # loss weight of a jigsaw-puzzle head
+
+
+@dataclass
+class SeriesConfig:
+    """Time-series runs (`--method forecast` / `cpc`, `streamssl forecast`): windows, decomposition, grouping."""
+
+    value_column: str = "value"  # CSV/Parquet column with the values ("" = the only numeric column)
+    time_column: str = "timestamp"  # CSV/Parquet column with the time ("" = row order)
+    window: int = 128  # trailing window decomposed at each forecast origin (and CPC's input length)
+    lag: int = 12  # past points fed to the forecaster
+    horizon: int = 1  # steps ahead forecast
+    decomposition: Literal["eemd", "ceemdan"] = "eemd"  # ensemble EMD variant
+    trials: int = 50  # EEMD ensemble size
+    noise_width: float = 0.05  # EEMD noise, in standard deviations of the window
+    max_imfs: int = 4  # IMFs kept per window (+ the residue); fewer are zero-padded
+    grouping: Literal["two_means", "threshold"] = "two_means"  # how components split into aux targets / views
+    threshold: float = 0.5  # |Pearson| at or above it: aux target (grouping threshold)
+    eval_points: int = 500  # rolling (prequential) nRMSE over this many most recent points
+    points: int = 4000  # `streamssl forecast`: only the most recent N points of the series (0 = all)
+    decomposition_seed: int = 0  # EEMD noise seed; fixed across training seeds so one decomposition serves all
+    # The continuous job (`streamssl run --method forecast|cpc`, pipeline/series/job.py):
+    series_column: str = ""  # Parquet/CSV column naming each row's series ("" = one series)
+    warmup_points: int = 512  # first points of each series: frozen normalisation (and the grouping); >= window
+    batch_size: int = 64  # examples (forecast) or windows (cpc) per step; train.batch_size is for images
+    lr: float = 1e-3  # Adam learning rate
+    history: int = 1024  # cpc: most recent points per series that training windows are drawn from
+    points_per_step: int = 16  # cpc: new points between training steps
+    # torch CPU threads of the job (0 = torch's default): its models are tiny, and on busy cores intra-op threads
+    # cost far more than they gain (measured: a batch-1 forecast took 14 ms with 2 threads next to the EEMD pool)
+    threads: int = 1
+    processes: int = 0  # EEMD worker processes of the job (0 = one per CPU core, 1 = none); results do not depend on it
+    # `streamssl forecast` (offline, pipeline/series/forecast.py): origins split in time order into train /
+    # validation / test; the best model on validation is kept and scored on test
+    train_fraction: float = 0.7  # share of the origins trained on (`streamssl forecast`)
+    val_fraction: float = 0.1  # share used for validation checks and early stopping (`streamssl forecast`)
+    patience: int = 10  # validation checks without improvement before stopping; 0 = never stop early
+    weight_decay: float = 0.0  # Adam L2 penalty (`streamssl forecast`)
+    cache_dir: str = ""  # decomposition cache of `streamssl forecast`; "" = ~/.cache/streamssl/eemd, none = off
