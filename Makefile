@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data run test lint bench clean
+.PHONY: setup data run test lint typecheck bench clean
 
 setup: $(VENV)/.installed data
 
@@ -31,10 +31,16 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory typecheck
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+
+# mypy sees the four folders as the streamssl namespace they are installed as
+typecheck: $(VENV)/.installed
+	@mkdir -p .mypy-src/streamssl && for p in pipeline streams models monitoring; do ln -sfn ../../$$p .mypy-src/streamssl/$$p; done
+	MYPYPATH=.mypy-src $(BIN)/mypy -p streamssl.pipeline -p streamssl.streams -p streamssl.models -p streamssl.monitoring
 
 bench: setup
 	$(BIN)/pip install -q -r requirements-bench.txt  # lightly: a bench-only dependency
@@ -43,4 +49,4 @@ bench: setup
 	$(BIN)/python bench/methods.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache .mypy-src
