@@ -31,7 +31,6 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(MAKE) --no-print-directory typecheck
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.installed
