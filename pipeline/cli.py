@@ -166,7 +166,8 @@ def _eval(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         # Preprocessed as every published encoder is (it normalises inside), so the baseline is like-for-like.
         data = DataConfig()
-        encoder = PublishedEncoder(build_backbone("convnet", 1)[0], {"input": {"mean": data.mean, "std": data.std}})
+        random_encoder = PublishedEncoder(build_backbone("convnet", 1)[0], {"input": {"mean": data.mean, "std": data.std}})
+        encoder = random_encoder
     else:
         if not Path(args.encoder).exists():
             raise SourceError(f"encoder folder not found: {args.encoder}")
@@ -197,7 +198,7 @@ def _eval(args: argparse.Namespace) -> int:
         result.update(protocol="knn", dataset=args.dataset, knn_top1=round(top1, 4), k=args.k,
                       temperature=args.temperature, bank_size=len(bank), test_size=len(test))
         if args.encoder == "random":  # the older, unnormalised baseline too, for comparison
-            plain = knn_top1(encoder.backbone, bank, bank_labels, test, test_labels, [0.0], [1.0],
+            plain = knn_top1(random_encoder.backbone, bank, bank_labels, test, test_labels, [0.0], [1.0],
                              torch.device("cpu"), k=args.k, temperature=args.temperature)
             result.update(knn_top1_unnormalised_input=round(plain, 4))
     result.update(seconds=round(time.monotonic() - started, 1))

@@ -19,8 +19,9 @@ import inspect
 import re
 import typing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -62,19 +63,21 @@ class MethodOptions:
 
 def options_section(method: type) -> type[MethodOptions]:
     """A dataclass of a method's keyword-only constructor options: names, types and defaults from the method."""
-    hints = typing.get_type_hints(method.__init__)
+    init = cast(Any, method).__init__
+    hints = typing.get_type_hints(init)
     fields: list[tuple[str, Any, Any]] = []
-    for param in inspect.signature(method.__init__).parameters.values():
+    for param in inspect.signature(init).parameters.values():
         if param.kind is not inspect.Parameter.KEYWORD_ONLY:
             continue
         hint = hints[param.name]
         if typing.get_origin(hint) is tuple:  # a YAML list in the config, a tuple for the method
-            item = typing.get_args(hint)[0]
-            fields.append((param.name, list[item], field(default_factory=lambda d=param.default: list(d),
-                                                         metadata={"tuple": True})))
+            item_list = list.__class_getitem__(typing.get_args(hint)[0])
+            fields.append((param.name, item_list, field(default_factory=partial(list, param.default),
+                                                        metadata={"tuple": True})))
         else:
             fields.append((param.name, hint, field(default=param.default)))
-    section = dataclasses.make_dataclass(f"{method.__name__}Options", fields, bases=(MethodOptions,))
+    section = cast(type[MethodOptions],
+                   dataclasses.make_dataclass(f"{method.__name__}Options", fields, bases=(MethodOptions,)))
     section.method = method
     return section
 
@@ -318,8 +321,8 @@ def validate(cfg: Config, job: Job) -> None:
         raise ConfigError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to "
                           f"{_JOB_NAMES[job]} with method {cfg.method} (see `streamssl config --show`)")
     t, c = cfg.train, cfg.checkpoint
-    at_least_one = {"checkpoint.keep": c.keep, "train.nan_rollback_after": t.nan_rollback_after}
-    at_least_zero = {"train.max_steps": t.max_steps, "train.max_minutes": t.max_minutes,
+    at_least_one: dict[str, float] = {"checkpoint.keep": c.keep, "train.nan_rollback_after": t.nan_rollback_after}
+    at_least_zero: dict[str, float] = {"train.max_steps": t.max_steps, "train.max_minutes": t.max_minutes,
                      "checkpoint.every_steps": c.every_steps, "checkpoint.every_seconds": c.every_seconds,
                      "checkpoint.publish_every": c.publish_every, "eval.every_steps": cfg.eval.every_steps,
                      "eval.every_seconds": cfg.eval.every_seconds, "train.max_rollbacks": t.max_rollbacks}
@@ -404,19 +407,21 @@ def field_help(cls: type) -> dict[str, str]:
 
 
 def _docstring_options(doc: str) -> dict[str, str]:
-    """`name: text` entries of a docstring, with their more deeply indented continuation lines."""
+    """`name: text` (or `a, b: text`) entries of a docstring, with their more deeply indented continuation lines."""
     found: dict[str, str] = {}
-    name, indent = "", 0
+    names: list[str] = []
+    indent = 0
     for line in doc.splitlines():
         depth = len(line) - len(line.lstrip())
-        match = re.match(r"\s*(\w+): (.+)$", line)
-        if name and line.strip() and depth > indent:
-            found[name] += " " + line.strip()
+        match = re.match(r"\s*(\w+(?:, \w+)*): (.+)$", line)
+        if names and line.strip() and depth > indent:
+            for name in names:
+                found[name] += " " + line.strip()
         elif match:
-            name, indent = match[1], depth
-            found[name] = match[2].strip()
+            names, indent = match[1].split(", "), depth
+            found.update(dict.fromkeys(names, match[2].strip()))
         else:
-            name = ""
+            names = []
     return found
 
 

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
@@ -78,7 +79,7 @@ class Loop:
         self.cfg, self.task, self.out = cfg, task, out
         self.stop = stop or threading.Event()
         self.collective = collective or Collective()
-        self.paths = RunPaths(cfg.run_dir)
+        self.paths = RunPaths(Path(cfg.run_dir))
         self.paths.root.mkdir(parents=True, exist_ok=True)
         if self.collective.rank == 0:
             self.paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -41,7 +41,10 @@ class Task(Protocol):
     """One job's data, model and step; the loop owns everything around them."""
 
     map_location: Any  # where checkpoint tensors are loaded to
-    finished: str  # why the task itself has ended (early stopping), "" while it goes on
+
+    @property
+    def finished(self) -> str:
+        """Why the task itself has ended (early stopping), "" while it goes on."""
 
     def attach(self, loop: Loop) -> None:
         """Called once by the loop: its state, metrics, dead letters and collective are there."""
