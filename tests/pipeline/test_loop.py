@@ -74,7 +74,7 @@ class LinearTask:
             loss = loss * float("nan")
         self.optimizer.zero_grad()
         if not torch.isfinite(loss):
-            return Step(float(loss), {}, 1, finite=False)
+            return Step(float(loss.detach()), {}, 1, finite=False)
         loss.backward()
         self.optimizer.step()
         self.trained.append(message.n)
