@@ -31,17 +31,20 @@ from streamssl.pipeline.sections import (
     AuxConfig,
     CheckpointConfig,
     DataConfig,
+    DistillConfig,
     EvalConfig,
     KafkaConfig,
     MetricsConfig,
     ModelConfig,
     OptimConfig,
+    ReplayConfig,
     SeriesConfig,
     TrainConfig,
 )
 
-__all__ = ["AugmentConfig", "AuxConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "Job",
-           "KafkaConfig", "MethodOptions", "MetricsConfig", "ModelConfig", "OptimConfig", "SeriesConfig", "TrainConfig",
+__all__ = ["AugmentConfig", "AuxConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
+           "EvalConfig", "Job", "KafkaConfig", "MethodOptions", "MetricsConfig", "ModelConfig", "OptimConfig",
+           "ReplayConfig", "SeriesConfig", "TrainConfig",
            "describe", "job_of", "load_config", "to_dict"]
 
 Job = Literal["images", "series", "forecast"]
@@ -100,6 +103,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     aux: AuxConfig = field(default_factory=AuxConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
     # one section per method, named after it
     byol: MethodOptions = field(default_factory=OPTIONS["byol"])
@@ -139,7 +144,7 @@ _CONTINUOUS_ONLY = ("series.series_column", "series.warmup_points", "series.hist
                     "series.eval_points", "series.processes")
 APPLIES: dict[Job, tuple[str, ...]] = {
     "images": ("method", "run_dir", "data", "kafka", "model", "augment", "optim", "train", "checkpoint", "eval",
-               "metrics", "aux"),
+               "metrics", "aux", "replay", "distill"),
     "series": (*_LOOP, "data.source", "data.mode", "data.poll_seconds", "kafka", "series"),
     "forecast": (*_LOOP, "data.source", "series"),
 }
@@ -339,6 +344,7 @@ def validate(cfg: Config, job: Job) -> None:
             raise ConfigError("augment.crop_scale must be [min, max] with 0 < min <= max <= 1")
         if cfg.eval.dataset == "fashion-mnist" and d.channels != 1:
             raise ConfigError("eval.dataset fashion-mnist needs data.channels 1 (set eval.dataset none otherwise)")
+        _validate_replay(cfg, at_least_one, at_least_zero)
     else:
         _validate_series(cfg, job, at_least_one, at_least_zero)
     for key, value in at_least_one.items():
@@ -350,6 +356,24 @@ def validate(cfg: Config, job: Job) -> None:
 
 
 _JOB_NAMES: dict[Job, str] = {"images": "an image run", "series": "a series run", "forecast": "`streamssl forecast`"}
+
+
+def _validate_replay(cfg: Config, at_least_one: dict[str, float], at_least_zero: dict[str, float]) -> None:
+    replay, splits = cfg.replay, cfg.model.bn_splits
+    at_least_zero.update({"replay.capacity": replay.capacity, "distill.weight": cfg.distill.weight})
+    at_least_one["distill.every_steps"] = cfg.distill.every_steps
+    if not 0 <= replay.share < 1:
+        raise ConfigError(f"replay.share must be in [0, 1), got {replay.share}")
+    replayed = replayed_per_step(cfg)
+    if replay.capacity and (replayed % splits or (cfg.train.batch_size - replayed) % splits):
+        raise ConfigError(f"replay.share {replay.share} of train.batch_size {cfg.train.batch_size} gives {replayed} "
+                          f"replayed + {cfg.train.batch_size - replayed} arriving records: both must be divisible by "
+                          f"model.bn_splits {splits}")
+
+
+def replayed_per_step(cfg: Config) -> int:
+    """Records of each training batch drawn from the replay buffer (0 without one)."""
+    return round(cfg.train.batch_size * cfg.replay.share) if cfg.replay.capacity else 0
 
 
 def _validate_series(cfg: Config, job: Job, at_least_one: dict[str, float], at_least_zero: dict[str, float]) -> None:

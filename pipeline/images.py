@@ -20,13 +20,15 @@ import torch
 from streamssl.models import build_backbone, build_method
 from streamssl.pipeline.augment import BatchAugment
 from streamssl.pipeline.collective import Collective
-from streamssl.pipeline.config import Config, ConfigError
+from streamssl.pipeline.config import Config, ConfigError, replayed_per_step
 from streamssl.pipeline.device import resolve_device, resolve_precision
+from streamssl.pipeline.distill import Distiller
 from streamssl.pipeline.evaluation.knn import knn_top1
 from streamssl.pipeline.loading.loader import Batch, BatchLoader
 from streamssl.pipeline.loading.sources import knn_sets, source_factory
 from streamssl.pipeline.loop import Loop
 from streamssl.pipeline.optim import build_optimizer, set_learning_rate
+from streamssl.pipeline.replay import ReplayBuffer
 from streamssl.pipeline.schedule import learning_rate, warmup_length
 from streamssl.pipeline.task import Feed, Step
 
@@ -69,7 +71,16 @@ class ImageTask:
         # What the step calls: the method itself, or (pipeline/ray/worker.py) a DDP wrapper around it.
         self.forward_module: torch.nn.Module = self.method
         self.base_lr = cfg.optim.lr * cfg.train.batch_size * workers / 256  # linear scaling rule
-        self.optimizer = build_optimizer(cfg.optim.name, self.method.param_groups(), self.base_lr, cfg.optim.momentum,
+        if workers > 1 and (cfg.replay.capacity or cfg.distill.weight):
+            raise ConfigError("replay.capacity and distill.weight are for single-process runs so far (each worker "
+                              "would need its own buffer in the checkpoint); set them to 0 with --workers")
+        self.distiller = None if not cfg.distill.weight else Distiller(
+            lambda: build_backbone(cfg.model.backbone, cfg.data.channels, bn_splits=cfg.model.bn_splits)[0],
+            self.feature_dim, cfg.distill.weight, cfg.distill.every_steps).to(self.device)
+        groups = self.method.param_groups()
+        if self.distiller is not None:
+            groups.append({"params": list(self.distiller.predictor.parameters())})
+        self.optimizer = build_optimizer(cfg.optim.name, groups, self.base_lr, cfg.optim.momentum,
                                          cfg.optim.weight_decay)
         # What gets published: the encoder itself, or a weight EMA of it (train.ema_decay).
         self.encoder_ema = (None if not cfg.train.ema_decay else torch.optim.swa_utils.AveragedModel(
@@ -79,6 +90,14 @@ class ImageTask:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         # How batches arrive: the background decoder by default, a Ray Data feed under Ray (pipeline/ray/worker.py).
         self.open_feed: Callable[[dict[str, Any]], Feed] = self._batch_loader
+        self.replayed = replayed_per_step(cfg)
+        self.replay = None if not cfg.replay.capacity else ReplayBuffer(
+            cfg.replay.capacity, cfg.replay.policy, (cfg.data.channels, cfg.data.size, cfg.data.size), self.feature_dim,
+            cfg.train.seed, self.device)
+        # The backbone's output for the first view, as the method computes it (no extra forward pass): the replay
+        # buffer's features and the distillation's input. Captured only inside `step`.
+        self._capture_rows, self._captured = 0, None
+        self.method.encoder().register_forward_hook(self._capture)
         self._knn_data: tuple[torch.Tensor, ...] | None = None
         self._knn_baselines: dict[str, float] | None = None
         self.loop: Loop | None = None
@@ -88,8 +107,9 @@ class ImageTask:
 
     def _batch_loader(self, position: dict[str, Any]) -> Feed:
         cfg = self.cfg
-        return BatchLoader(self.make_source, position, cfg.train.batch_size, cfg.data.image_field, cfg.data.channels,
-                           cfg.data.size, self.loop.dead_letters, cfg.data.prefetch_batches)
+        arriving = cfg.train.batch_size - self.replayed
+        return BatchLoader(self.make_source, position, arriving, cfg.data.image_field, cfg.data.channels, cfg.data.size,
+                           self.loop.dead_letters, cfg.data.prefetch_batches)
 
     def open(self, position: dict[str, Any]) -> Feed:
         return self.open_feed(position)
@@ -104,7 +124,9 @@ class ImageTask:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "encoder_ema": None if self.encoder_ema is None else self.encoder_ema.state_dict(),
-                "schedule": {"base_lr": self.base_lr}, "rng": rng}
+                "schedule": {"base_lr": self.base_lr}, "rng": rng,
+                "replay": None if self.replay is None else self.replay.state_dict(),
+                "distill": None if self.distiller is None else self.distiller.state_dict()}
 
     def upgrade(self, ckpt: dict[str, Any]) -> dict[str, Any]:
         return ckpt  # one layout so far
@@ -112,6 +134,11 @@ class ImageTask:
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        # switched on for a run that had none: the buffer starts empty, the snapshot at the next refresh
+        if self.replay is not None and ckpt.get("replay") is not None:
+            self.replay.load_state_dict(ckpt["replay"])
+        if self.distiller is not None and ckpt.get("distill") is not None:
+            self.distiller.load_state_dict(ckpt["distill"])
         if self.encoder_ema is not None:
             if ckpt.get("encoder_ema") is not None:
                 self.encoder_ema.load_state_dict(ckpt["encoder_ema"])
@@ -126,10 +153,20 @@ class ImageTask:
     roll_back = load_state_dict  # weights, optimizer, method state and RNG: the image task has no other data state
 
     # --- the step --------------------------------------------------------------------------------------
+    def _capture(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if self._capture_rows and self._captured is None and output.shape[0] >= self._capture_rows:
+            self._captured = output[:self._capture_rows]
+
     def step(self, batch: Batch) -> Step:
         """One optimizer step; not taken (finite=False) when the loss was not finite on any worker."""
         cfg, state, method = self.cfg, self.loop.state, self.method
-        images = batch.images.to(self.device, non_blocking=True)
+        images = arriving = batch.images.to(self.device, non_blocking=True)
+        ids = batch.ids.to(self.device, non_blocking=True)
+        slots = None
+        if self.replay is not None:  # arriving records + records drawn from the buffer (fewer while it fills)
+            splits = cfg.model.bn_splits
+            slots = self.replay.draw(self.replayed)[:min(self.replayed, self.replay.size) // splits * splits]
+            images, ids = torch.cat([arriving, self.replay.images[slots]]), torch.cat([ids, self.replay.ids[slots]])
         spec = method.views()
         views = self.augment(images, self.generator, spec.full, spec.small, spec.small_size, spec.small_scale)
         if cfg.train.channels_last:
@@ -137,10 +174,16 @@ class ImageTask:
         lr = self.learning_rate()
         set_learning_rate(self.optimizer, lr, self.base_lr)
         method.horizon_steps = state.horizon_steps
+        self._capture_rows, self._captured = len(images), None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, logs = self.forward_module(views, batch.ids.to(self.device, non_blocking=True))
+            loss, logs = self.forward_module(views, ids)
+            features, self._capture_rows = self._captured, 0
+            if self.distiller is not None and self.distiller.active and features is not None:
+                distill_loss = self.distiller.loss(features, views[0])
+                logs["distill_loss"] = distill_loss.detach()
+                loss = loss + self.distiller.weight * distill_loss
         loss_value = self.loop.collective.mean(loss)  # a non-finite loss on one worker: every worker skips
-        samples = batch.images.shape[0]
+        samples = arriving.shape[0]  # samples seen are arriving records; replayed ones are not new data
         if not math.isfinite(loss_value):
             method.discard_step()  # its queue/bank writes would carry the bad step into every later one
             return Step(loss_value, {}, samples, lr, finite=False)
@@ -154,7 +197,16 @@ class ImageTask:
         for param in method.take_reset_parameters():  # re-initialised by the method: no stale momentum
             self.optimizer.state.pop(param, None)
         self.loop.metrics.learning_rate.set(lr)
-        return Step(loss_value, {name: float(value) for name, value in logs.items()}, samples, lr)
+        logs = {name: float(value) for name, value in logs.items()}
+        if self.replay is not None and features is not None:
+            features = features.detach()
+            self.replay.refresh(slots, features[len(arriving):])
+            self.replay.add(arriving, batch.ids.to(self.device), features[:len(arriving)])
+            logs.update(self.replay.logs(), replay_share=1 - len(arriving) / len(images))
+        if self.distiller is not None:
+            self.distiller.maybe_refresh(state.step + 1, method.encoder())  # the loop counts this step after it
+            logs.update(self.distiller.logs(state.step + 1))
+        return Step(loss_value, logs, samples, lr)
 
     def learning_rate(self) -> float:
         """This step's LR: warm-up over a share of the current cycle, then cosine to the horizon."""

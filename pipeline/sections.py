@@ -151,6 +151,25 @@ class AuxConfig:
 
 
 @dataclass
+class ReplayConfig:
+    """A replay buffer between the stream and the method (pipeline/replay.py): for streams in production order."""
+
+    capacity: int = 0  # records kept (decoded image, id, last feature); 0 = off
+    policy: Literal["fifo", "reservoir", "minred"] = "minred"  # which record leaves a full buffer
+    # share of each training batch drawn from the buffer; the rest are arriving records, so each arriving record
+    # pays for 1 / (1 - share) training samples (the loader delivers that many fewer records per step)
+    share: float = 0.5
+
+
+@dataclass
+class DistillConfig:
+    """Distillation against a frozen snapshot of the encoder (pipeline/distill.py; CaSSLe-style)."""
+
+    weight: float = 0.0  # weight of the distillation loss; 0 = off
+    every_steps: int = 500  # snapshot refresh period; no distillation before the first snapshot
+
+
+@dataclass
 class SeriesConfig:
     """Time-series runs (`--method forecast` / `cpc`, `streamssl forecast`): windows, decomposition, grouping."""
 
