@@ -37,6 +37,12 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     and a model trained with it loads into one built with plain BatchNorm2d.
     """
 
+    # BatchNorm2d's buffers, which torch types as optional (a layer built with track_running_stats=False has
+    # none); this one always tracks them.
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
     def __init__(self, num_features: int, num_splits: int) -> None:
         super().__init__(num_features)
         self.num_splits = num_splits

@@ -41,9 +41,11 @@ def running_stats_frozen(module: nn.Module) -> Iterator[None]:
     layers = running_stat_layers(module)
     originals: list[tuple[Tensor, Tensor, Tensor | None]] = []
     for layer in layers:
-        originals.append((layer.running_mean, layer.running_var, layer.num_batches_tracked))
-        layer.running_mean = layer.running_mean.clone()
-        layer.running_var = layer.running_var.clone()
+        mean, var = layer.running_mean, layer.running_var
+        assert mean is not None and var is not None  # running_stat_layers keeps only layers that track them
+        originals.append((mean, var, layer.num_batches_tracked))
+        layer.running_mean = mean.clone()
+        layer.running_var = var.clone()
         if layer.num_batches_tracked is not None:
             layer.num_batches_tracked = layer.num_batches_tracked.clone()
     try:

@@ -85,6 +85,9 @@ class BYOL(Method):
     after this step uses), `prediction_target_cosine` (mean cosine between predictions and targets).
     """
 
+    # The State buffers above, registered in __init__; declared so that they type as Tensor, not Tensor | Module.
+    steps_done: Tensor
+
     name = "byol"
     num_views = 2
 

@@ -96,6 +96,11 @@ class CPC(Method):
     and `queue_fill` when there is a queue (share of its rows that served as negatives this step).
     """
 
+    # The State buffers above, registered in __init__; declared so that they type as Tensor, not Tensor | Module.
+    queue: Tensor
+    queue_ptr: Tensor
+    latents_enqueued: Tensor
+
     name = "cpc"
     num_views = 1
 
@@ -154,10 +159,12 @@ class CPC(Method):
 
     @torch.no_grad()
     def _key_latents(self, windows: Tensor) -> Tensor:
+        assert self.key_backbone is not None  # only used with a queue, which builds it
         return F.normalize(self.key_backbone(windows).transpose(1, 2).float(), dim=2)
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
+        assert self.key_backbone is not None  # only staged with a queue, which builds it
         momentum_update(self.key_backbone, self.backbone, self.momentum)
 
     def _filled_slots(self) -> Tensor:

@@ -89,6 +89,21 @@ class DeepCluster(Method):
     in the last clustering), `pseudo_label_accuracy_of_head` (classifier argmax vs pseudo-label).
     """
 
+    # The State buffers above, registered in __init__; declared so that they type as Tensor, not Tensor | Module.
+    feature_buffer: Tensor
+    buffer_ids: Tensor
+    features_seen: Tensor
+    centroids: Tensor
+    cluster_sizes: Tensor
+    cluster_weights: Tensor
+    clustered_ids: Tensor
+    clustered_labels: Tensor
+    steps_done: Tensor
+    clusterings: Tensor
+    last_clustering_step: Tensor
+    nmi: Tensor
+    empty_reassigned: Tensor
+
     name = "deepcluster"
     num_views = 2
 
@@ -207,7 +222,9 @@ class DeepCluster(Method):
             return False
         if self.clusterings == 0:
             return done >= self.first_clustering_share
-        return self.progress(since) >= self.recluster_share  # the share of the horizon these steps make up
+        since_share = self.progress(since)  # the share of the horizon these steps make up
+        assert since_share is not None  # the horizon is set: `done` is not None
+        return since_share >= self.recluster_share
 
     def _filled(self) -> int:
         return min(int(self.features_seen), len(self.feature_buffer))

@@ -111,7 +111,7 @@ class Forecaster(nn.Module):
         if inputs.ndim != 3 or inputs.shape[1] != self.in_channels or inputs.shape[2] != self.lag:
             raise ValueError(f"Forecaster expects inputs [B, {self.in_channels}, {self.lag}], got {list(inputs.shape)}")
         last = inputs[:, 0, -1]
-        if self.trunk is None:
+        if self.trunk is None or self.heads is None:  # persistence builds neither: the forecast is x[t]
             return last.unsqueeze(1)
         out = self.heads(self.trunk(inputs))
         if self.predict_change:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -65,7 +65,7 @@ class Method(nn.Module, ABC):
         self.feature_dim = feature_dim
         self.horizon_steps = 0  # set by the trainer before each step; 0 = unbounded (no end to anneal to)
         self._staged: list[Callable[[], None]] = []
-        self._reset: list[nn.Parameter] = []
+        self._reset: list[Tensor] = []
 
     def views(self) -> ViewSpec:
         """What the augmentation makes of each image for this method."""
@@ -108,11 +108,13 @@ class Method(nn.Module, ABC):
         """Drops the staged writes of a step that was not taken (non-finite loss)."""
         self._staged = []
 
-    def reset_optimizer_state(self, *params: nn.Parameter) -> None:
+    # Tensor, not nn.Parameter: torch types a layer's parameters (nn.Linear.weight, …) as Tensor, and the
+    # optimizer's state is keyed by Tensor.
+    def reset_optimizer_state(self, *params: Tensor) -> None:
         """Asks the trainer to drop the optimizer state (momentum, Adam moments) of re-initialised parameters."""
         self._reset.extend(params)
 
-    def take_reset_parameters(self) -> list[nn.Parameter]:
+    def take_reset_parameters(self) -> list[Tensor]:
         reset, self._reset = self._reset, []
         return reset
 
@@ -127,9 +129,10 @@ class Method(nn.Module, ABC):
         return self.backbone
 
 
-def split_decay(named: Any) -> list[dict[str, Any]]:
+def split_decay(named: Iterable[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]:
     """Trainable parameters in two groups: weights (decayed, LARS-adapted) and 1-d ones (BN, biases: neither)."""
-    weights, others = [], []
+    weights: list[nn.Parameter] = []
+    others: list[nn.Parameter] = []
     for _, param in named:
         if param.requires_grad:
             (weights if param.ndim > 1 else others).append(param)
@@ -145,9 +148,10 @@ def embedding_std(z: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def momentum_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+def momentum_update(target: nn.Module, online: nn.Module, momentum: float | Tensor) -> None:
     """Moves every parameter of `target` towards `online`'s: target <- m * target + (1 - m) * online.
 
+    `momentum` may be a 0-d tensor on the parameters' device (BYOL's scheduled τ), which saves a host sync.
     Only parameters: a momentum encoder's BN running statistics come from its own forward passes.
     """
     for target_param, online_param in zip(target.parameters(), online.parameters(), strict=True):

@@ -50,6 +50,11 @@ class MoCo(Method):
     statistics cannot tell the query encoder which key is its positive.
     """
 
+    # The State buffers above, registered in __init__; declared so that they type as Tensor, not Tensor | Module.
+    queue: Tensor
+    queue_ptr: Tensor
+    keys_enqueued: Tensor
+
     name = "moco"
     num_views = 2
     # Shuffle BN needs split BN on one device (see the class docstring). Batch 64: four times the steps per

@@ -76,11 +76,11 @@ class MultiTask(Method):
     def discard_step(self) -> None:
         self.inner.discard_step()
 
-    def take_reset_parameters(self) -> list[nn.Parameter]:
+    def take_reset_parameters(self) -> list[Tensor]:
         return self.inner.take_reset_parameters()
 
     @property
-    def horizon_steps(self) -> int:  # type: ignore[override]
+    def horizon_steps(self) -> int:
         return self.inner.horizon_steps
 
     @horizon_steps.setter

@@ -79,6 +79,12 @@ class NPID(Method):
     `bank_fill` (share of slots holding an instance, as this batch found the bank).
     """
 
+    # The State buffers above, registered in __init__; declared so that they type as Tensor, not Tensor | Module.
+    bank: Tensor
+    bank_ids: Tensor
+    bank_written: Tensor
+    bank_clock: Tensor
+
     name = "npid"
     num_views = 1
 

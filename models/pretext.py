@@ -261,6 +261,9 @@ class JigsawHead(nn.Module):
     `forward` returns features [9B, feature_dim]: the tiles, image by image, in shuffled order.
     """
 
+    # The permutation set, a buffer registered in __init__; declared so that it types as Tensor, not Tensor | Module.
+    permutations: Tensor
+
     task = "jigsaw"
 
     def __init__(self, feature_dim: int, *, num_permutations: int = 100, permutation_seed: int = 0, tile: int = 6,

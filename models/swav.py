@@ -156,6 +156,11 @@ class SwAV(Method):
     Each forward reads the two counters from the device once (the trainer reads the loss every step anyway).
     """
 
+    # The State buffers above, registered in __init__; declared so that they type as Tensor, not Tensor | Module.
+    queue: Tensor
+    features_enqueued: Tensor
+    step: Tensor
+
     name = "swav"
     num_views = 2
 
