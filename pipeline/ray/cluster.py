@@ -55,10 +55,10 @@ def threads_running_ray() -> list[str]:
     """Names of this process's threads with Ray code on their stack, other than Ray's service threads."""
     frames = sys._current_frames()
     ray_dir = f"{os.sep}ray{os.sep}"
-    others = [thread for thread in threading.enumerate() if thread is not threading.current_thread()
-              and thread.name not in _RAY_SERVICE_THREADS and thread.ident in frames]
-    return [thread.name for thread in others
-            if any(ray_dir in entry.filename for entry in traceback.extract_stack(frames[thread.ident]))]
+    others = {thread.ident: thread.name for thread in threading.enumerate() if thread is not threading.current_thread()
+              and thread.name not in _RAY_SERVICE_THREADS and thread.ident in frames}
+    return [name for ident, name in others.items() if ident is not None
+            and any(ray_dir in entry.filename for entry in traceback.extract_stack(frames[ident]))]
 
 
 def stop_ray(temp_dir: str | None, wait_seconds: float = 10.0) -> None:

@@ -22,6 +22,7 @@ import os
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 
@@ -139,16 +140,16 @@ class RollingEEMD:
         self.method, self.trials, self.noise_width, self.max_imfs, self.seed = method, trials, noise_width, max_imfs, seed
         self.processes = processes or os.cpu_count() or 1
         self.backend = ("pyemd" if method == "ceemdan" else "batched") if backend == "auto" else backend
-        self._pool = None
-        self._finalizer = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     @property
     def pool(self) -> ProcessPoolExecutor | None:
         """The worker pool, started on first use and kept until `close()`; None when processes == 1."""
         if self._pool is None and self.processes > 1:
             # spawn: workers must not inherit a parent's threads or locks (torch, Kafka clients)
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
-            self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+            pool = self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+            self._finalizer = weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 
     def decompose(self, windows: np.ndarray, *, return_counts: bool = False):

@@ -171,7 +171,8 @@ def _mirrored_knots(x: np.ndarray, pos_max: np.ndarray, n_max: np.ndarray, pos_m
                               width - 1 - (2 * right[4][:, None] - right_src)])
         valid = np.hstack([left_ok, columns < count[:, None], right_ok])
         envelopes.append((position, source, valid))
-    return tuple(np.vstack(parts) for parts in zip(*envelopes, strict=True))
+    position_rows, source_rows, valid_rows = (np.vstack(parts) for parts in zip(*envelopes, strict=True))
+    return position_rows, source_rows, valid_rows
 
 
 # ---------------------------------------------------------------- cubic-spline envelopes
