@@ -27,6 +27,7 @@ from streamssl.models.encoder_io import EncoderLoadError
 from streamssl.models.registry import SERIES_METHODS
 from streamssl.pipeline.config import ConfigError, load_config
 from streamssl.pipeline.series import forecast
+from streamssl.streams.orders import ORDERS
 from streamssl.streams.records import SourceError
 
 log = logging.getLogger("streamssl")
@@ -89,10 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     produce.add_argument("--limit", type=int, default=0, help="stop after N records; 0 = the whole lake")
     produce.add_argument("--partitions", type=int, default=4, help="partitions if the topic is created")
 
-    lake = commands.add_parser("lake", help="write Fashion-MNIST as WebDataset shards (PNG + json)")
+    lake = commands.add_parser("lake", help="write Fashion-MNIST (or a labelled lake) as WebDataset shards (PNG + json) "
+                                            "in a stream order")
     lake.add_argument("--out", required=True, help="directory to write shards into")
     lake.add_argument("--limit", type=int, default=0, help="only the first N training images; 0 = all")
     lake.add_argument("--shard-size", type=int, default=1000)
+    lake.add_argument("--order", default="", choices=["", *ORDERS],
+                      help="write the records in this stream order (labels decide it; see streams/orders.py); "
+                           "default: index order")
+    lake.add_argument("--run-length", type=int, default=200, help="images per run of one class (correlated-runs)")
+    lake.add_argument("--seed", type=int, default=0, help="seed of the order")
+    lake.add_argument("--from", dest="source", default="", metavar="LABELLED_LAKE",
+                      help="read the images and labels of this lake (png + json label) instead of Fashion-MNIST")
     forecast.add_parser(commands)
     return parser
 
@@ -209,12 +218,19 @@ def _eval(args: argparse.Namespace) -> int:
 def _lake(args: argparse.Namespace) -> int:
     from streamssl.streams.fashion_mnist import load_fashion_mnist
     from streamssl.streams.lake import build_lake
+    from streamssl.streams.orders import read_labelled_lake, stream_order
 
-    images, labels = load_fashion_mnist("train")
+    if args.source and not Path(args.source).is_dir():
+        raise SourceError(f"lake not found: {args.source}")
+    if args.run_length < 1 or args.shard_size < 1:
+        raise ConfigError("--run-length and --shard-size must be at least 1")
+    images, labels = read_labelled_lake(Path(args.source)) if args.source else load_fashion_mnist("train")
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
-    shards = build_lake(Path(args.out), images, labels, shard_size=args.shard_size)
-    print(json.dumps({"out": args.out, "shards": len(shards), "samples": len(images)}))
+    order = stream_order(labels, args.order, args.run_length, args.seed) if args.order else None
+    shards = build_lake(Path(args.out), images, labels, shard_size=args.shard_size, order=order)
+    print(json.dumps({"out": args.out, "shards": len(shards), "samples": len(images if order is None else order),
+                      "order": args.order or "index"}))
     return 0
 
 

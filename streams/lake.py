@@ -59,7 +59,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def build_lake(out_dir: Path, images: np.ndarray, labels: np.ndarray, *, shard_size: int = 1000,
-               key_prefix: str = "fmnist-train", split: str = "train") -> list[Path]:
+               key_prefix: str = "fmnist-train", split: str = "train", order: np.ndarray | None = None) -> list[Path]:
     """Writes images as shards `shard-000000.tar`, … of PNG + json samples.
 
     Args:
@@ -69,6 +69,8 @@ def build_lake(out_dir: Path, images: np.ndarray, labels: np.ndarray, *, shard_s
         shard_size: Samples per shard.
         key_prefix: Sample keys are `{key_prefix}-{index:06d}` (no dots).
         split: Written into every sample's json.
+        order: Which images, in which order (streams/orders.py); default all, as given. Keys and the json's
+            "index" keep each image's index into `images`.
 
     Returns:
         The shard paths, in order.
@@ -78,12 +80,13 @@ def build_lake(out_dir: Path, images: np.ndarray, labels: np.ndarray, *, shard_s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = []
-    for number, start in enumerate(range(0, len(images), shard_size)):
+    order = np.arange(len(images)) if order is None else order
+    for number, start in enumerate(range(0, len(order), shard_size)):
         samples = (
             (f"{key_prefix}-{index:06d}",
              {"png": png_bytes(images[index]),
               "json": json.dumps({"label": int(labels[index]), "split": split, "index": index}).encode()})
-            for index in range(start, min(start + shard_size, len(images)))
+            for index in map(int, order[start:start + shard_size])
         )
         shard = out_dir / f"shard-{number:06d}.tar"
         write_shard(shard, samples)
