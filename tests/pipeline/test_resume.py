@@ -91,3 +91,28 @@ def test_a_run_dir_with_only_corrupt_checkpoints_starts_fresh(tmp_path: Path) ->
     checkpoints = Checkpointer(tmp_path)
     (tmp_path / "ckpt-000000005.pt").write_bytes(b"not a checkpoint")
     assert checkpoints.load_latest() is None
+
+
+def test_resume_with_a_full_minred_buffer_and_a_snapshot_is_bit_exact(tmp_path: Path, small_lake: Path) -> None:
+    # 16 arriving + 16 replayed records per step; the 48-record buffer is full after 3 steps and evicting by
+    # redundancy after that; the distillation snapshot is taken at steps 3 and 6 (the restart is at step 5)
+    sets = ["train.max_steps=10", "replay.capacity=48", "replay.policy=minred", "replay.share=0.5",
+            "distill.weight=0.5", "distill.every_steps=3", "checkpoint.every_steps=5"]
+
+    def train(run_dir: Path, stop_after: int = 0) -> RecordingTrainer:
+        trainer = RecordingTrainer(tiny_config(run_dir, small_lake, *sets), stop_after=stop_after)
+        trainer.run()
+        return trainer
+
+    straight = train(tmp_path / "straight")
+    train(tmp_path / "split", stop_after=5)
+    resumed = train(tmp_path / "split")
+    assert resumed.state.step == straight.state.step == 10 and straight.state.samples_seen == 160
+    buffers = straight.task.replay, resumed.task.replay
+    assert buffers[0].size == 48 and buffers[0].evicted + buffers[0].dropped == 160 - 48
+    for name in ("images", "ids", "features", "nn_sim", "nn_index"):
+        assert torch.equal(getattr(buffers[0], name), getattr(buffers[1], name)), name
+    for a, b in ((straight.method, resumed.method), (straight.task.distiller, resumed.task.distiller)):
+        expected, got = a.state_dict(), b.state_dict()
+        assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
+    assert int(straight.task.distiller.snapshot_step) == 9
