@@ -135,8 +135,11 @@ class ReplayBuffer:
         return float(torch.cat(best).mean())
 
     def logs(self) -> dict[str, float]:
-        return {"replay_fill": self.size / self.capacity, "replay_bytes": float(self.nbytes),
+        logs = {"replay_fill": self.size / self.capacity, "replay_bytes": float(self.nbytes),
                 "replay_evicted": float(self.evicted), "replay_dropped": float(self.dropped)}
+        if self.policy == "minred" and self.size > 1:  # maintained anyway; exact for the others: `redundancy()`
+            logs["replay_redundancy"] = float(self.nn_sim[:self.size].mean())
+        return logs
 
     def state_dict(self) -> dict[str, Any]:
         counters = [self.size, self.arrived, self.evicted, self.dropped, self.next_slot]
