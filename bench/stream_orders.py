@@ -7,9 +7,10 @@ default method (MoCo, its recipe) makes one pass over it (`data.mode=once`: shar
 default shuffle buffer, each record arriving once), with `train.max_steps` set to the pass's steps so the
 schedule anneals over the pass. The reference of a setting is the iid order with the same setting.
 
-* curve: kNN top-1 (10k bank subset, all 10k test images) after each tenth of the pass, per class;
+* curve: kNN top-1 (3k bank, 2k test subsets) after each tenth of the pass, per class;
 * forgetting: per class, the best kNN accuracy it reached on the curve minus its final one, averaged;
-* final: full-set kNN (60k bank, 10k test, k=200, T=0.1) of the encoder after the pass.
+* final: kNN on the full 10k test set (bank: `--final-bank` train images, default 10k; k=200, T=0.1) of the
+  encoder after the pass.
 
     .venv/bin/python bench/stream_orders.py [--images 60000] [--orders iid,class-sequential,correlated-runs]
         [--settings none,fifo,reservoir,minred,minred+distill] [--capacity 8192] [--share 0.5] [-- --set k=v ...]
@@ -50,7 +51,7 @@ class Curve:
     """Per-class kNN accuracy of the encoder at each evaluation of a run (`reset` between runs)."""
 
     def __init__(self) -> None:
-        self.data = knn_sets(EvalConfig(bank_size=10000, test_size=0))
+        self.data = knn_sets(EvalConfig(bank_size=3000, test_size=2000))
         self.points: list[dict[str, Any]] = []
         self.baselines: dict[str, float] = {}
 
@@ -150,13 +151,15 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=8192, help="replay.capacity of the replay settings")
     parser.add_argument("--share", type=float, default=0.5, help="replay.share of the replay settings")
     parser.add_argument("--run-length", type=int, default=200, help="correlated-runs: images per run")
+    parser.add_argument("--final-bank", type=int, default=10000, help="kNN bank of the final score (0 = all 60k)")
     parser.add_argument("run_args", nargs="*", help="--set key=value pairs for every run (after --)")
     args = parser.parse_args()
     extra = [value for flag, value in zip(args.run_args[::2], args.run_args[1::2], strict=True) if flag == "--set"]
-    print(json.dumps({**machine(), "images": args.images, "capacity": args.capacity, "share": args.share}), flush=True)
+    print(json.dumps({**machine(), "images": args.images, "capacity": args.capacity, "share": args.share,
+                      "final_bank": args.final_bank or 60000}), flush=True)
     images, labels = load_fashion_mnist("train")
     images, labels = images[:args.images], labels[:args.images]
-    full, curve = knn_sets(EvalConfig(bank_size=0, test_size=0)), Curve()
+    full, curve = knn_sets(EvalConfig(bank_size=args.final_bank, test_size=0)), Curve()
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="streamssl-orders-") as scratch:
         for order in args.orders.split(","):
