@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from streamssl.models import build_backbone, build_method
+from streamssl.models.encoder_io import Manifest
 from streamssl.pipeline.augment import BatchAugment
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError
@@ -182,12 +183,12 @@ class ImageTask:
     def encoder(self) -> torch.nn.Module:
         return self.method.encoder() if self.encoder_ema is None else self.encoder_ema.module
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         cfg = self.cfg
-        return {"backbone": cfg.model.backbone, "backbone_options": {}, "embedding_dim": self.feature_dim,
-                "input": {"channels": cfg.data.channels, "height": cfg.data.size, "width": cfg.data.size,
-                          "range": "float in [0, 1], normalised inside the encoder",
-                          "mean": cfg.data.mean, "std": cfg.data.std}}
+        return Manifest(backbone=cfg.model.backbone, embedding_dim=self.feature_dim,
+                        input={"channels": cfg.data.channels, "height": cfg.data.size, "width": cfg.data.size,
+                               "range": "float in [0, 1], normalised inside the encoder",
+                               "mean": cfg.data.mean, "std": cfg.data.std})
 
     def knn(self, encoder: torch.nn.Module) -> float:
         cfg = self.cfg.eval

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -171,8 +171,9 @@ class Loop:
         encoder = self.task.encoder()
         if encoder is None:
             return
-        manifest = {"step": self.state.step, "samples_seen": self.state.samples_seen, "method": self.cfg.method,
-                    "metrics": dict(self.state.eval_metrics), **self.task.manifest()}
+        manifest = self.task.manifest()
+        manifest = replace(manifest, step=self.state.step, samples_seen=self.state.samples_seen, method=self.cfg.method,
+                           metrics={**self.state.eval_metrics, **manifest.metrics})
         version, folder = self.publisher.publish(encoder, manifest)
         self.state.published_step = self.state.step
         self.metrics.observe_publish(version)

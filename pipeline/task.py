@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
+from streamssl.models.encoder_io import Manifest
+
 if TYPE_CHECKING:
     from streamssl.pipeline.loop import Loop
 
@@ -64,8 +66,9 @@ class Task(Protocol):
     def encoder(self) -> nn.Module | None:
         """What gets published; None while there is nothing to publish yet (logged by the task)."""
 
-    def manifest(self) -> dict[str, Any]:
-        """What a consumer needs to feed the encoder (the loop adds step, samples_seen, method, metrics)."""
+    def manifest(self) -> Manifest:
+        """What a consumer needs to feed the encoder (the loop fills in step, samples_seen and method, and adds the
+        eval metrics to the task's own)."""
 
     def progress(self, samples_rate: float, seconds: float, loss: float, logs: dict[str, float]) -> str: ...
 

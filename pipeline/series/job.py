@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamssl.models.encoder_io import Manifest
 from streamssl.models.forecaster import Forecaster
 from streamssl.pipeline.config import ConfigError
 from streamssl.pipeline.device import resolve_device
@@ -344,26 +345,25 @@ class SeriesTask:
             return None
         return self.model.encoder()
 
-    def manifest(self) -> dict[str, Any]:
-        """What a consumer needs to feed the encoder: the window, each series' normalisation, the views."""
+    def manifest(self) -> Manifest:
+        """What a consumer needs to feed the encoder: the window, each series' normalisation, the views; the
+        latest training logs join the eval metrics."""
         s = self.cfg.series
-        manifest: dict[str, Any] = {
-            "input": {"channels": 1, "window": s.window, "warmup_points": s.warmup_points,
-                      "normalisation": "z-score per series with the mean/std of its first warmup_points points",
-                      "series": {sid: {"mean": mean, "std": std} for sid, (mean, std) in sorted(self.norm.items())}},
-            "metrics": {**self.loop.state.eval_metrics, **self.last_logs},
-        }
-        if self.forecasting:
-            names = self.spec.component_names()
-            channels = ["series"] + ([names[k] for k in self.groups.views] if self.uses_views else [])
-            manifest["input"].update(channels=len(channels), channel_names=channels, lag=s.lag, horizon=s.horizon)
-            manifest.update(mode=self.mode, backbone=f"forecaster-{self.options.get('trunk', 'cnn')}",
-                            feature_dim=self.options.get("hidden", 64), nrmse_definition=NRMSE_DEFINITION,
-                            groups=None if self.groups is None else self.groups.as_dict(),
-                            decomposition=dataclasses.asdict(self.spec) if self.eemd is not None else None)
-        else:
-            manifest.update(backbone="series-conv", embedding_dim=self.model.feature_dim)
-        return manifest
+        inputs: dict[str, Any] = {
+            "channels": 1, "window": s.window, "warmup_points": s.warmup_points,
+            "normalisation": "z-score per series with the mean/std of its first warmup_points points",
+            "series": {sid: {"mean": mean, "std": std} for sid, (mean, std) in sorted(self.norm.items())}}
+        if not self.forecasting:
+            return Manifest(backbone="series-conv", input=inputs, embedding_dim=self.model.feature_dim,
+                            metrics=dict(self.last_logs))
+        names = self.spec.component_names()
+        channels = ["series"] + ([names[k] for k in self.groups.views] if self.uses_views else [])
+        inputs.update(channels=len(channels), channel_names=channels, lag=s.lag, horizon=s.horizon)
+        return Manifest(backbone=f"forecaster-{self.options.get('trunk', 'cnn')}", input=inputs,
+                        embedding_dim=self.options.get("hidden", 64), metrics=dict(self.last_logs),
+                        extra={"mode": self.mode, "nrmse_definition": NRMSE_DEFINITION,
+                               "groups": None if self.groups is None else self.groups.as_dict(),
+                               "decomposition": dataclasses.asdict(self.spec) if self.eemd is not None else None})
 
     # --- what the loop prints --------------------------------------------------------------------------
     def progress(self, samples_rate: float, seconds: float, loss: float, logs: dict[str, float]) -> str:
