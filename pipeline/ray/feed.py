@@ -20,7 +20,7 @@ import numpy as np
 from streamssl.pipeline.config import Config
 from streamssl.pipeline.loading.deadletter import DeadLetters
 from streamssl.pipeline.loading.loader import Batch, decode_record, read_message, record_id
-from streamssl.pipeline.loading.sources import resolve_mode
+from streamssl.pipeline.loading.sources import resolve_mode, source_spec
 from streamssl.streams.ray_source import RayShardReader, read_ray_dataset
 from streamssl.streams.records import Record, SourceError
 
@@ -70,7 +70,7 @@ class RayDataFeed:
     """
 
     def __init__(self, iterator: Any, position: dict[str, Any], cfg: Config, dead_letters: DeadLetters) -> None:
-        mode = resolve_mode(cfg.data.source, cfg.data.mode)
+        mode = resolve_mode(source_spec(cfg.data), cfg.data.mode)
         self._reader = RayShardReader(iterator, batch_size=cfg.train.batch_size, mode=mode,
                                       shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
                                       on_reject=lambda *reject: self._put(("reject", *reject), bounded=False))

@@ -39,12 +39,11 @@ from streamssl.pipeline.collective import collective_for
 from streamssl.pipeline.config import Config, ConfigError
 from streamssl.pipeline.device import resolve_device
 from streamssl.pipeline.images import Trainer
-from streamssl.pipeline.loading.sources import resolve_mode, source_factory
+from streamssl.pipeline.loading.sources import resolve_mode, source_factory, source_spec
 from streamssl.pipeline.loop import RunState
 from streamssl.pipeline.ray.feed import RayDataFeed
 from streamssl.streams.files import RunPaths
 from streamssl.streams.kafka_assignment import merge_positions
-from streamssl.streams.ray_source import is_ray_spec
 from streamssl.streams.webdataset_source import list_complete_shards
 
 log = logging.getLogger(__name__)
@@ -186,16 +185,17 @@ class WorkerTrainer(Trainer):
         super().__init__(cfg, stop, collective=collective, checkpointer=checkpointer)
         task = self.task
         task.generator.manual_seed(_rank_seed(cfg.train.seed, self.worker))
-        if is_ray_spec(cfg.data.source):
+        source = source_spec(cfg.data)
+        if source.kind == "ray":
             if data_iterator is None:
-                raise ConfigError(f"{cfg.data.source} is read by Ray Data: start it with run_distributed")
+                raise ConfigError(f"{source.text} is read by Ray Data: start it with run_distributed")
             task.open_feed = lambda position: RayDataFeed(data_iterator, position, cfg, self.dead_letters)
-        elif self.workers > 1 and cfg.data.source.startswith("kafka://"):
+        elif self.workers > 1 and source.kind == "kafka":
             # Every worker reads its own fixed share of the partitions and commits offsets for the one group.
             task.make_source = functools.partial(task.make_source, split=(self.worker, self.workers))
         elif self.workers > 1:
-            spec = rank_shard_spec(task.make_source.args[0], resolve_mode(cfg.data.source, cfg.data.mode),
-                                   self.worker, self.workers)
+            spec = rank_shard_spec(task.make_source.args[0], resolve_mode(source, cfg.data.mode), self.worker,
+                                   self.workers)
             task.make_source = source_factory(dataclasses.replace(cfg.data, source=spec), cfg.train.seed, cfg.kafka)
         if self.workers > 1:
             # Buffers are not broadcast: the gathered queues and banks are equal on every worker by construction,

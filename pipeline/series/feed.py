@@ -14,12 +14,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from streamssl.pipeline.config import ConfigError
 from streamssl.pipeline.loading.messages import End, Failure, Reject
-from streamssl.pipeline.loading.sources import source_factory
+from streamssl.pipeline.loading.sources import source_factory, source_spec
 from streamssl.streams.records import Record, SourceError
 from streamssl.streams.series_source import ParquetSeriesSource, Point, demo_series, parse_point
 
@@ -28,14 +27,14 @@ LOOKAHEAD = 256  # messages taken at once, so that their windows are decomposed 
 
 def series_source_factory(cfg: Any) -> Callable[..., Any]:
     """`make_source(on_reject=…)` for `data.source`; builds one first so that a bad path fails before any write."""
-    data, series = cfg.data, cfg.series
-    if data.source.startswith("kafka://"):
+    data, series, spec = cfg.data, cfg.series, source_spec(cfg.data)
+    if spec.kind == "kafka":
         return source_factory(data, cfg.train.seed, cfg.kafka)
     if data.mode == "cycle":
         raise ConfigError("data.mode cycle would replay old timestamps into a series; use once or follow")
-    spec = data.source or str(demo_series())
-    mode = data.mode if data.mode != "auto" else "follow" if data.source and Path(spec).is_dir() else "once"
-    make = partial(ParquetSeriesSource, spec, mode=mode, poll_seconds=data.poll_seconds, time_column=series.time_column,
+    path = str(demo_series()) if spec.kind == "embedded" else spec.text  # a ray+ spec fails as a missing path
+    mode = data.mode if data.mode != "auto" else "follow" if spec.is_local_directory else "once"
+    make = partial(ParquetSeriesSource, path, mode=mode, poll_seconds=data.poll_seconds, time_column=series.time_column,
                    value_column=series.value_column, series_column=series.series_column)
     make().close()
     return make
