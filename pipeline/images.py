@@ -24,7 +24,9 @@ from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError
 from streamssl.pipeline.device import resolve_device, resolve_precision
 from streamssl.pipeline.evaluation.knn import knn_top1
-from streamssl.pipeline.loading.loader import Batch, BatchLoader
+from streamssl.pipeline.loading.loader import BatchLoader
+from streamssl.pipeline.loading.messages import Batch
+from streamssl.pipeline.loading.positions import Position
 from streamssl.pipeline.loading.sources import knn_sets, source_factory
 from streamssl.pipeline.loop import Loop
 from streamssl.pipeline.optim import build_optimizer, set_learning_rate
@@ -79,7 +81,7 @@ class ImageTask:
         self.augment = BatchAugment(cfg.augment, cfg.data.mean, cfg.data.std, cfg.data.size)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         # How batches arrive: the background decoder by default, a Ray Data feed under Ray (pipeline/ray/worker.py).
-        self.open_feed: Callable[[dict[str, Any]], Feed] = self._batch_loader
+        self.open_feed: Callable[[Position | None], Feed] = self._batch_loader
         self._knn_data: tuple[torch.Tensor, ...] | None = None
         self._knn_baselines: dict[str, float] | None = None
         self.loop: Loop | None = None
@@ -87,12 +89,12 @@ class ImageTask:
     def attach(self, loop: Loop) -> None:
         self.loop = loop
 
-    def _batch_loader(self, position: dict[str, Any]) -> Feed:
+    def _batch_loader(self, position: Position | None) -> Feed:
         cfg = self.cfg
         return BatchLoader(self.make_source, position, cfg.train.batch_size, cfg.data.image_field, cfg.data.channels,
-                           cfg.data.size, self.loop.dead_letters, cfg.data.prefetch_batches)
+                           cfg.data.size, cfg.data.prefetch_batches)
 
-    def open(self, position: dict[str, Any]) -> Feed:
+    def open(self, position: Position | None) -> Feed:
         return self.open_feed(position)
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import nn
 
 from streamssl.models.encoder_io import Manifest
+from streamssl.pipeline.loading.messages import Message
+from streamssl.pipeline.loading.positions import Position
 
 if TYPE_CHECKING:
     from streamssl.pipeline.loop import Loop
@@ -28,11 +30,11 @@ class Step:
 
 
 class Feed(Protocol):
-    def next(self, timeout: float) -> Any:
-        """The next message (its `.position` is the stream right after it); None at the end of a finite
-        stream; raises queue.Empty when nothing arrived within `timeout`."""
+    def next(self, timeout: float) -> Message:
+        """The next message (a data message's or reject's `.position` is the stream right after it; `End` again
+        and again once a finite stream is done); raises queue.Empty when nothing arrived within `timeout`."""
 
-    def commit(self, position: dict[str, Any]) -> None:
+    def commit(self, position: Position | None) -> None:
         """Upstream commit (Kafka offsets) of a position that is durably checkpointed."""
 
     def close(self) -> None: ...
@@ -47,7 +49,7 @@ class Task(Protocol):
     def attach(self, loop: Loop) -> None:
         """Called once by the loop: its state, metrics, dead letters and collective are there."""
 
-    def open(self, position: dict[str, Any]) -> Feed: ...
+    def open(self, position: Position | None) -> Feed: ...
 
     def step(self, message: Any) -> Step | None:
         """Takes one message; None when it trained nothing (a point that does not fill a batch)."""

@@ -39,11 +39,11 @@ from streamssl.pipeline.collective import collective_for
 from streamssl.pipeline.config import Config, ConfigError
 from streamssl.pipeline.device import resolve_device
 from streamssl.pipeline.images import Trainer
+from streamssl.pipeline.loading.positions import merge_positions, position_from_dict, position_to_dict
 from streamssl.pipeline.loading.sources import resolve_mode, source_factory, source_spec
 from streamssl.pipeline.loop import RunState
 from streamssl.pipeline.ray.feed import RayDataFeed
 from streamssl.streams.files import RunPaths
-from streamssl.streams.kafka_assignment import merge_positions
 from streamssl.streams.webdataset_source import list_complete_shards
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,8 @@ class SharedCheckpointer(Checkpointer):
         if len(ranks) != self.workers:
             raise ConfigError(f"the run dir's checkpoint was written by {len(ranks)} worker(s), this run has "
                               f"{self.workers}: resume with the same number of workers, or use a new --run-dir")
-        position = ranks[self.worker]["position"]
-        if any(entry["position"].get("kind") == "kafka" for entry in ranks):
-            position = merge_positions([entry["position"] for entry in ranks])
-        return {**ckpt, "source": position, "rng": ranks[self.worker]["rng"]}
+        position = merge_positions([position_from_dict(entry["position"]) for entry in ranks], self.worker)
+        return {**ckpt, "source": position_to_dict(position), "rng": ranks[self.worker]["rng"]}
 
 
 # --- the trainer each worker runs -----------------------------------------------------------------------
@@ -189,7 +187,7 @@ class WorkerTrainer(Trainer):
         if source.kind == "ray":
             if data_iterator is None:
                 raise ConfigError(f"{source.text} is read by Ray Data: start it with run_distributed")
-            task.open_feed = lambda position: RayDataFeed(data_iterator, position, cfg, self.dead_letters)
+            task.open_feed = lambda position: RayDataFeed(data_iterator, position, cfg)
         elif self.workers > 1 and source.kind == "kafka":
             # Every worker reads its own fixed share of the partitions and commits offsets for the one group.
             task.make_source = functools.partial(task.make_source, split=(self.worker, self.workers))
@@ -211,7 +209,7 @@ class WorkerTrainer(Trainer):
         """The loop, then this worker's summary (what it trained on and a digest of its weights) in workers/."""
         state = super().run()
         summary = {"rank": self.worker, "world_size": self.workers, "step": state.step,
-                   "samples_seen": state.samples_seen, "position": _plain(state.position),
+                   "samples_seen": state.samples_seen, "position": _plain(position_to_dict(state.position)),
                    "parameters_sha256": parameters_sha256(self.task.method)}
         self.paths.workers.mkdir(exist_ok=True)
         (self.paths.workers / f"rank-{self.worker}.json").write_text(json.dumps(summary) + "\n")

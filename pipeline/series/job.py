@@ -44,9 +44,11 @@ from streamssl.models.encoder_io import Manifest
 from streamssl.models.forecaster import Forecaster
 from streamssl.pipeline.config import ConfigError
 from streamssl.pipeline.device import resolve_device
+from streamssl.pipeline.loading.messages import Message, PointMessage
+from streamssl.pipeline.loading.positions import Position
 from streamssl.pipeline.loop import Loop, RunState
 from streamssl.pipeline.series.examples import NRMSE_DEFINITION, USES_AUX, USES_VIEWS, Groups, decide_groups, forecast_errors
-from streamssl.pipeline.series.feed import PointMessage, PointReader, SeriesFeed, series_source_factory
+from streamssl.pipeline.series.feed import PointReader, SeriesFeed, series_source_factory
 from streamssl.pipeline.series.forecast import decomposition_of
 from streamssl.pipeline.series.windows import SeriesWindows
 from streamssl.pipeline.task import Feed, Step
@@ -128,7 +130,7 @@ class SeriesTask:
     def _reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
         self.loop.dead_letters.reject(source, key, reason, detail, payload)
 
-    def open(self, position: dict[str, Any]) -> Feed:
+    def open(self, position: Position | None) -> Feed:
         threads = self.cfg.series.threads
         if threads and self.device.type == "cpu":
             self._threads = torch.get_num_threads()
@@ -227,7 +229,7 @@ class SeriesTask:
         pending.append((index, inputs, self.model.predict(inputs[None].to(self.device))[0], float(window[-1])))
         return stepped
 
-    def decompose_ahead(self, messages: deque[Any]) -> None:
+    def decompose_ahead(self, messages: deque[Message]) -> None:
         """Decomposes, in one batched call, the windows the coming points of warmed-up series will end.
 
         A window's decomposition depends only on its values (`RollingEEMD` is deterministic per window), so
