@@ -49,9 +49,9 @@ class TensorFeed:
             self.start = 0
         rows = slice(self.start, self.start + self.batch_size)
         self.start += self.batch_size
-        return Batch(self.images[rows], self.keys[rows], {}, {}, self.ids[rows])
+        return Batch(self.images[rows], self.keys[rows], None, {}, self.ids[rows])
 
-    def commit(self, position: dict[str, Any]) -> None:
+    def commit(self, position: Any) -> None:
         pass
 
     def close(self) -> None:

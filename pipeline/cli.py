@@ -113,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     cfg = load_config(args.config, overrides, args.set)
     from streamssl.pipeline.images import Trainer  # the training stack loads only for `run`
+    from streamssl.pipeline.loading.sources import source_spec
     from streamssl.pipeline.loop import TrainingDiverged
 
     stop = threading.Event()
@@ -130,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
             from streamssl.pipeline.series.job import run_series
 
             run_series(cfg, stop)
-        elif args.workers or args.ray_address or cfg.data.source.startswith("ray+"):
+        elif args.workers or args.ray_address or source_spec(cfg.data).kind == "ray":
             from streamssl.pipeline.ray.driver import run_distributed
 
             run_distributed(cfg, args.workers, args.ray_address, stop)

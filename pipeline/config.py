@@ -8,7 +8,8 @@ method's defaults and types are written down once, in its own file. Three jobs r
 
 `load_config` refuses, with a `ConfigError` whose message fits on one line: unknown keys, values of the
 wrong type or outside a `Literal`'s choices, out-of-range values, and keys the job does not read set away
-from their default (a silently ignored setting is a bug report waiting to happen).
+from their default (a silently ignored setting is a bug report waiting to happen); `data.source` is parsed
+(`pipeline.loading.sources.parse_source`; a malformed one is a `SourceError`).
 """
 
 from __future__ import annotations
@@ -325,6 +326,10 @@ def validate(cfg: Config, job: Job) -> None:
     if ignored:
         raise ConfigError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to "
                           f"{_JOB_NAMES[job]} with method {cfg.method} (see `streamssl config --show`)")
+    if job != "forecast":  # a malformed Kafka URL or Ray spec fails here, before anything is built
+        from streamssl.pipeline.loading.sources import parse_source
+
+        parse_source(cfg.data.source)
     t, c = cfg.train, cfg.checkpoint
     at_least_one: dict[str, float] = {"checkpoint.keep": c.keep, "train.nan_rollback_after": t.nan_rollback_after}
     at_least_zero: dict[str, float] = {"train.max_steps": t.max_steps, "train.max_minutes": t.max_minutes,

@@ -18,13 +18,16 @@ from typing import Any
 import torch
 
 from streamssl.models import build_backbone, build_method
+from streamssl.models.encoder_io import Manifest
 from streamssl.pipeline.augment import BatchAugment
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError, replayed_per_step
 from streamssl.pipeline.device import resolve_device, resolve_precision
 from streamssl.pipeline.distill import Distiller
 from streamssl.pipeline.evaluation.knn import knn_top1
-from streamssl.pipeline.loading.loader import Batch, BatchLoader
+from streamssl.pipeline.loading.loader import BatchLoader
+from streamssl.pipeline.loading.messages import Batch
+from streamssl.pipeline.loading.positions import Position
 from streamssl.pipeline.loading.sources import knn_sets, source_factory
 from streamssl.pipeline.loop import Loop
 from streamssl.pipeline.optim import build_optimizer, set_learning_rate
@@ -89,7 +92,7 @@ class ImageTask:
         self.augment = BatchAugment(cfg.augment, cfg.data.mean, cfg.data.std, cfg.data.size)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         # How batches arrive: the background decoder by default, a Ray Data feed under Ray (pipeline/ray/worker.py).
-        self.open_feed: Callable[[dict[str, Any]], Feed] = self._batch_loader
+        self.open_feed: Callable[[Position | None], Feed] = self._batch_loader
         self.replayed = replayed_per_step(cfg)
         self.replay = None if not cfg.replay.capacity else ReplayBuffer(
             cfg.replay.capacity, cfg.replay.policy, (cfg.data.channels, cfg.data.size, cfg.data.size), self.feature_dim,
@@ -105,13 +108,13 @@ class ImageTask:
     def attach(self, loop: Loop) -> None:
         self.loop = loop
 
-    def _batch_loader(self, position: dict[str, Any]) -> Feed:
+    def _batch_loader(self, position: Position | None) -> Feed:
         cfg = self.cfg
         arriving = cfg.train.batch_size - self.replayed
         return BatchLoader(self.make_source, position, arriving, cfg.data.image_field, cfg.data.channels, cfg.data.size,
-                           self.loop.dead_letters, cfg.data.prefetch_batches)
+                           cfg.data.prefetch_batches)
 
-    def open(self, position: dict[str, Any]) -> Feed:
+    def open(self, position: Position | None) -> Feed:
         return self.open_feed(position)
 
     def close(self) -> None:
@@ -237,12 +240,12 @@ class ImageTask:
     def encoder(self) -> torch.nn.Module:
         return self.method.encoder() if self.encoder_ema is None else self.encoder_ema.module
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         cfg = self.cfg
-        return {"backbone": cfg.model.backbone, "backbone_options": {}, "embedding_dim": self.feature_dim,
-                "input": {"channels": cfg.data.channels, "height": cfg.data.size, "width": cfg.data.size,
-                          "range": "float in [0, 1], normalised inside the encoder",
-                          "mean": cfg.data.mean, "std": cfg.data.std}}
+        return Manifest(backbone=cfg.model.backbone, embedding_dim=self.feature_dim,
+                        input={"channels": cfg.data.channels, "height": cfg.data.size, "width": cfg.data.size,
+                               "range": "float in [0, 1], normalised inside the encoder",
+                               "mean": cfg.data.mean, "std": cfg.data.std})
 
     def knn(self, encoder: torch.nn.Module) -> float:
         cfg = self.cfg.eval

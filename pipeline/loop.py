@@ -19,7 +19,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,12 +30,14 @@ from streamssl.pipeline.checkpointing import Checkpointer
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError, to_dict
 from streamssl.pipeline.loading.deadletter import DeadLetters
-from streamssl.pipeline.loading.messages import Reject
+from streamssl.pipeline.loading.messages import End, Failure, Message, Reject
+from streamssl.pipeline.loading.positions import Position, position_from_dict, position_to_dict
 from streamssl.pipeline.loading.sources import dead_letter_topic
 from streamssl.pipeline.publishing import Publisher
 from streamssl.pipeline.schedule import HorizonEstimate
 from streamssl.pipeline.task import Feed, Task
 from streamssl.streams.files import RunPaths
+from streamssl.streams.records import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class RunState:
     step: int = 0
     samples_seen: int = 0
     checkpoints_written: int = 0
-    position: dict[str, Any] = field(default_factory=dict)
+    position: Position | None = None  # the stream right after the last message handled; None before the first
     eval_metrics: dict[str, float] = field(default_factory=dict)
     published_step: int = -1
     # The schedule: the step the LR anneals to (0 = none) and where the current cycle began (a time-bounded
@@ -107,14 +109,14 @@ class Loop:
         st, own = self.state, self.task.state_dict()
         state = {
             "format": 1, "method_name": self.cfg.method, "step": st.step, "samples_seen": st.samples_seen,
-            "checkpoints_written": st.checkpoints_written, **own, "source": st.position,
+            "checkpoints_written": st.checkpoints_written, **own, "source": position_to_dict(st.position),
             # the LR is a pure function of step and horizon
             "schedule": {**own.get("schedule", {}), "step": st.step, "horizon_steps": st.horizon_steps,
                          "cycle_start": st.cycle_start},
             "eval_metrics": st.eval_metrics, "eval_step": st.eval_step, "config": to_dict(self.cfg),
         }
         if self.collective.world_size > 1:  # every worker's own stream position and RNG, in rank order
-            ranks = self.collective.gather({"position": st.position, "rng": own.get("rng", {})})
+            ranks = self.collective.gather({"position": state["source"], "rng": own.get("rng", {})})
             state.update(ranks=ranks, world_size=self.collective.world_size)
         return state
 
@@ -132,7 +134,8 @@ class Loop:
             raise ConfigError(f"run dir {self.paths.root} holds a '{ckpt.get('method_name')}' run, not '{self.cfg.method}'")
         self.task.load_state_dict(ckpt)
         schedule, metrics = ckpt.get("schedule", {}), dict(ckpt.get("eval_metrics", {}))
-        self.state = RunState(ckpt["step"], ckpt["samples_seen"], ckpt["checkpoints_written"], ckpt["source"], metrics,
+        self.state = RunState(ckpt["step"], ckpt["samples_seen"], ckpt["checkpoints_written"],
+                              position_from_dict(ckpt["source"]), metrics,
                               self.publisher.latest_step(), schedule.get("horizon_steps", 0), schedule.get("cycle_start", 0),
                               ckpt.get("eval_step", int(metrics.get("knn_step", -1))))
         self._checkpointed = (self.state.step, self.state.position)
@@ -180,8 +183,9 @@ class Loop:
         encoder = self.task.encoder()
         if encoder is None:
             return
-        manifest = {"step": self.state.step, "samples_seen": self.state.samples_seen, "method": self.cfg.method,
-                    "metrics": dict(self.state.eval_metrics), **self.task.manifest()}
+        manifest = self.task.manifest()
+        manifest = replace(manifest, step=self.state.step, samples_seen=self.state.samples_seen, method=self.cfg.method,
+                           metrics={**self.state.eval_metrics, **manifest.metrics})
         version, folder = self.publisher.publish(encoder, manifest)
         self.state.published_step = self.state.step
         self.metrics.observe_publish(version)
@@ -232,6 +236,19 @@ class Loop:
             return f"time budget of {self.cfg.train.max_minutes} min used"
         return self.task.finished
 
+    def receive(self, message: Message) -> str:
+        """Holds a message to train on; dead-letters a reject and moves to its position; why the run stops, or ""."""
+        if isinstance(message, Reject):
+            self.dead_letters.reject(message.source, message.key, message.reason, message.detail, message.payload)
+            self.state.position = message.position
+        elif isinstance(message, End):
+            return "stream ended"
+        elif isinstance(message, Failure):
+            raise SourceError(message.message)
+        else:
+            self._held = message
+        return ""
+
     def next_message(self, feed: Feed, deadline: float) -> tuple[Any, str]:
         """The next message to train on, or (None, why the run stops), in rounds that every worker joins.
 
@@ -245,8 +262,7 @@ class Loop:
             if self._held is None and not reason:
                 waited = time.perf_counter()
                 with contextlib.suppress(queue.Empty):
-                    self._held = feed.next(timeout=0.5)
-                    reason = "" if self._held is not None else "stream ended"
+                    reason = self.receive(feed.next(timeout=0.5))
                 self.metrics.wait_seconds.inc(time.perf_counter() - waited)
             waiting = bool(getattr(feed, "waiting_for_pass", False))
             stop_any, missing_any, waiting_any = self.collective.any(bool(reason), self._held is None, waiting)
@@ -312,10 +328,6 @@ class Loop:
                 break
             if not self.startup_seconds:
                 self.startup_seconds = time.monotonic() - started
-            if isinstance(message, Reject):
-                self.dead_letters.reject(message.source, message.key, message.reason, message.detail, message.payload)
-                state.position = message.position
-                continue
             step_started = time.perf_counter()
             result = self.task.step(message)
             # A skipped step still consumed its message: the position moves on, the step count does not.

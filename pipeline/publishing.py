@@ -12,12 +12,12 @@ import os
 import re
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
-from streamssl.models.encoder_io import save_encoder
+from streamssl.models.encoder_io import Manifest, save_encoder
 from streamssl.streams.files import fsync_dir
 
 _VERSION = re.compile(r"^v(\d{6})$")
@@ -37,15 +37,15 @@ class Publisher:
         manifest = self.directory / "latest" / "manifest.json"
         return int(json.loads(manifest.read_text())["step"]) if manifest.is_file() else -1
 
-    def publish(self, backbone: nn.Module, manifest: dict[str, Any]) -> tuple[int, Path]:
+    def publish(self, backbone: nn.Module, manifest: Manifest) -> tuple[int, Path]:
         """Writes the next version and points `latest` at it; returns (version, folder)."""
         version = self.latest_version() + 1
         name = f"v{version:06d}"
         temp = self.directory / f".{name}.tmp"
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir()
-        save_encoder(temp, backbone, {**manifest, "version": version,
-                                      "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        save_encoder(temp, backbone, replace(manifest, version=version,
+                                             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
         for file in temp.iterdir():  # durable before it becomes visible: a crash never publishes empty files
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())

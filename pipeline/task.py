@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
+from streamssl.models.encoder_io import Manifest
+from streamssl.pipeline.loading.messages import Message
+from streamssl.pipeline.loading.positions import Position
+
 if TYPE_CHECKING:
     from streamssl.pipeline.loop import Loop
 
@@ -27,11 +31,11 @@ class Step:
 
 
 class Feed(Protocol):
-    def next(self, timeout: float) -> Any:
-        """The next message (its `.position` is the stream right after it); None at the end of a finite
-        stream; raises queue.Empty when nothing arrived within `timeout`."""
+    def next(self, timeout: float) -> Message:
+        """The next message (a data message's or reject's `.position` is the stream right after it; `End` again
+        and again once a finite stream is done); raises queue.Empty when nothing arrived within `timeout`."""
 
-    def commit(self, position: dict[str, Any]) -> None:
+    def commit(self, position: Position | None) -> None:
         """Upstream commit (Kafka offsets) of a position that is durably checkpointed."""
 
     def close(self) -> None: ...
@@ -49,7 +53,7 @@ class Task(Protocol):
     def attach(self, loop: Loop) -> None:
         """Called once by the loop: its state, metrics, dead letters and collective are there."""
 
-    def open(self, position: dict[str, Any]) -> Feed: ...
+    def open(self, position: Position | None) -> Feed: ...
 
     def step(self, message: Any) -> Step | None:
         """Takes one message; None when it trained nothing (a point that does not fill a batch)."""
@@ -71,8 +75,9 @@ class Task(Protocol):
     def encoder(self) -> nn.Module | None:
         """What gets published; None while there is nothing to publish yet (logged by the task)."""
 
-    def manifest(self) -> dict[str, Any]:
-        """What a consumer needs to feed the encoder (the loop adds step, samples_seen, method, metrics)."""
+    def manifest(self) -> Manifest:
+        """What a consumer needs to feed the encoder (the loop fills in step, samples_seen and method, and adds the
+        eval metrics to the task's own)."""
 
     def progress(self, samples_rate: float, seconds: float, loss: float, logs: dict[str, float]) -> str: ...
 

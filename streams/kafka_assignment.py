@@ -1,5 +1,6 @@
 """Which partitions a Kafka source reads and where each one starts: the group's rebalances (or a worker's fixed
-split), seeking every newly assigned partition before it is fetched, and the lag of those it holds.
+split), seeking every newly assigned partition before it is fetched, and the lag of those it holds; and the
+source's position, `KafkaPosition`, with the merge of a group's positions.
 
 `KafkaSource` (streams/kafka_source.py) is a `PartitionAssignment`: the state used here (`_offsets`,
 `_assigned`, `_unpositioned`, `_lag`, the lock, the counters and backoff) is set up by its constructor.
@@ -8,7 +9,8 @@ split), seeking every newly assigned partition before it is fetched, and the lag
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from streamssl.streams.records import SourceError
@@ -20,16 +22,49 @@ PARTITIONS_REFRESH_SECONDS = 30.0  # a split source looks this often for partiti
 REQUEST_TIMEOUT_MS = 2000
 
 
-def merge_positions(positions: list[dict[str, Any]]) -> dict[str, Any]:
-    """All workers' Kafka positions as one: a run resumed with another worker count splits the partitions
-    differently, so every worker gets the newest offset known for each partition (offsets only grow) and
-    uses the ones it reads. {} if no worker had read anything yet."""
-    kafka = [position for position in positions if position.get("kind") == "kafka"]
-    offsets: dict[str, int] = {}
-    for position in kafka:
-        for partition, offset in position.get("offsets", {}).items():
-            offsets[partition] = max(offsets.get(partition, 0), int(offset))
-    return {**kafka[0], "offsets": offsets} if kafka else {}
+@dataclass(frozen=True)
+class KafkaPosition:
+    """Where a Kafka source is: the next offset to read of every partition it has read.
+
+    Partitions keep their entry after being revoked (a rebalance usually hands them straight back), and
+    entries loaded from a checkpoint stay until they are read past.
+    """
+
+    topic: str
+    offsets: dict[int, int]  # partition -> next offset
+
+    def to_dict(self) -> dict[str, Any]:
+        """{"kind": "kafka", "topic": T, "offsets": {"PARTITION": next offset}}, as checkpoints hold it."""
+        return {"kind": "kafka", "topic": self.topic,
+                "offsets": {str(partition): offset for partition, offset in sorted(self.offsets.items())}}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> KafkaPosition:
+        """Raises SourceError unless `state` is a Kafka position with partitions and offsets >= 0."""
+        if state.get("kind") != "kafka":
+            raise SourceError(f"saved stream position is not a Kafka position (another data source?): {sorted(state)}")
+        try:
+            topic, offsets = str(state["topic"]), {int(part): int(offset) for part, offset in state["offsets"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise SourceError(f"saved stream position is not a KafkaSource position: {err!r}") from None
+        if any(partition < 0 or offset < 0 for partition, offset in offsets.items()):
+            raise SourceError(f"saved Kafka position has negative partitions or offsets: {state['offsets']}")
+        return cls(topic, offsets)
+
+    @classmethod
+    def merge(cls, positions: Sequence[KafkaPosition | None], worker: int = 0) -> KafkaPosition | None:
+        """All workers' positions as the one every worker resumes from (whichever `worker` it is).
+
+        A group resumed with another worker count splits the partitions differently, so every worker gets
+        the newest offset known of each partition (offsets only grow) and uses those of the ones it reads.
+        None if no worker had read anything yet.
+        """
+        known = [position for position in positions if position is not None]
+        offsets: dict[int, int] = {}
+        for position in known:
+            for partition, offset in position.offsets.items():
+                offsets[partition] = max(offsets.get(partition, 0), offset)
+        return cls(known[0].topic, offsets) if known else None
 
 
 class PartitionAssignment:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from streamssl.streams.kafka_assignment import REQUEST_TIMEOUT_MS, PartitionAssignment, _rebalance_listener
+from streamssl.streams.kafka_assignment import REQUEST_TIMEOUT_MS, KafkaPosition, PartitionAssignment, _rebalance_listener
 from streamssl.streams.kafka_produce import check_resolvable, kafka_module, parse_kafka_url
 from streamssl.streams.records import Record, RejectFn, SourceError, sniff
 
@@ -118,15 +118,14 @@ class KafkaSource(PartitionAssignment):
         self._next_partitions = 0.0
 
     # --- position --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """{"kind": "kafka", "topic": T, "offsets": {"PARTITION": next offset}} right after the last record yielded.
-
-        Partitions keep their entry after being revoked (a rebalance usually hands them straight back)
-        and entries loaded from a checkpoint stay until they are read past.
-        """
+    def position(self) -> KafkaPosition:
+        """The next offset of every partition read so far (or loaded), right after the last record yielded."""
         with self._lock:
-            offsets = {str(partition): offset for partition, offset in sorted(self._offsets.items())}
-        return {"kind": "kafka", "topic": self.topic, "offsets": offsets}
+            return KafkaPosition(self.topic, dict(self._offsets))
+
+    def state_dict(self) -> dict[str, Any]:
+        """`position()` as plain data: {"kind": "kafka", "topic": T, "offsets": {"PARTITION": next offset}}."""
+        return self.position().to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after `state` (call before iterating); an empty state is a new run that starts where the group is.
@@ -136,18 +135,11 @@ class KafkaSource(PartitionAssignment):
         """
         if not state:
             return
-        if state.get("kind") != "kafka":
-            raise SourceError(f"saved stream position is not a Kafka position (another data source?): {sorted(state)}")
-        if state.get("topic") != self.topic:
-            raise SourceError(f"saved Kafka position is for topic {state.get('topic')}, not {self.topic}")
-        try:
-            offsets = {int(partition): int(offset) for partition, offset in state["offsets"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise SourceError(f"saved stream position is not a KafkaSource position: {err!r}") from None
-        if any(partition < 0 or offset < 0 for partition, offset in offsets.items()):
-            raise SourceError(f"saved Kafka position has negative partitions or offsets: {state['offsets']}")
+        position = KafkaPosition.from_dict(state)
+        if position.topic != self.topic:
+            raise SourceError(f"saved Kafka position is for topic {position.topic}, not {self.topic}")
         with self._lock:
-            self._offsets = offsets
+            self._offsets = dict(position.offsets)
 
     def commit(self, state: dict[str, Any]) -> None:
         """Asks for the offsets of `state` (a `state_dict()`) to be committed for the group; returns at once.
@@ -158,17 +150,16 @@ class KafkaSource(PartitionAssignment):
         """
         if not state:
             return
-        if state.get("kind") != "kafka" or state.get("topic") != self.topic:
-            log.warning("ignored a commit request for %s %s (this source reads %s)", state.get("kind"),
-                        state.get("topic"), self.topic)
-            return
         try:
-            offsets = {int(partition): int(offset) for partition, offset in state["offsets"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            log.warning("ignored a malformed commit request for %s: %r", self.topic, err)
+            position = KafkaPosition.from_dict(state)
+        except SourceError as err:
+            log.warning("ignored a commit request for %s: %s", self.topic, err)
+            return
+        if position.topic != self.topic:
+            log.warning("ignored a commit request for topic %s (this source reads %s)", position.topic, self.topic)
             return
         with self._lock:
-            self._pending.update(offsets)
+            self._pending.update(position.offsets)
 
     def stats(self) -> dict[str, float]:
         """Counters and lag, exported as `streamssl_source_position{field=...}` gauges.

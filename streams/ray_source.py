@@ -17,12 +17,13 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from streamssl.streams.records import SourceError
+from streamssl.streams.records import RejectFn, SourceError
 
 KINDS = ("webdataset", "parquet", "images")
 MODES = ("cycle", "once")
@@ -37,19 +38,40 @@ KEY_COLUMNS = ("__key__", "key", "id")
 #   source where the row came from (shard, file)
 DECODED_COLUMNS = ("image", "key", "id", "reason", "detail", "payload", "source")
 
-# on_reject(source, key, reason, detail, payload), as pipeline.deadletter.DeadLetters.reject takes it
-RejectRow = Callable[[str, str, str, str, bytes], None]
 
+@dataclass(frozen=True)
+class RayPosition:
+    """Where a `RayShardReader` is: a pass, and how many rows of it were consumed (handed out or rejected)."""
 
-def is_ray_spec(spec: str) -> bool:
-    return spec.startswith("ray+")
+    pass_number: int = 0
+    rows: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "ray", "pass": self.pass_number, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> RayPosition:
+        if state.get("kind") != "ray":
+            raise SourceError(f"saved stream position is for a '{state.get('kind', 'webdataset')}' source, not Ray Data")
+        try:
+            position = cls(int(state["pass"]), int(state["rows"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SourceError(f"saved stream position is not a Ray Data position: {err!r}") from None
+        if position.pass_number < 0 or position.rows < 0:
+            raise SourceError(f"saved Ray Data position is negative: {state}")
+        return position
+
+    @classmethod
+    def merge(cls, positions: Sequence[RayPosition | None], worker: int) -> RayPosition | None:
+        """The position worker `worker` of a group resumes from: its own, as every worker reads its own split."""
+        return positions[worker]
 
 
 def parse_ray_spec(spec: str) -> tuple[str, str]:
     """(kind, path) of `ray+KIND://PATH`; PATH is a local path (made absolute) or any URI pyarrow opens (s3://…)."""
     scheme, separator, path = spec.partition("://")
     kind = scheme.removeprefix("ray+")
-    if not separator or not is_ray_spec(spec) or kind not in KINDS or not path:
+    if not separator or not scheme.startswith("ray+") or kind not in KINDS or not path:
         raise SourceError(f"not a Ray Data spec: {spec!r}; expected ray+KIND://PATH with KIND one of {', '.join(KINDS)}")
     if "://" not in path:
         path = os.path.abspath(path)  # Ray Train workers run in their own working directory
@@ -142,8 +164,8 @@ class RayShardReader:
         prefetch_batches: Ray Data batches fetched ahead of the one being consumed.
         on_reject: Called with (source, key, reason, detail, payload) for every rejected row.
 
-    Yields (images uint8 [B, C, H, W], keys, ids int64 [B], position); the position is `state_dict()` right
-    after the batch's last row: {"kind": "ray", "pass": P, "rows": rows of pass P consumed}.
+    Yields (images uint8 [B, C, H, W], keys, ids int64 [B], position); the position is `position()` right after
+    the batch's last row. A rejected row with no good row before it waiting for a batch moves it on too.
 
     A `streaming_split` shard starts a pass only once every worker asks for it (a barrier): between the
     end of one pass and the first rows of the next, `waiting_for_pass` is True, so that a trainer can tell
@@ -151,7 +173,7 @@ class RayShardReader:
     """
 
     def __init__(self, iterator: Any, *, batch_size: int, mode: str = "cycle", shuffle_buffer: int = 0, seed: int = 0,
-                 prefetch_batches: int = 2, on_reject: RejectRow | None = None) -> None:
+                 prefetch_batches: int = 2, on_reject: RejectFn | None = None) -> None:
         if mode not in MODES:
             raise SourceError(f"data mode '{mode}' is not available for Ray Data sources; valid: {', '.join(MODES)}")
         if batch_size < 1 or shuffle_buffer < 0:
@@ -170,21 +192,18 @@ class RayShardReader:
         self.reading_pass = 0  # the pass being read (ahead of the position by what waits to be batched)
         self.waiting_for_pass = False
 
+    def position(self) -> RayPosition:
+        return RayPosition(self._pass, self._rows)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "ray", "pass": self._pass, "rows": self._rows}
+        """`position()` as plain data: {"kind": "ray", "pass": P, "rows": rows of pass P consumed}."""
+        return self.position().to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after `state` (call before iterating); an empty dict starts at the first row."""
-        if not state:
-            return
-        if state.get("kind") != "ray":
-            raise SourceError(f"saved stream position is for a '{state.get('kind', 'webdataset')}' source, not Ray Data")
-        try:
-            self._pass, self._rows = int(state["pass"]), int(state["rows"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise SourceError(f"saved stream position is not a Ray Data position: {err!r}") from None
-        if self._pass < 0 or self._rows < 0:
-            raise SourceError(f"saved Ray Data position is negative: {state}")
+        if state:
+            position = RayPosition.from_dict(state)
+            self._pass, self._rows = position.pass_number, position.rows
 
     def stats(self) -> dict[str, float]:
         return {"pass": float(self._pass), "rows": float(self._rows), "rejected": float(self._rejected)}
@@ -193,7 +212,7 @@ class RayShardReader:
         """Ends iteration at the next Ray batch."""
         self._closed.set()
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, list[str], np.ndarray, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[np.ndarray, list[str], np.ndarray, RayPosition]]:
         pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]] = []  # images, keys, ids, pass, rows
         waiting_rows = 0
         skip = self._rows  # rows of the first pass already consumed before a restart
@@ -212,7 +231,7 @@ class RayShardReader:
                     self.waiting_for_pass = False
                     count = len(rows["key"])
                     start, first_row, seen = min(max(skip - seen, 0), count), seen, seen + count
-                    good = self._take(rows, start)
+                    good = self._take(rows, start, pass_number, first_row, waiting_rows > 0)
                     if len(good):
                         pending.append((rows["image"][good], rows["key"][good], rows["id"][good], pass_number,
                                         first_row + good + 1))
@@ -234,19 +253,28 @@ class RayShardReader:
                 return
             pass_number, skip, first = pass_number + 1, 0, False
 
-    def _take(self, rows: dict[str, np.ndarray], start: int) -> np.ndarray:
-        """Indices of the good rows from `start` on; reports the rejected ones."""
+    def _take(self, rows: dict[str, np.ndarray], start: int, pass_number: int, first_row: int, waiting: bool
+              ) -> np.ndarray:
+        """Indices of the good rows from `start` on; reports the rejected ones.
+
+        A rejected row moves the position past itself while no good row before it waits for a batch (`waiting`):
+        then nothing before it is left to hand out, and a checkpoint taken now need not read it again.
+        """
         reasons = rows["reason"]
         for row in range(start, len(reasons)):
-            if reasons[row]:
-                self._rejected += 1
-                if self._on_reject is not None:
-                    self._on_reject(str(rows["source"][row]), str(rows["key"][row]), str(reasons[row]),
-                                    str(rows["detail"][row]), bytes(rows["payload"][row]))
+            if not reasons[row]:
+                waiting = True
+                continue
+            self._rejected += 1
+            if not waiting:
+                self._pass, self._rows = pass_number, first_row + row + 1
+            if self._on_reject is not None:
+                self._on_reject(str(rows["source"][row]), str(rows["key"][row]), str(reasons[row]),
+                                str(rows["detail"][row]), bytes(rows["payload"][row]))
         return np.flatnonzero(reasons[start:] == "") + start
 
     def _cut(self, pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]]
-             ) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, Any]]:
+             ) -> tuple[np.ndarray, list[str], np.ndarray, RayPosition]:
         """The first `batch_size` pending good rows as a batch; moves the position to just after its last row."""
         images, keys, ids = [], [], []
         needed = self._batch_size
@@ -264,4 +292,4 @@ class RayShardReader:
                               rows_after[taken:])
             needed -= taken
         return (np.ascontiguousarray(np.concatenate(images)), keys, np.concatenate(ids).astype(np.int64),
-                self.state_dict())
+                self.position())

@@ -1,10 +1,10 @@
-"""What a source yields: a record of raw bytes plus where it came from; and the source errors."""
+"""What a source yields: a record of raw bytes plus where it came from; how it reports bad input; its errors."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,13 @@ class Record:
     index: int  # sample index within that shard (0-based)
 
 
-RejectFn = Callable[[str, str, str], None]  # on_reject(source, key, reason)
+class RejectFn(Protocol):
+    """`on_reject(source, key, reason, detail, payload)`: a record, row or shard a source skips as bad input.
+
+    A source passes what it knows (a shard has no payload, a tombstone no detail); a receiver takes all five.
+    """
+
+    def __call__(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None: ...
 
 
 class SourceError(Exception):

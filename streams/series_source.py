@@ -37,7 +37,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +47,7 @@ import pyarrow as pa
 
 from streamssl.streams.files import atomic_write
 from streamssl.streams.lake import cache_root
-from streamssl.streams.records import Record, SourceError
+from streamssl.streams.records import Record, RejectFn, SourceError
 from streamssl.streams.series_data import load_series
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,6 @@ log = logging.getLogger(__name__)
 MODES = ("follow", "once")
 SUFFIXES = (".parquet", ".pq", ".arrow", ".feather", ".ipc", ".csv")
 DEFAULT_SERIES = "default"  # series_id of every point when there is no series column
-
-# on_reject(source, key, reason, detail): detail is one line saying what exactly was wrong.
-SeriesRejectFn = Callable[[str, str, str, str], None]
 
 _TIME_UNITS = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
 
@@ -143,6 +140,28 @@ def parse_point(record: Record) -> Point:
                  record.index)
 
 
+@dataclass(frozen=True)
+class SeriesFilePosition:
+    """Where a `ParquetSeriesSource` is, after the last point yielded or row rejected: file (name of the file being
+    read, None before the first), row (rows of it taken), files_done (files finished before it), rows_before (rows in
+    those: timestamps when there is no time column). One process reads a series job's source: nothing to merge."""
+
+    file: str | None = None
+    row: int = 0
+    files_done: int = 0
+    rows_before: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "row": self.row, "files_done": self.files_done, "rows_before": self.rows_before}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> SeriesFilePosition:
+        try:
+            return cls(state["file"], int(state["row"]), int(state["files_done"]), int(state["rows_before"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SourceError(f"saved stream position is not a ParquetSeriesSource position: {err!r}") from None
+
+
 def list_series_files(directory: str) -> list[str]:
     """Names of a directory's published table files in name order (hidden and temp names are skipped)."""
     try:
@@ -213,7 +232,7 @@ class ParquetSeriesSource:
 
     def __init__(self, directory_or_file: str, *, mode: str = "follow", poll_seconds: float = 2.0,
                  time_column: str = "timestamp", value_column: str = "value", series_column: str = "",
-                 on_reject: SeriesRejectFn | None = None) -> None:
+                 on_reject: RejectFn | None = None) -> None:
         if mode not in MODES:
             raise SourceError(f"unknown series data mode '{mode}'; valid: {', '.join(MODES)}")
         if poll_seconds <= 0 or not value_column:
@@ -235,30 +254,27 @@ class ParquetSeriesSource:
         self._closed = threading.Event()
         self._known: set[str] | None = None  # names listed so far, to spot late files; None until the first listing
         self._listing: list[str] = []
-        # The position; see state_dict().
+        # The position; see SeriesFilePosition.
         self._file: str | None = None
         self._row = 0
         self._files_done = 0
         self._rows_before = 0
 
     # --- position ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The position after the last point yielded or row rejected, as plain data.
+    def position(self) -> SeriesFilePosition:
+        return SeriesFilePosition(self._file, self._row, self._files_done, self._rows_before)
 
-        Keys: file (name of the file being read, None before the first), row (rows of it taken so far),
-        files_done (files finished before it), rows_before (rows in those files: row-order timestamps).
-        """
-        return {"file": self._file, "row": self._row, "files_done": self._files_done, "rows_before": self._rows_before}
+    def state_dict(self) -> dict[str, Any]:
+        """`position()` as plain data (see `SeriesFilePosition`)."""
+        return self.position().to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the position `state` describes; an empty dict (nothing read yet) is a no-op."""
         if not state:
             return
-        try:
-            self._file, self._row = state["file"], int(state["row"])
-            self._files_done, self._rows_before = int(state["files_done"]), int(state["rows_before"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise SourceError(f"saved stream position is not a ParquetSeriesSource position: {err!r}") from None
+        position = SeriesFilePosition.from_dict(state)
+        self._file, self._row, self._files_done, self._rows_before = (position.file, position.row, position.files_done,
+                                                                      position.rows_before)
         self._known = None
 
     def stats(self) -> dict[str, float]:

@@ -19,7 +19,8 @@ import random
 import tarfile
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -42,6 +43,46 @@ _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 # Streams tarfile decompresses itself (gzip, bzip2, xz): their tail is compressed data, not zero blocks.
 _COMPRESSED_MAGIC = (b"\x1f\x8b\x08", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ")
 _BLOCK = tarfile.BLOCKSIZE
+
+
+@dataclass(frozen=True)
+class ShardPosition:
+    """Where a `WebDatasetSource` is, right after the last record it yielded; plain data all through, so a
+    checkpoint holding `to_dict()` loads with weights_only.
+
+    Fields: mode; cycle (pass number); order (this pass's shard order, empty in follow mode); shard_index
+    (index in order; follow: shards started before the current one); shard (path of the shard being read,
+    None before the first); sample_index (samples taken from that shard); buffer (the shuffle buffer's
+    records); rng (the buffer RNG's `getstate()`). Shallow: records and the order are shared, never copied.
+    """
+
+    mode: str
+    cycle: int = 0
+    order: tuple[str, ...] = ()
+    shard_index: int = 0
+    shard: str | None = None
+    sample_index: int = 0
+    buffer: tuple[_Item, ...] = ()
+    rng: tuple[Any, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "cycle": self.cycle, "order": self.order, "shard_index": self.shard_index,
+                "shard": self.shard, "sample_index": self.sample_index, "buffer": list(self.buffer), "rng": self.rng}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> ShardPosition:
+        try:
+            version, internal, gauss = state["rng"]
+            return cls(str(state["mode"]), int(state["cycle"]), tuple(state["order"]), int(state["shard_index"]),
+                       state["shard"], int(state["sample_index"]), tuple(tuple(item) for item in state["buffer"]),
+                       (version, tuple(internal), gauss))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SourceError(f"saved stream position is not a WebDatasetSource position: {err!r}") from None
+
+    @classmethod
+    def merge(cls, positions: Sequence[ShardPosition | None], worker: int) -> ShardPosition | None:
+        """The position worker `worker` of a group resumes from: its own, as every worker reads its own shards."""
+        return positions[worker]
 
 
 def list_complete_shards(directory: str) -> list[str]:
@@ -194,7 +235,7 @@ class WebDatasetSource:
         # the first listing, which takes everything up to the position as already read).
         self._known: set[str] | None = None
         self._listing: list[str] = []  # follow: names of the latest listing, for stats()
-        # The position; see state_dict().
+        # The position; see ShardPosition.
         self._cycle = 0
         self._order: tuple[str, ...] = () if mode == "follow" else self._pass_order(0)
         self._shard_index = 0
@@ -216,18 +257,14 @@ class WebDatasetSource:
         return None, urls
 
     # --- position --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The position after the last record yielded, as plain data (fit for a weights_only load).
+    def position(self) -> ShardPosition:
+        """The position after the last record yielded (taken every batch: a list copy, no record copied)."""
+        return ShardPosition(self._mode, self._cycle, self._order, self._shard_index, self._shard, self._sample_index,
+                             tuple(self._buffer), self._rng.getstate())
 
-        Keys: mode; cycle (pass number); order (this pass's shard order, empty in follow mode);
-        shard_index (index in order; follow: shards started before the current one); shard (path of
-        the shard being read, None before the first); sample_index (samples taken from that shard);
-        buffer (the shuffle buffer's records as (key, fields, source, index) tuples); rng (the buffer
-        RNG's `getstate()`). Shallow: records and the order tuple are shared, never copied.
-        """
-        return {"mode": self._mode, "cycle": self._cycle, "order": self._order, "shard_index": self._shard_index,
-                "shard": self._shard, "sample_index": self._sample_index, "buffer": list(self._buffer),
-                "rng": self._rng.getstate()}
+    def state_dict(self) -> dict[str, Any]:
+        """`position()` as plain data (see `ShardPosition`)."""
+        return self.position().to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the position `state` describes; an empty dict (no batch taken yet) is a no-op."""
@@ -235,15 +272,11 @@ class WebDatasetSource:
             return
         if state.get("mode") != self._mode:
             raise SourceError(f"saved stream position is from data mode '{state.get('mode')}', not '{self._mode}'")
-        try:
-            version, internal, gauss = state["rng"]
-            self._rng.setstate((version, tuple(internal), gauss))
-            self._cycle, self._order = int(state["cycle"]), tuple(state["order"])
-            self._shard_index, self._shard = int(state["shard_index"]), state["shard"]
-            self._sample_index = int(state["sample_index"])
-            self._buffer = [tuple(item) for item in state["buffer"]]
-        except (KeyError, TypeError, ValueError) as err:
-            raise SourceError(f"saved stream position is not a WebDatasetSource position: {err!r}") from None
+        position = ShardPosition.from_dict(state)
+        self._rng.setstate(position.rng)
+        self._cycle, self._order = position.cycle, position.order
+        self._shard_index, self._shard, self._sample_index = position.shard_index, position.shard, position.sample_index
+        self._buffer = list(position.buffer)
         self._known = None
 
     def stats(self) -> dict[str, float]:

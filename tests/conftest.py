@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from streamssl.pipeline.config import Config, load_config
+from streamssl.pipeline.loading.messages import End, Message
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import build_lake
 
@@ -34,6 +36,17 @@ def tiny_config(run_dir: Path, data: Path, *sets: str) -> Config:
         "optim.warmup_steps=2",
     ]
     return load_config(sets=[*base, *sets])
+
+
+def read_to_end(feed: Any, timeout: float) -> list[Message]:
+    """Every message a feed of a finite stream hands out, up to its `End`; the feed is closed after."""
+    messages: list[Message] = []
+    try:
+        while not messages or not isinstance(messages[-1], End):
+            messages.append(feed.next(timeout=timeout))
+    finally:
+        feed.close()
+    return messages
 
 
 def free_port() -> int:

@@ -5,10 +5,10 @@ the next batch waits while the model trains. A process, not a thread: tar parsin
 Python code holding the GIL, and a thread doing them stalls the trainer's op dispatch (measured:
 the stream-fed loop ran at ~55% of in-memory speed with a loader thread on 2 cores).
 
-Each batch carries the source's `state_dict()` taken right after its last record: the trainer
+Each batch carries the source's `position()` taken right after its last record: the trainer
 checkpoints that position for the batch it has trained on, not for where the read-ahead is, so
-prefetching never costs exactness. Rejected records travel back as messages, so dead letters and
-their metric are written by the trainer's process.
+prefetching never costs exactness. Rejected records travel back as `Reject` messages with a position
+of their own, so that dead letters and their metric are written by the loop, as for every feed.
 """
 
 from __future__ import annotations
@@ -29,22 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
 from torchvision.io import ImageReadMode, decode_png
 
-from streamssl.pipeline.loading.deadletter import DeadLetters
+from streamssl.pipeline.loading.messages import Batch, End, Failure, Message, Reject
+from streamssl.pipeline.loading.positions import Position, position_to_dict
 from streamssl.streams.records import Record, SourceError
 
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
-
-
-@dataclass
-class Batch:
-    images: Tensor  # uint8 [B,C,H,W]
-    keys: list[str]
-    position: dict[str, Any]  # source state right after the batch's last record
-    source_stats: dict[str, float]
-    ids: Tensor  # int64 [B], record_id(key) of each record
 
 
 def record_id(key: str) -> int:
@@ -95,18 +86,6 @@ def decode_record(record: Record, image_field: str, channels: int, size: int) ->
     return pixels.reshape(size, size, channels).transpose(2, 0, 1)
 
 
-def _put(out: Any, stop: Any, message: tuple[Any, ...], idle: Callable[[], None] | None = None) -> bool:
-    """Puts `message` unless stopped first; `idle` runs while the queue is full (a Kafka source keeps its group)."""
-    while not stop.value:
-        try:
-            out.put(message, timeout=0.1)
-            return True
-        except queue.Full:
-            if idle is not None:
-                idle()
-    return False
-
-
 def _close_when_stopped(source: Any, stop: Any, parent: int) -> None:
     while not stop.value:
         if os.getppid() != parent:
@@ -147,29 +126,78 @@ def _payload(record: Record, image_field: str) -> bytes:
     return b""
 
 
-def _batches(source: Any, records: Any, batch_size: int, image_field: str, channels: int, size: int, out: Any,
-             stop: Any) -> bool:
-    """Decodes records into batches on the queue; True at the end of a finite stream, False when stopped."""
-    images: list[np.ndarray] = []
-    keys: list[str] = []
-    idle = getattr(source, "keep_alive", None)
-    for record in records:
-        try:
-            images.append(decode_record(record, image_field, channels, size))
-            keys.append(record.key)
-        except ValueError as err:
-            reason, _, detail = str(err).partition(": ")
-            _put(out, stop, ("reject", record.source, record.key, reason, detail, _payload(record, image_field)), idle)
-        if len(images) == batch_size:
-            # numpy, pickled by value: torch tensors would travel as shared-memory handles that die
-            # with this process if it exits before the trainer has read them.
-            ids = np.array([record_id(key) for key in keys], dtype=np.int64)
-            if not _put(out, stop, ("batch", np.stack(images), keys, source.state_dict(), source.stats(), ids), idle):
+@dataclass
+class _Decoded:
+    """A batch as the loader process sends it: numpy, pickled by value (torch tensors would travel as shared-memory
+    handles that die with this process if it exits before the trainer has read them)."""
+
+    images: np.ndarray
+    keys: list[str]
+    position: Position | None
+    source_stats: dict[str, float]
+    ids: np.ndarray
+
+    def batch(self) -> Batch:
+        return Batch(torch.from_numpy(self.images), self.keys, self.position, self.source_stats, torch.from_numpy(self.ids))
+
+
+class _Batcher:
+    """The loader process's side: records decoded into batches, and rejects, queued in stream order.
+
+    `resume_at` is the newest position with no decoded record waiting for its batch; a reject carries it (see
+    `Reject`), so that a checkpoint taken right after a reject never skips the records read before it.
+    """
+
+    def __init__(self, out: Any, stop: Any, batch_size: int, image_field: str, channels: int, size: int,
+                 position: Position | None) -> None:
+        self.out, self.stop, self.batch_size = out, stop, batch_size
+        self.image_field, self.channels, self.size = image_field, channels, size
+        self.source: Any = None
+        self.images: list[np.ndarray] = []
+        self.keys: list[str] = []
+        self.resume_at = position
+
+    def put(self, message: Any, keep_alive: bool = False) -> bool:
+        """Puts `message` unless stopped first; while the queue is full, a Kafka source keeps its group (`keep_alive`)."""
+        idle = getattr(self.source, "keep_alive", None) if keep_alive else None
+        while not self.stop.value:
+            try:
+                self.out.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                if idle is not None:
+                    idle()
+        return False
+
+    def on_reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
+        """The source's callback; it runs inside the source's own iteration, where a Kafka source must not poll."""
+        self.reject(Reject(source, key, reason, detail, payload), keep_alive=False)
+
+    def reject(self, rejected: Reject, keep_alive: bool = True) -> None:
+        if not self.images:  # every record read so far is in a batch or rejected: the stream may move past this one
+            self.resume_at = self.source.position()
+        rejected.position = self.resume_at
+        self.put(rejected, keep_alive)
+
+    def run(self, records: Any) -> bool:
+        """Decodes records into batches on the queue; True at the end of a finite stream, False when stopped."""
+        for record in records:
+            try:
+                self.images.append(decode_record(record, self.image_field, self.channels, self.size))
+                self.keys.append(record.key)
+            except ValueError as err:
+                reason, _, detail = str(err).partition(": ")
+                self.reject(Reject(record.source, record.key, reason, detail, _payload(record, self.image_field)))
+            if len(self.images) == self.batch_size:
+                self.resume_at = self.source.position()
+                ids = np.array([record_id(key) for key in self.keys], dtype=np.int64)
+                if not self.put(_Decoded(np.stack(self.images), self.keys, self.resume_at, self.source.stats(), ids),
+                                keep_alive=True):
+                    return False
+                self.images, self.keys = [], []
+            if self.stop.value:
                 return False
-            images, keys = [], []
-        if stop.value:
-            return False
-    return True
+        return True
 
 
 def _flush_commits(source: Any, records: Any, commits: Any, forwarder: threading.Thread) -> None:
@@ -189,17 +217,17 @@ def _flush_commits(source: Any, records: Any, commits: Any, forwarder: threading
             break
 
 
-def _worker(make_source: Callable[..., Any], position: dict[str, Any], batch_size: int, image_field: str,
+def _worker(make_source: Callable[..., Any], position: Position | None, batch_size: int, image_field: str,
             channels: int, size: int, out: Any, stop: Any, commits: Any) -> None:
     """Runs in the loader process: source → decode → batches, until the stream ends or `stop` is set."""
     # Ctrl-C reaches the whole process group: the trainer decides when this process stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = os.getppid()
+    batcher = _Batcher(out, stop, batch_size, image_field, channels, size, position)
     try:
-        source = make_source(
-            on_reject=lambda shard, key, reason: _put(out, stop, ("reject", shard, key, reason, "", b"")))
-        source.load_state_dict(position)
+        source = batcher.source = make_source(on_reject=batcher.on_reject)
+        source.load_state_dict(position_to_dict(position))
         # A follow-mode source may be blocked waiting for new shards: closing it is what ends that wait.
         threading.Thread(target=_close_when_stopped, args=(source, stop, parent), daemon=True).start()
         records = iter(source)
@@ -207,41 +235,29 @@ def _worker(make_source: Callable[..., Any], position: dict[str, Any], batch_siz
         forwarder = threading.Thread(target=_forward_commits, args=(source, commits, stop), daemon=True)
         forwarder.start()
         commits_upstream = hasattr(source, "commit")
-        if _batches(source, records, batch_size, image_field, channels, size, out, stop):
-            _put(out, stop, ("end",))
+        if batcher.run(records):
+            batcher.put(End())
             while commits_upstream and not stop.value:  # the trainer's final checkpoint (and its commit) comes after the end
                 time.sleep(0.05)
         if commits_upstream:
             _flush_commits(source, records, commits, forwarder)
     except SourceError as err:
-        _put(out, stop, ("error", str(err)))
+        batcher.put(Failure(str(err)))
     except Exception as err:  # surfaces in the trainer instead of a silently dead loader
-        _put(out, stop, ("error", f"loader process failed: {type(err).__name__}: {err}"))
-
-
-def read_message(message: tuple[Any, ...], dead_letters: DeadLetters) -> Batch | None:
-    """A loader message: a batch is returned, a reject dead-lettered, an error raised; None for all but a batch."""
-    kind = message[0]
-    if kind == "batch":
-        return Batch(torch.from_numpy(message[1]), *message[2:5], torch.from_numpy(message[5]))
-    if kind == "reject":
-        dead_letters.reject(*message[1:])
-    elif kind != "end":
-        raise SourceError(message[1])
-    return None
+        batcher.put(Failure(f"loader process failed: {type(err).__name__}: {err}"))
 
 
 class BatchLoader:
-    """Iterates `Batch`es from a source built by `make_source(on_reject=…)` in a worker process.
+    """Hands out the messages of a source built by `make_source(on_reject=…)` in a worker process: `Batch`es,
+    `Reject`s, then `End` for a finite stream, or a `Failure`.
 
-    `next()` returns None at the end of a finite stream and raises queue.Empty after `timeout`.
+    `next()` raises queue.Empty when nothing arrived within `timeout`.
     """
 
-    def __init__(self, make_source: Callable[..., Any], position: dict[str, Any], batch_size: int,
-                 image_field: str, channels: int, size: int, dead_letters: DeadLetters, prefetch: int = 4) -> None:
+    def __init__(self, make_source: Callable[..., Any], position: Position | None, batch_size: int,
+                 image_field: str, channels: int, size: int, prefetch: int = 4) -> None:
         # fork starts in milliseconds and needs nothing picklable; spawn where fork does not exist.
         context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        self.dead_letters = dead_letters
         self._queue = context.Queue(maxsize=prefetch)
         # A lock-free shared flag: a multiprocessing Event can hang set() if the process dies while waiting on it.
         self._stop = context.Value("b", 0, lock=False)
@@ -253,23 +269,21 @@ class BatchLoader:
                   self._commits))
         self._process.start()
 
-    def next(self, timeout: float) -> Batch | None:
-        while not self._ended:
-            try:
-                message = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                if not self._process.is_alive():
-                    raise SourceError(f"loader process exited with code {self._process.exitcode}") from None
-                raise
-            batch = read_message(message, self.dead_letters)
-            if batch is not None:
-                return batch
-            self._ended = message[0] == "end"
-        return None
+    def next(self, timeout: float) -> Message:
+        if self._ended:
+            return End()
+        try:
+            message = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            if not self._process.is_alive():
+                return Failure(f"loader process exited with code {self._process.exitcode}")
+            raise
+        self._ended = isinstance(message, End)
+        return message.batch() if isinstance(message, _Decoded) else message
 
-    def commit(self, position: dict[str, Any]) -> None:
+    def commit(self, position: Position | None) -> None:
         """Asks the source to commit `position` upstream (Kafka offsets); call only once it is durably checkpointed."""
-        self._commits.put(position)
+        self._commits.put(position_to_dict(position))
 
     def close(self) -> None:
         self._stop.value = 1

@@ -1,21 +1,52 @@
-"""Messages a feed hands out besides its data (an image `Batch`, a series `PointMessage`)."""
+"""What every feed hands the loop: `Message = Batch | PointMessage | Reject | End | Failure`.
+
+The data (an image `Batch`, a series `PointMessage`) and each `Reject` carry the position right after them, so
+the loop checkpoints where the stream is for what it has handled, however far a feed has read ahead. The loop
+dead-letters rejects, stops at `End` and raises a `Failure`: no feed does any of that itself.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+from torch import Tensor
+
+from streamssl.pipeline.loading.positions import Position
+
+if TYPE_CHECKING:
+    from streamssl.streams.series_source import Point
+
+
+@dataclass
+class Batch:
+    images: Tensor  # uint8 [B,C,H,W]
+    keys: list[str]
+    position: Position | None  # the source right after the batch's last record
+    source_stats: dict[str, float]
+    ids: Tensor  # int64 [B], record_id(key) of each record
+
+
+@dataclass
+class PointMessage:
+    point: Point
+    position: Position | None = None  # the source right after this point
 
 
 @dataclass
 class Reject:
-    """A record the source or decoder refused: the loop dead-letters it and moves the position past it."""
+    """A record the source or decoder refused: the loop dead-letters it and moves to its position.
+
+    That position is right after the rejected record, unless a feed still holds good records read before it (a
+    batch being filled): then it is the last position before those, so that a checkpoint never skips them.
+    """
 
     source: str
     key: str
     reason: str
     detail: str = ""
     payload: bytes = b""
-    position: dict[str, Any] = field(default_factory=dict)
+    position: Position | None = None
 
 
 @dataclass
@@ -28,3 +59,6 @@ class Failure:
     """The source failed for good (one line saying why); the run stops with it."""
 
     message: str
+
+
+Message: TypeAlias = Batch | PointMessage | Reject | End | Failure

@@ -1,45 +1,106 @@
-"""Turns the `data` config into a stream source, and the `eval` config into a labelled kNN set."""
+"""Turns the `data` config into a stream source, and the `eval` config into a labelled kNN set.
+
+`data.source` is parsed once into a `SourceSpec`: which kind of source it names and what that kind needs;
+everything that depends on the kind asks the spec.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
 from streamssl.pipeline.config import DataConfig, EvalConfig, KafkaConfig
 from streamssl.pipeline.evaluation.knn import subset
 from streamssl.streams.fashion_mnist import load_fashion_mnist
+from streamssl.streams.kafka_produce import parse_kafka_url
 from streamssl.streams.lake import default_lake
+from streamssl.streams.ray_source import parse_ray_spec
 from streamssl.streams.webdataset_source import WebDatasetSource
 
 log = logging.getLogger(__name__)
 
+SourceKind = Literal["embedded", "lake", "kafka", "ray"]
 
-def resolve_mode(source: str, mode: str) -> str:
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What `data.source` names.
+
+    kind: "embedded" ("": the built-in lake, or the demo series of a series job), "lake" (a directory of
+        shards or table files, a brace pattern or a URL), "kafka" (`kafka://HOST:PORT[,…]/TOPIC[?group=G]`)
+        or "ray" (`ray+FORMAT://PATH`, read by Ray Data).
+    text: `data.source` as given: what the source classes are built from.
+    path: lake: the path or pattern; ray: the dataset path (absolute if local).
+    ray_format: ray: webdataset, parquet or images.
+    bootstrap, topic, group: kafka: the servers, the topic and the spec's `?group=` ("" = `kafka.group`).
+    """
+
+    kind: SourceKind
+    text: str = ""
+    path: str = ""
+    ray_format: str = ""
+    bootstrap: tuple[str, ...] = ()
+    topic: str = ""
+    group: str = ""
+
+    @property
+    def is_local(self) -> bool:
+        """A lake named by a path on this machine (a directory, a file, a brace pattern), not by a URL."""
+        return self.kind == "lake" and "://" not in self.path
+
+    @property
+    def is_local_directory(self) -> bool:
+        """A lake directory on this machine: one that can grow while it is read."""
+        return self.is_local and Path(self.path).is_dir()
+
+
+def parse_source(text: str) -> SourceSpec:
+    """`data.source` as a `SourceSpec`; SourceError for a malformed Kafka or Ray spec or a missing local Ray path."""
+    if not text:
+        return SourceSpec("embedded")
+    if text.startswith("kafka://"):
+        bootstrap, topic, params = parse_kafka_url(text)
+        return SourceSpec("kafka", text, bootstrap=tuple(bootstrap), topic=topic, group=params.get("group", ""))
+    if text.startswith("ray+"):
+        ray_format, path = parse_ray_spec(text)
+        return SourceSpec("ray", text, path=path, ray_format=ray_format)
+    return SourceSpec("lake", text, path=text)
+
+
+def source_spec(data: DataConfig) -> SourceSpec:
+    """The `data` section's source, parsed."""
+    return parse_source(data.source)
+
+
+def resolve_mode(spec: SourceSpec, mode: str) -> str:
     """`auto`: a directory is a lake that keeps growing (follow); a fixed list or the demo lake cycles."""
     if mode != "auto":
         return mode
-    return "follow" if source and "://" not in source and Path(source).is_dir() else "cycle"
+    return "follow" if spec.is_local_directory else "cycle"
 
 
 def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None) -> Callable[..., Any]:
     """A picklable `make_source(on_reject=…)` for the loader process; builds one here first to validate the spec."""
-    if cfg.source.startswith("kafka://"):
+    spec = source_spec(cfg)
+    if spec.kind == "kafka":
         from streamssl.streams.kafka_source import KafkaSource  # kafka-python loads only for Kafka runs
 
         kafka = kafka or KafkaConfig()
         make_source: Callable[..., Any] = partial(
-            KafkaSource, cfg.source, group=kafka.group, client_options=kafka.client_options(),
+            KafkaSource, spec.text, group=kafka.group, client_options=kafka.client_options(),
             session_timeout_ms=kafka.session_timeout_ms, auto_offset_reset=kafka.auto_offset_reset)
         return make_source
-    if not cfg.source:
+    if spec.kind == "embedded":
         log.info("no --data: using the embedded Fashion-MNIST lake (written once, on first use)")
-    spec = cfg.source or str(default_lake())
-    make_source = partial(WebDatasetSource, spec, mode=resolve_mode(cfg.source, cfg.mode),
+    # A ray+ spec, taken as a URL here, is never read by this source: Ray Data reads it (pipeline/ray/feed.py).
+    path = str(default_lake()) if spec.kind == "embedded" else spec.text
+    make_source = partial(WebDatasetSource, path, mode=resolve_mode(spec, cfg.mode),
                           shuffle_buffer=cfg.shuffle_buffer, seed=seed, poll_seconds=cfg.poll_seconds)
     make_source().close()  # a missing path or bad mode fails now, with a readable SourceError
     return make_source
@@ -47,12 +108,12 @@ def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None)
 
 def dead_letter_topic(cfg: DataConfig, kafka: KafkaConfig) -> Any:
     """The Kafka dead-letter topic for a Kafka run with `kafka.dead_letter_topic` set, else None."""
-    if not (kafka.dead_letter_topic and cfg.source.startswith("kafka://")):
+    spec = source_spec(cfg)
+    if not (kafka.dead_letter_topic and spec.kind == "kafka"):
         return None
-    from streamssl.streams.kafka_produce import DeadLetterTopic, parse_kafka_url
+    from streamssl.streams.kafka_produce import DeadLetterTopic
 
-    bootstrap, _, _ = parse_kafka_url(cfg.source)
-    return DeadLetterTopic(bootstrap, kafka.dead_letter_topic, kafka.client_options())
+    return DeadLetterTopic(list(spec.bootstrap), kafka.dead_letter_topic, kafka.client_options())
 
 
 def knn_sets(cfg: EvalConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:

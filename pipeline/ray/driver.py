@@ -18,13 +18,12 @@ from typing import Any
 import torch
 
 from streamssl.pipeline.config import Config, ConfigError, load_config, to_dict
-from streamssl.pipeline.loading.sources import resolve_mode, source_factory
+from streamssl.pipeline.loading.sources import SourceSpec, resolve_mode, source_factory, source_spec
 from streamssl.pipeline.loop import TrainingDiverged
 from streamssl.pipeline.ray.cluster import cpus_per_worker, start_ray, stop_ray
 from streamssl.pipeline.ray.feed import ray_dataset
 from streamssl.pipeline.ray.worker import WorkerTrainer, rank_shard_spec
 from streamssl.streams.ray_source import MODES as RAY_MODES
-from streamssl.streams.ray_source import is_ray_spec, parse_ray_spec
 from streamssl.streams.records import SourceError
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     cfg = load_config(overrides=config["config"])
     if torch.cuda.is_available() and cfg.train.device != "cpu":
         torch.cuda.set_device(ray.train.torch.get_device())  # "cuda" then means this worker's GPU
-    iterator = ray.train.get_dataset_shard("train") if is_ray_spec(cfg.data.source) else None
+    iterator = ray.train.get_dataset_shard("train") if source_spec(cfg.data).kind == "ray" else None
     stop, done = threading.Event(), threading.Event()
     threading.Thread(target=_watch_stop, args=(control, stop, done), name="streamssl-stop", daemon=True).start()
     try:
@@ -94,13 +93,12 @@ def _train_worker(config: dict[str, Any]) -> None:
         done.set()
 
 
-def _absolute(cfg: Config) -> Config:
+def _absolute(cfg: Config, spec: SourceSpec) -> Config:
     """The config with absolute run dir and data paths: Ray Train workers run in a directory of their own."""
-    source = cfg.data.source
-    if is_ray_spec(source):
-        kind, path = parse_ray_spec(source)  # also: a missing path fails here, before Ray starts
-        source = f"ray+{kind}://{path}"
-    elif source and "://" not in source:
+    source = spec.text
+    if spec.kind == "ray":
+        source = f"ray+{spec.ray_format}://{spec.path}"  # the spec's local path is absolute already
+    elif spec.is_local:
         source = os.path.abspath(source)
     return dataclasses.replace(cfg, run_dir=os.path.abspath(cfg.run_dir), data=dataclasses.replace(cfg.data, source=source))
 
@@ -122,14 +120,15 @@ def run_distributed(cfg: Config, workers: int = 0, ray_address: str = "", stop: 
     """
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
-    if workers == 0 and not is_ray_spec(cfg.data.source):
+    spec = source_spec(cfg.data)  # also: a malformed spec or a missing Ray Data path fails here, before Ray starts
+    if workers == 0 and spec.kind != "ray":
         raise ConfigError("without --workers, only a ray+webdataset:// / ray+parquet:// / ray+images:// spec runs on Ray")
-    cfg = _absolute(cfg)
-    if is_ray_spec(cfg.data.source) and resolve_mode(cfg.data.source, cfg.data.mode) not in RAY_MODES:
+    cfg = _absolute(cfg, spec)
+    if spec.kind == "ray" and resolve_mode(spec, cfg.data.mode) not in RAY_MODES:
         raise ConfigError(f"data.mode {cfg.data.mode} is not available for Ray Data sources; use {' or '.join(RAY_MODES)}")
-    if workers > 1 and not is_ray_spec(cfg.data.source) and not cfg.data.source.startswith("kafka://"):
+    if workers > 1 and spec.kind not in ("ray", "kafka"):
         rank_shard_spec(source_factory(cfg.data, cfg.train.seed, cfg.kafka).args[0],  # refused before Ray starts
-                        resolve_mode(cfg.data.source, cfg.data.mode), workers - 1, workers)
+                        resolve_mode(spec, cfg.data.mode), workers - 1, workers)
     stop = stop or threading.Event()
     temp_dir = start_ray(ray_address, workers)
     try:
@@ -167,7 +166,7 @@ def fit_on_ray(cfg: Config, workers: int, stop: threading.Event, train_loop: Cal
         run_config=RunConfig(name=RUN_NAME, storage_path=str(Path(cfg.run_dir) / "ray"),
                              failure_config=FailureConfig(max_failures=MAX_FAILURES),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
-        datasets={"train": ray_dataset(cfg)} if is_ray_spec(cfg.data.source) else None,
+        datasets={"train": ray_dataset(cfg)} if source_spec(cfg.data).kind == "ray" else None,
         dataset_config=DataConfig(execution_options=ingest))
     finished = threading.Event()
 

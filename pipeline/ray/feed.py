@@ -16,11 +16,13 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 
 from streamssl.pipeline.config import Config
-from streamssl.pipeline.loading.deadletter import DeadLetters
-from streamssl.pipeline.loading.loader import Batch, decode_record, read_message, record_id
-from streamssl.pipeline.loading.sources import resolve_mode
+from streamssl.pipeline.loading.loader import decode_record, record_id
+from streamssl.pipeline.loading.messages import Batch, End, Failure, Message, Reject
+from streamssl.pipeline.loading.positions import Position, position_to_dict
+from streamssl.pipeline.loading.sources import resolve_mode, source_spec
 from streamssl.streams.ray_source import RayShardReader, read_ray_dataset
 from streamssl.streams.records import Record, SourceError
 
@@ -62,23 +64,22 @@ def ray_dataset(cfg: Config) -> Any:
 
 
 class RayDataFeed:
-    """The trainer's loader for a Ray dataset: a `RayShardReader` run on a thread, batches queued ahead.
+    """The trainer's loader for a Ray dataset: a `RayShardReader` run on a thread, its messages queued ahead.
 
     A thread, not the loader's process: the reading and decoding already happen in Ray Data tasks, and a
     Ray iterator cannot cross a fork. `waiting_for_pass` and `drain()` let workers of a `streaming_split`
     get past its per-pass barrier (see `WorkerTrainer.next_batch`).
     """
 
-    def __init__(self, iterator: Any, position: dict[str, Any], cfg: Config, dead_letters: DeadLetters) -> None:
-        mode = resolve_mode(cfg.data.source, cfg.data.mode)
+    def __init__(self, iterator: Any, position: Position | None, cfg: Config) -> None:
+        mode = resolve_mode(source_spec(cfg.data), cfg.data.mode)
         self._reader = RayShardReader(iterator, batch_size=cfg.train.batch_size, mode=mode,
                                       shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
-                                      on_reject=lambda *reject: self._put(("reject", *reject), bounded=False))
-        self._reader.load_state_dict(position)
+                                      on_reject=self._on_reject)
+        self._reader.load_state_dict(position_to_dict(position))
         self._iterator = iterator
-        self.dead_letters = dead_letters
         self._prefetch = cfg.data.prefetch_batches
-        self._messages: deque[tuple[Any, ...]] = deque()
+        self._messages: deque[Message] = deque()
         self._batches_queued = 0
         self._ready = threading.Condition()
         self._drain_pass = -1  # while the reader reads this pass, the prefetch bound is lifted
@@ -97,47 +98,50 @@ class RayDataFeed:
             self._drain_pass = self._reader.reading_pass
             self._ready.notify_all()
 
-    def _put(self, message: tuple[Any, ...], bounded: bool = True) -> None:
+    def _on_reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
+        # The reader's position is past the row only while no good row before it waits for a batch.
+        self._put(Reject(source, key, reason, detail, payload, self._reader.position()), bounded=False)
+
+    def _put(self, message: Message, bounded: bool = True) -> None:
         with self._ready:
             while (bounded and self._batches_queued >= self._prefetch and not self._closed
                    and self._drain_pass != self._reader.reading_pass):
                 self._ready.wait(0.1)
             self._messages.append(message)
-            self._batches_queued += message[0] == "batch"
+            self._batches_queued += isinstance(message, Batch)
             self._ready.notify_all()
 
     def _feed(self) -> None:
         try:
             for images, keys, ids, position in self._reader:
-                self._put(("batch", images, keys, position, self._reader.stats(), ids))
-            self._put(("end",), bounded=False)
+                self._put(Batch(torch.from_numpy(images), keys, position, self._reader.stats(), torch.from_numpy(ids)))
+            self._put(End(), bounded=False)
         except SourceError as err:
-            self._put(("error", str(err)), bounded=False)
+            self._put(Failure(str(err)), bounded=False)
         except SystemExit:
             return  # Ray shut down while this thread waited for data (the run is over)
         except Exception as err:  # a failed Ray Data task surfaces here: end the run with it, not a silent hang
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            self._put(("error", f"Ray Data read failed: {type(err).__name__}: {first_line}"), bounded=False)
+            self._put(Failure(f"Ray Data read failed: {type(err).__name__}: {first_line}"), bounded=False)
 
-    def next(self, timeout: float) -> Batch | None:
+    def next(self, timeout: float) -> Message:
+        """The next message; raises queue.Empty when none arrived within `timeout`."""
+        if self._ended:
+            return End()
         deadline = time.monotonic() + timeout
-        while not self._ended:
-            with self._ready:
-                while not self._messages:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise queue.Empty
-                    self._ready.wait(left)
-                message = self._messages.popleft()
-                self._batches_queued -= message[0] == "batch"
-                self._ready.notify_all()
-            batch = read_message(message, self.dead_letters)
-            if batch is not None:
-                return batch
-            self._ended = message[0] == "end"
-        return None
+        with self._ready:
+            while not self._messages:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise queue.Empty
+                self._ready.wait(left)
+            message = self._messages.popleft()
+            self._batches_queued -= isinstance(message, Batch)
+            self._ready.notify_all()
+        self._ended = isinstance(message, End)
+        return message
 
-    def commit(self, position: dict[str, Any]) -> None:
+    def commit(self, position: Position | None) -> None:
         """Nothing upstream to acknowledge: a Ray dataset is re-read from our own position."""
 
     def close(self) -> None:

@@ -39,12 +39,11 @@ from streamssl.pipeline.collective import collective_for
 from streamssl.pipeline.config import Config, ConfigError
 from streamssl.pipeline.device import resolve_device
 from streamssl.pipeline.images import Trainer
-from streamssl.pipeline.loading.sources import resolve_mode, source_factory
+from streamssl.pipeline.loading.positions import merge_positions, position_from_dict, position_to_dict
+from streamssl.pipeline.loading.sources import resolve_mode, source_factory, source_spec
 from streamssl.pipeline.loop import RunState
 from streamssl.pipeline.ray.feed import RayDataFeed
 from streamssl.streams.files import RunPaths
-from streamssl.streams.kafka_assignment import merge_positions
-from streamssl.streams.ray_source import is_ray_spec
 from streamssl.streams.webdataset_source import list_complete_shards
 
 log = logging.getLogger(__name__)
@@ -140,10 +139,8 @@ class SharedCheckpointer(Checkpointer):
         if len(ranks) != self.workers:
             raise ConfigError(f"the run dir's checkpoint was written by {len(ranks)} worker(s), this run has "
                               f"{self.workers}: resume with the same number of workers, or use a new --run-dir")
-        position = ranks[self.worker]["position"]
-        if any(entry["position"].get("kind") == "kafka" for entry in ranks):
-            position = merge_positions([entry["position"] for entry in ranks])
-        return {**ckpt, "source": position, "rng": ranks[self.worker]["rng"]}
+        position = merge_positions([position_from_dict(entry["position"]) for entry in ranks], self.worker)
+        return {**ckpt, "source": position_to_dict(position), "rng": ranks[self.worker]["rng"]}
 
 
 # --- the trainer each worker runs -----------------------------------------------------------------------
@@ -186,16 +183,17 @@ class WorkerTrainer(Trainer):
         super().__init__(cfg, stop, collective=collective, checkpointer=checkpointer)
         task = self.task
         task.generator.manual_seed(_rank_seed(cfg.train.seed, self.worker))
-        if is_ray_spec(cfg.data.source):
+        source = source_spec(cfg.data)
+        if source.kind == "ray":
             if data_iterator is None:
-                raise ConfigError(f"{cfg.data.source} is read by Ray Data: start it with run_distributed")
-            task.open_feed = lambda position: RayDataFeed(data_iterator, position, cfg, self.dead_letters)
-        elif self.workers > 1 and cfg.data.source.startswith("kafka://"):
+                raise ConfigError(f"{source.text} is read by Ray Data: start it with run_distributed")
+            task.open_feed = lambda position: RayDataFeed(data_iterator, position, cfg)
+        elif self.workers > 1 and source.kind == "kafka":
             # Every worker reads its own fixed share of the partitions and commits offsets for the one group.
             task.make_source = functools.partial(task.make_source, split=(self.worker, self.workers))
         elif self.workers > 1:
-            spec = rank_shard_spec(task.make_source.args[0], resolve_mode(cfg.data.source, cfg.data.mode),
-                                   self.worker, self.workers)
+            spec = rank_shard_spec(task.make_source.args[0], resolve_mode(source, cfg.data.mode), self.worker,
+                                   self.workers)
             task.make_source = source_factory(dataclasses.replace(cfg.data, source=spec), cfg.train.seed, cfg.kafka)
         if self.workers > 1:
             # Buffers are not broadcast: the gathered queues and banks are equal on every worker by construction,
@@ -211,7 +209,7 @@ class WorkerTrainer(Trainer):
         """The loop, then this worker's summary (what it trained on and a digest of its weights) in workers/."""
         state = super().run()
         summary = {"rank": self.worker, "world_size": self.workers, "step": state.step,
-                   "samples_seen": state.samples_seen, "position": _plain(state.position),
+                   "samples_seen": state.samples_seen, "position": _plain(position_to_dict(state.position)),
                    "parameters_sha256": parameters_sha256(self.task.method)}
         self.paths.workers.mkdir(exist_ok=True)
         (self.paths.workers / f"rank-{self.worker}.json").write_text(json.dumps(summary) + "\n")

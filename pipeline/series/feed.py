@@ -2,8 +2,8 @@
 
 `PointReader` iterates a series source (a ParquetSeriesSource, or a KafkaSource whose records become points
 through `parse_point`) so that its consumer is never stuck behind a waiting source. `SeriesFeed` is what the
-loop reads: the reader's messages, taken up to `LOOKAHEAD` at a time so that the task can decompose the
-windows of the coming points in one batched call.
+loop reads: the reader's messages (`PointMessage`, `Reject`, `End`, `Failure`), taken up to `LOOKAHEAD` at a
+time so that the task can decompose the windows of the coming points in one batched call.
 """
 
 from __future__ import annotations
@@ -12,67 +12,60 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from streamssl.pipeline.config import ConfigError
-from streamssl.pipeline.loading.messages import End, Failure, Reject
-from streamssl.pipeline.loading.sources import source_factory
+from streamssl.pipeline.loading.messages import End, Failure, Message, PointMessage, Reject
+from streamssl.pipeline.loading.positions import Position, position_to_dict
+from streamssl.pipeline.loading.sources import source_factory, source_spec
 from streamssl.streams.records import Record, SourceError
-from streamssl.streams.series_source import ParquetSeriesSource, Point, demo_series, parse_point
+from streamssl.streams.series_source import ParquetSeriesSource, demo_series, parse_point
 
 LOOKAHEAD = 256  # messages taken at once, so that their windows are decomposed in one batched call
 
 
 def series_source_factory(cfg: Any) -> Callable[..., Any]:
     """`make_source(on_reject=…)` for `data.source`; builds one first so that a bad path fails before any write."""
-    data, series = cfg.data, cfg.series
-    if data.source.startswith("kafka://"):
+    data, series, spec = cfg.data, cfg.series, source_spec(cfg.data)
+    if spec.kind == "kafka":
         return source_factory(data, cfg.train.seed, cfg.kafka)
     if data.mode == "cycle":
         raise ConfigError("data.mode cycle would replay old timestamps into a series; use once or follow")
-    spec = data.source or str(demo_series())
-    mode = data.mode if data.mode != "auto" else "follow" if data.source and Path(spec).is_dir() else "once"
-    make = partial(ParquetSeriesSource, spec, mode=mode, poll_seconds=data.poll_seconds, time_column=series.time_column,
+    path = str(demo_series()) if spec.kind == "embedded" else spec.text  # a ray+ spec fails as a missing path
+    mode = data.mode if data.mode != "auto" else "follow" if spec.is_local_directory else "once"
+    make = partial(ParquetSeriesSource, path, mode=mode, poll_seconds=data.poll_seconds, time_column=series.time_column,
                    value_column=series.value_column, series_column=series.series_column)
     make().close()
     return make
-
-
-@dataclass
-class PointMessage:
-    point: Point
-    position: dict[str, Any] = field(default_factory=dict)  # the source right after this point
 
 
 class PointReader:
     """Reads a series source on a thread; `messages` receives, in stream order, a `PointMessage` or a `Reject`
     per item, then `End()` when a finite source is done or `Failure(one line)` when it fails.
 
-    Each position is the source's `state_dict()` right after that item, so a consumer that checkpoints the
+    Each position is the source's `position()` right after that item, so a consumer that checkpoints the
     position of the last message it handled resumes exactly there, however far the thread has read ahead.
     Garbage becomes a reject carrying its bytes.
 
     Args:
         make_source: `make_source(on_reject=…)` builds the source.
-        position: where to start (a `state_dict()`; empty = the beginning).
+        position: where to start (None = the beginning).
     """
 
-    def __init__(self, make_source: Callable[..., Any], position: dict[str, Any]) -> None:
-        self.messages: queue.Queue[Any] = queue.Queue(maxsize=4096)
+    def __init__(self, make_source: Callable[..., Any], position: Position | None) -> None:
+        self.messages: queue.Queue[Message] = queue.Queue(maxsize=4096)
         self.stats: dict[str, float] = {}
         self._stopping = threading.Event()
         self.source = make_source(on_reject=self._on_reject)
-        self.source.load_state_dict(position)
+        self.source.load_state_dict(position_to_dict(position))
         self._thread = threading.Thread(target=self._run, name="streamssl-series-reader", daemon=True)
         self._thread.start()
 
     def _on_reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
-        self._put(Reject(source, key, reason, detail, payload, self.source.state_dict()))
+        self._put(Reject(source, key, reason, detail, payload, self.source.position()))
 
-    def _put(self, message: Any) -> None:
+    def _put(self, message: Message) -> None:
         while not self._stopping.is_set():
             try:
                 self.messages.put(message, timeout=0.1)
@@ -93,7 +86,7 @@ class PointReader:
                         self._on_reject(item.source, item.key, reason, detail,
                                         item.fields.get("json", item.fields.get("bin", b"")))
                         continue
-                self._put(PointMessage(item, self.source.state_dict()))
+                self._put(PointMessage(item, self.source.position()))
                 if count % 256 == 0:
                     self.stats = self.source.stats()
             self._put(End())
@@ -102,10 +95,10 @@ class PointReader:
         except Exception as err:  # surfaces in the job instead of a silently dead reader
             self._put(Failure(f"series reader failed: {type(err).__name__}: {err}"))
 
-    def commit(self, position: dict[str, Any]) -> None:
+    def commit(self, position: Position | None) -> None:
         """Upstream commit (Kafka offsets) of a durably checkpointed position; a no-op for files."""
         if hasattr(self.source, "commit"):
-            self.source.commit(position)
+            self.source.commit(position_to_dict(position))
 
     def close(self) -> None:
         self._stopping.set()
@@ -114,34 +107,30 @@ class PointReader:
 
 
 class SeriesFeed:
-    """The loop's view of a `PointReader`: None at the end, `SourceError` on a failure.
+    """The loop's view of a `PointReader`.
 
     `inbox` holds messages taken from the reader but not handed out yet (not part of any position);
     `ahead(inbox)` runs each time it is refilled.
     """
 
-    def __init__(self, reader: PointReader, ahead: Callable[[deque[Any]], None]) -> None:
+    def __init__(self, reader: PointReader, ahead: Callable[[deque[Message]], None]) -> None:
         self.reader, self.ahead = reader, ahead
-        self.inbox: deque[Any] = deque()
+        self.inbox: deque[Message] = deque()
 
-    def next(self, timeout: float) -> Any:
+    def next(self, timeout: float) -> Message:
+        """The next message; raises queue.Empty when none arrived within `timeout`. `End` stays: the reader is done."""
         if not self.inbox:
             self.inbox.append(self.reader.messages.get(timeout=timeout))  # queue.Empty: nothing yet
             while len(self.inbox) < LOOKAHEAD and not self.reader.messages.empty():
                 self.inbox.append(self.reader.messages.get_nowait())
             self.ahead(self.inbox)
-        message = self.inbox.popleft()
-        if isinstance(message, End):
-            return None
-        if isinstance(message, Failure):
-            raise SourceError(message.message)
-        return message
+        return self.inbox[0] if isinstance(self.inbox[0], End) else self.inbox.popleft()
 
     @property
     def stats(self) -> dict[str, float]:
         return self.reader.stats
 
-    def commit(self, position: dict[str, Any]) -> None:
+    def commit(self, position: Position | None) -> None:
         self.reader.commit(position)
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamssl.models.encoder_io import Manifest
 from streamssl.models.forecaster import MODES, Forecaster
 from streamssl.pipeline.config import Config, ConfigError, SeriesConfig, load_config
 from streamssl.pipeline.device import resolve_device
@@ -279,23 +280,22 @@ class ForecastTask:
             return None
         return self.best_model().cpu().encoder()
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         examples, s = self.examples, self.cfg.series
         assert examples is not None
         spec = decomposition_of(s)
-        return {
-            "best_step": self.best_step, "mode": self.options["mode"], "backbone": f"forecaster-{self.options['trunk']}",
-            "feature_dim": self.options["hidden"], "series": self.name,
-            "input": {"channels": len(examples.channels), "channel_names": examples.channels, "lag": s.lag,
-                      "window": s.window, "horizon": s.horizon, "mean": examples.input_mean.tolist(),
-                      "std": examples.input_std.tolist()},
-            "targets": {"names": examples.target_names, "mean": examples.target_mean.tolist(),
-                        "std": examples.target_std.tolist()},
-            "groups": examples.groups.as_dict() if examples.groups else None,
-            "decomposition": {**dataclasses.asdict(spec), "backend": examples.decomposition_backend or spec.backend},
-            "eval": {**self.test_errors(), "test_points": examples.test.stop - examples.test.start,
+        return Manifest(
+            backbone=f"forecaster-{self.options['trunk']}", embedding_dim=self.options["hidden"],
+            input={"channels": len(examples.channels), "channel_names": examples.channels, "lag": s.lag,
+                   "window": s.window, "horizon": s.horizon, "mean": examples.input_mean.tolist(),
+                   "std": examples.input_std.tolist()},
+            metrics={**self.test_errors(), "test_points": examples.test.stop - examples.test.start,
                      "nrmse_definition": NRMSE_DEFINITION},
-        }
+            extra={"mode": self.options["mode"], "best_step": self.best_step, "series": self.name,
+                   "targets": {"names": examples.target_names, "mean": examples.target_mean.tolist(),
+                               "std": examples.target_std.tolist()},
+                   "groups": examples.groups.as_dict() if examples.groups else None,
+                   "decomposition": {**dataclasses.asdict(spec), "backend": examples.decomposition_backend or spec.backend}})
 
     def progress(self, samples_rate: float, seconds: float, loss: float, logs: dict[str, float]) -> str:
         assert self.loop is not None

@@ -40,12 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamssl.models.encoder_io import Manifest
 from streamssl.models.forecaster import Forecaster
 from streamssl.pipeline.config import Config, ConfigError
 from streamssl.pipeline.device import resolve_device
+from streamssl.pipeline.loading.messages import Message, PointMessage
+from streamssl.pipeline.loading.positions import Position
 from streamssl.pipeline.loop import Loop, RunState
 from streamssl.pipeline.series.examples import NRMSE_DEFINITION, USES_AUX, USES_VIEWS, Groups, decide_groups, forecast_errors
-from streamssl.pipeline.series.feed import PointMessage, PointReader, SeriesFeed, series_source_factory
+from streamssl.pipeline.series.feed import PointReader, SeriesFeed, series_source_factory
 from streamssl.pipeline.series.forecast import decomposition_of
 from streamssl.pipeline.series.windows import SeriesWindows
 from streamssl.pipeline.task import Feed, Step
@@ -110,7 +113,7 @@ class SeriesTask:
     def _reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
         self.loop.dead_letters.reject(source, key, reason, detail, payload)
 
-    def open(self, position: dict[str, Any]) -> Feed:
+    def open(self, position: Position | None) -> Feed:
         threads = self.cfg.series.threads
         if threads and self.device.type == "cpu":
             self._threads = torch.get_num_threads()
@@ -209,7 +212,7 @@ class SeriesTask:
         pending.append((index, inputs, self.model.predict(inputs[None].to(self.device))[0], float(window[-1])))
         return stepped
 
-    def decompose_ahead(self, messages: deque[Any]) -> None:
+    def decompose_ahead(self, messages: deque[Message]) -> None:
         """Decomposes, in one batched call, the windows the coming points of warmed-up series will end.
 
         A window's decomposition depends only on its values (`RollingEEMD` is deterministic per window), so
@@ -330,26 +333,25 @@ class SeriesTask:
             return None
         return self.model.encoder()
 
-    def manifest(self) -> dict[str, Any]:
-        """What a consumer needs to feed the encoder: the window, each series' normalisation, the views."""
+    def manifest(self) -> Manifest:
+        """What a consumer needs to feed the encoder: the window, each series' normalisation, the views; the
+        latest training logs join the eval metrics."""
         s = self.cfg.series
-        manifest: dict[str, Any] = {
-            "input": {"channels": 1, "window": s.window, "warmup_points": s.warmup_points,
-                      "normalisation": "z-score per series with the mean/std of its first warmup_points points",
-                      "series": {sid: {"mean": mean, "std": std} for sid, (mean, std) in sorted(self.norm.items())}},
-            "metrics": {**self.loop.state.eval_metrics, **self.last_logs},
-        }
-        if self.forecasting:
-            names = self.spec.component_names()
-            channels = ["series"] + ([names[k] for k in self.groups.views] if self.uses_views else [])
-            manifest["input"].update(channels=len(channels), channel_names=channels, lag=s.lag, horizon=s.horizon)
-            manifest.update(mode=self.mode, backbone=f"forecaster-{self.options.get('trunk', 'cnn')}",
-                            feature_dim=self.options.get("hidden", 64), nrmse_definition=NRMSE_DEFINITION,
-                            groups=None if self.groups is None else self.groups.as_dict(),
-                            decomposition=dataclasses.asdict(self.spec) if self.eemd is not None else None)
-        else:
-            manifest.update(backbone="series-conv", embedding_dim=self.model.feature_dim)
-        return manifest
+        inputs: dict[str, Any] = {
+            "channels": 1, "window": s.window, "warmup_points": s.warmup_points,
+            "normalisation": "z-score per series with the mean/std of its first warmup_points points",
+            "series": {sid: {"mean": mean, "std": std} for sid, (mean, std) in sorted(self.norm.items())}}
+        if not self.forecasting:
+            return Manifest(backbone="series-conv", input=inputs, embedding_dim=self.model.feature_dim,
+                            metrics=dict(self.last_logs))
+        names = self.spec.component_names()
+        channels = ["series"] + ([names[k] for k in self.groups.views] if self.uses_views else [])
+        inputs.update(channels=len(channels), channel_names=channels, lag=s.lag, horizon=s.horizon)
+        return Manifest(backbone=f"forecaster-{self.options.get('trunk', 'cnn')}", input=inputs,
+                        embedding_dim=self.options.get("hidden", 64), metrics=dict(self.last_logs),
+                        extra={"mode": self.mode, "nrmse_definition": NRMSE_DEFINITION,
+                               "groups": None if self.groups is None else self.groups.as_dict(),
+                               "decomposition": dataclasses.asdict(self.spec) if self.eemd is not None else None})
 
     # --- what the loop prints --------------------------------------------------------------------------
     def progress(self, samples_rate: float, seconds: float, loss: float, logs: dict[str, float]) -> str:

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamssl.streams.series_source import Point, SeriesRejectFn
+from streamssl.streams.records import RejectFn
+from streamssl.streams.series_source import Point
 
 
 class _Series:
@@ -48,7 +49,7 @@ class SeriesWindows:
         on_reject: called as (source, key, reason, detail) for every point that is skipped.
     """
 
-    def __init__(self, capacity: int, on_reject: SeriesRejectFn | None = None) -> None:
+    def __init__(self, capacity: int, on_reject: RejectFn | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"SeriesWindows: capacity must be >= 1, got {capacity}")
         self.capacity = capacity

@@ -2,27 +2,25 @@
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from streamssl.models import EncoderLoadError, PublishedEncoder, build_backbone, load_encoder
-from streamssl.models.encoder_io import save_encoder
+from streamssl.models.encoder_io import Manifest, save_encoder
 from tests.test_architecture import imported_modules
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
-def _manifest(backbone: str = "convnet", channels: int = 1) -> dict[str, Any]:
-    return {
-        "version": 3, "step": 1200, "samples_seen": 76800, "method": "moco", "backbone": backbone,
-        "backbone_options": {}, "embedding_dim": 256,
-        "input": {"channels": channels, "height": 28, "width": 28, "mean": [0.2860] * channels,
-                  "std": [0.3530] * channels},
-        "metrics": {"knn_top1": 0.81}, "created_at": "2025-01-01T00:00:00Z",
-    }
+def _manifest(backbone: str = "convnet", channels: int = 1) -> Manifest:
+    return Manifest(
+        version=3, step=1200, samples_seen=76800, method="moco", backbone=backbone, embedding_dim=256,
+        input={"channels": channels, "height": 28, "width": 28, "mean": [0.2860] * channels, "std": [0.3530] * channels},
+        metrics={"knn_top1": 0.81}, created_at="2025-01-01T00:00:00Z",
+    )
 
 
 def _trained_backbone(bn_splits: int = 1) -> torch.nn.Module:
@@ -42,12 +40,12 @@ def test_round_trip_gives_identical_embeddings(tmp_path: Path) -> None:
 
     images = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
-        assert torch.equal(encoder(images), PublishedEncoder(backbone, manifest)(images))
+        assert torch.equal(encoder(images), PublishedEncoder(backbone, manifest.to_dict())(images))
     assert not encoder.training
     assert encoder.manifest == written == json.loads((tmp_path / "v000003" / "manifest.json").read_text())
     weights = (tmp_path / "v000003" / "encoder.safetensors").read_bytes()
     assert written["files"] == {"encoder.safetensors": hashlib.sha256(weights).hexdigest()}
-    assert {k: v for k, v in written.items() if k != "files"} == manifest
+    assert {k: v for k, v in written.items() if k != "files"} == {k: v for k, v in manifest.to_dict().items() if k != "files"}
 
 
 def test_encoder_normalises_its_input_with_the_manifest_statistics(tmp_path: Path) -> None:
@@ -71,7 +69,7 @@ def test_split_bn_and_channels_last_backbone_loads_into_a_plain_one(tmp_path: Pa
     save_encoder(tmp_path, backbone, _manifest())
     images = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(load_encoder(tmp_path)(images), PublishedEncoder(backbone, _manifest())(images))
+        torch.testing.assert_close(load_encoder(tmp_path)(images), PublishedEncoder(backbone, _manifest().to_dict())(images))
 
 
 def test_a_tampered_byte_is_refused(tmp_path: Path) -> None:
@@ -101,14 +99,14 @@ def test_weights_that_do_not_fit_the_named_backbone_are_refused(tmp_path: Path) 
 
 
 def test_an_unknown_backbone_in_the_manifest_is_refused(tmp_path: Path) -> None:
-    save_encoder(tmp_path, _trained_backbone(), {**_manifest(), "backbone": "vit"})
+    save_encoder(tmp_path, _trained_backbone(), replace(_manifest(), backbone="vit"))
     with pytest.raises(EncoderLoadError, match="invalid manifest"):
         load_encoder(tmp_path)
 
 
 def test_encoder_io_imports_no_training_code() -> None:
     third_party = {m for m in imported_modules(MODELS / "encoder_io.py")
-                   if m.split(".")[0] not in {"__future__", "hashlib", "json", "os", "pathlib", "typing"}}
+                   if m.split(".")[0] not in {"__future__", "dataclasses", "hashlib", "json", "os", "pathlib", "typing"}}
     assert {m.split(".")[0] for m in third_party} <= {"torch", "safetensors", "streamssl"}
     # only the architectures a published encoder can name: image backbones, series encoders, forecaster trunks
     # (and the leaf module for atomic writes)

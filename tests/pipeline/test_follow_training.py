@@ -44,6 +44,6 @@ def test_training_follows_a_growing_lake(tmp_path: Path) -> None:
         thread.join(timeout=30)
     assert not thread.is_alive()
     assert trainer.state.samples_seen == 192
-    assert trainer.state.position["shard"].endswith("shard-000002.tar")
+    assert trainer.state.position.shard.endswith("shard-000002.tar")
     assert (tmp_path / "run" / "checkpoints" / "ckpt-000000006.pt").is_file()
     assert not (tmp_path / "run" / "dead-letter.jsonl").exists()

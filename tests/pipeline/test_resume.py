@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from streamssl.pipeline.checkpointing import Checkpointer
@@ -91,6 +94,33 @@ def test_a_run_dir_with_only_corrupt_checkpoints_starts_fresh(tmp_path: Path) ->
     checkpoints = Checkpointer(tmp_path)
     (tmp_path / "ckpt-000000005.pt").write_bytes(b"not a checkpoint")
     assert checkpoints.load_latest() is None
+
+
+IMAGE_CHECKPOINT = Path(__file__).parents[1] / "fixtures" / "image-rotation-v1-ckpt-000000002.pt"
+
+
+def _fixture_config(run_dir: Path, max_steps: int) -> Any:
+    """The settings IMAGE_CHECKPOINT was written with: 2 steps of rotation on the test lake, named "lake"."""
+    return tiny_config(run_dir, Path("lake"), f"train.max_steps={max_steps}", "method=rotation", "optim.momentum=0")
+
+
+def test_an_image_checkpoint_written_before_typed_positions_resumes_where_a_straight_run_is(
+        tmp_path: Path, small_lake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # IMAGE_CHECKPOINT was written by the image trainer at commit fd5f077 (positions and manifests as plain dicts).
+    # Its lake was given as the relative path "lake", so the shard paths in its position resolve here too.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lake").symlink_to(small_lake)
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    shutil.copy(IMAGE_CHECKPOINT, tmp_path / "old" / "checkpoints" / IMAGE_CHECKPOINT.name.split("-v1-")[1])
+    resumed = RecordingTrainer(_fixture_config(tmp_path / "old", 4))
+    assert resumed.resume() and (resumed.state.step, resumed.state.samples_seen) == (2, 64)
+    resumed.run()
+    straight = RecordingTrainer(_fixture_config(tmp_path / "straight", 4))
+    straight.run()
+    assert resumed.keys == straight.keys[2 * 32:]  # the same records, from exactly where the old run stopped
+    assert resumed.state.position == straight.state.position
+    expected, got = straight.method.state_dict(), resumed.method.state_dict()
+    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
 
 
 def test_resume_with_a_full_minred_buffer_and_a_snapshot_is_bit_exact(tmp_path: Path, small_lake: Path) -> None:

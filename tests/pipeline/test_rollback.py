@@ -30,7 +30,7 @@ def test_repeated_nan_rolls_back_to_the_last_checkpoint_and_skips_the_bad_batche
     real_step = trainer.task.step
 
     def recording_step(batch):
-        positions.append(batch.position["sample_index"] + 128 * batch.position["shard_index"])
+        positions.append(batch.position.sample_index + 128 * batch.position.shard_index)
         return real_step(batch)
 
     trainer.task.step = recording_step

@@ -277,25 +277,23 @@ def test_close_from_another_thread_ends_a_waiting_iteration(kafka_broker: Tansu)
 
 
 def test_loader_commits_its_final_checkpoint_position(kafka_broker: Tansu, small_lake: Path) -> None:
-    from streamssl.pipeline.loading.deadletter import DeadLetters
     from streamssl.pipeline.loading.loader import BatchLoader
     from streamssl.streams.kafka_produce import lake_records
 
     topic = new_topic(kafka_broker)
     produce([kafka_broker.bootstrap], topic, lake_records(str(small_lake)), limit=100)
     make_source = partial(KafkaSource, kafka_broker.url(topic), group=f"g-{topic}", session_timeout_ms=SESSION_MS)
-    loader = BatchLoader(make_source, {}, batch_size=32, image_field="png", channels=1, size=28,
-                         dead_letters=DeadLetters(small_lake.parent / f"{topic}-dead.jsonl"))
+    loader = BatchLoader(make_source, None, batch_size=32, image_field="png", channels=1, size=28)
     try:
         batches = [loader.next(timeout=20) for _ in range(3)]
         assert [tuple(batch.images.shape) for batch in batches] == [(32, 1, 28, 28)] * 3
         position = batches[-1].position
-        assert sum(position["offsets"].values()) == 96
+        assert sum(position.offsets.values()) == 96
         loader.commit(position)  # the checkpoint with it is durable; then the run stops
     finally:
         loader.close()
     committed = make_source().committed_offsets()
-    assert committed == {int(partition): offset for partition, offset in position["offsets"].items()}
+    assert committed == position.offsets
 
 
 def test_split_sources_read_their_own_partitions_and_commit_for_the_group(kafka_broker: Tansu) -> None:

@@ -6,6 +6,7 @@ Real Ray (a local instance shared by the session), real shards, Parquet and PNG 
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import sys
 import threading
@@ -21,14 +22,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from streamssl.pipeline.config import load_config
-from streamssl.pipeline.loading.deadletter import DeadLetters
+from streamssl.pipeline.images import Trainer
+from streamssl.pipeline.loading.messages import Batch, Reject
 from streamssl.pipeline.ray.cluster import start_ray, stop_ray
 from streamssl.pipeline.ray.feed import RayDataFeed, decode_rows
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import png_bytes
-from streamssl.streams.ray_source import RayShardReader, parse_ray_spec, read_ray_dataset
+from streamssl.streams.ray_source import RayPosition, RayShardReader, parse_ray_spec, read_ray_dataset
 from streamssl.streams.records import SourceError
-from tests.conftest import LAKE_IMAGES
+from tests.conftest import LAKE_IMAGES, read_to_end, tiny_config
 
 pytestmark = pytest.mark.slow  # minutes on 2 cores: `pytest -m 'not slow'` skips it in an inner loop
 
@@ -49,11 +51,12 @@ def dataset(spec: str) -> object:
     return read_ray_dataset(spec, partial(decode_rows, image_field="png", channels=1, size=28))
 
 
-def reader(spec: str, position: dict | None = None, rejects: list | None = None, **options: object) -> RayShardReader:
+def reader(spec: str, position: RayPosition | None = None, rejects: list | None = None, **options: object
+           ) -> RayShardReader:
     options = {"batch_size": 32, "mode": "once", **options}
     shard = RayShardReader(dataset(spec).iterator(), on_reject=lambda *reject: rejects.append(reject)
                            if rejects is not None else None, **options)
-    shard.load_state_dict(position or {})
+    shard.load_state_dict(position.to_dict() if position else {})
     return shard
 
 
@@ -92,7 +95,7 @@ def test_webdataset_every_record_once_and_resume_is_exact(ray_cluster: None, sma
     first_images, first_keys, first_ids, position = full[0]
     assert first_images.dtype == np.uint8 and first_images.shape == (32, 1, 28, 28)
     np.testing.assert_array_equal(first_images[:, 0], images[[index_of(key) for key in first_keys]])
-    assert len(set(first_ids.tolist())) == 32 and position == {"kind": "ray", "pass": 0, "rows": 32}
+    assert len(set(first_ids.tolist())) == 32 and position == RayPosition(0, 32)
 
     # A new reader given the position after batch 6 continues exactly as the uninterrupted one did.
     rest = list(reader(spec, full[6][3], shuffle_buffer=64))
@@ -105,7 +108,7 @@ def test_cycle_batches_span_passes_with_a_new_order_each_pass(ray_cluster: None,
     per_pass = LAKE_IMAGES // 48  # 13 whole batches, then one that spans into the second pass
     batches = take(reader(spec, mode="cycle", batch_size=48, shuffle_buffer=64), per_pass + 3)
     spanning = batches[per_pass]
-    assert spanning[3] == {"kind": "ray", "pass": 1, "rows": 48 - LAKE_IMAGES % 48}
+    assert spanning[3] == RayPosition(1, 48 - LAKE_IMAGES % 48)
     first_pass = [key for batch in batches[:per_pass] for key in batch[1]] + spanning[1][: LAKE_IMAGES % 48]
     second_pass = spanning[1][LAKE_IMAGES % 48:] + [key for batch in batches[per_pass + 1:] for key in batch[1]]
     assert sorted(first_pass) == sorted({*first_pass}) and len(first_pass) == LAKE_IMAGES
@@ -130,7 +133,40 @@ def test_parquet_rows_with_bad_images_are_rejected_and_the_rest_read(ray_cluster
     assert rejects[0][4] == b"not a png" and rejects[0][0].endswith("part-0.parquet")
     good = [index for index in range(70) if index not in (5, 40)]
     np.testing.assert_array_equal(np.concatenate([batch[0] for batch in batches])[:, 0], images[good[:68]])
-    assert batches[2][3] == {"kind": "ray", "pass": 0, "rows": 53}  # 51 good rows and the 2 rejected ones
+    assert batches[2][3] == RayPosition(0, 53)  # 51 good rows and the 2 rejected ones
+
+
+def test_the_feed_hands_rejects_to_the_loop_with_positions_that_skip_no_row(ray_cluster: None, tmp_path: Path,
+                                                                            small_lake: Path) -> None:
+    images, _ = load_fashion_mnist("train")
+    data = [png_bytes(image) for image in images[:40]]
+    data[0], data[20], data[21] = b"not a png", b"", b"not a png either"
+    table = pa.table({"key": [f"row-{index}" for index in range(40)], "png": data})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    cfg = load_config(sets=[f"data.source=ray+parquet://{tmp_path}", "data.mode=once", "data.shuffle_buffer=0",
+                            "train.batch_size=8", "model.bn_splits=4"])
+
+    def messages(position: RayPosition | None) -> list:
+        return read_to_end(RayDataFeed(dataset(cfg.data.source).iterator(), position, cfg), 60)
+
+    taken = messages(None)
+    rejects = [message for message in taken if isinstance(message, Reject)]
+    assert [(reject.key, reject.reason) for reject in rejects] == [
+        ("row-0", "corrupt_image"), ("row-20", "missing_image"), ("row-21", "corrupt_image")]
+    # Nothing waits before row-0: its reject is past it. Rows 9-19 wait for batches when rows 20 and 21 come:
+    # theirs is the position of the last batch handed out (rows 1-8).
+    assert [reject.position for reject in rejects] == [RayPosition(0, 1), RayPosition(0, 9), RayPosition(0, 9)]
+    batches = [message for message in taken if isinstance(message, Batch)]
+    assert [type(message) for message in taken[:5]] == [Reject, Batch, Reject, Reject, Batch]
+    assert batches[1].keys == [f"row-{index}" for index in range(9, 17)]
+    # Resumed from the last reject's position, the feed goes on with exactly the batch that came next.
+    assert next(m for m in messages(rejects[-1].position) if isinstance(m, Batch)).keys == batches[1].keys
+    trainer = Trainer(tiny_config(tmp_path / "run", small_lake))  # the loop of any image run
+    for reject in rejects:
+        assert trainer.receive(reject) == "" and trainer.state.position is reject.position
+    assert trainer.dead_letters.counts == {"corrupt_image": 2, "missing_image": 1}
+    letters = [json.loads(line) for line in (tmp_path / "run" / "dead-letter.jsonl").read_text().splitlines()]
+    assert [letter["key"] for letter in letters] == ["row-0", "row-20", "row-21"]
 
 
 def test_image_folder_is_decoded_by_ray_data(ray_cluster: None, tmp_path: Path) -> None:
@@ -149,14 +185,13 @@ def test_image_folder_is_decoded_by_ray_data(ray_cluster: None, tmp_path: Path) 
 # until ray.shutdown ends it (with SystemExit) when this module's Ray goes: benign, and Ray's, not ours.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_split_shards_are_disjoint_and_a_worker_behind_drains_to_the_pass_barrier(
-        ray_cluster: None, small_lake: Path, tmp_path: Path) -> None:
+        ray_cluster: None, small_lake: Path) -> None:
     """Two workers' `streaming_split` shards: together every record once; and when one worker waits for the
     next pass (a barrier across shards) while the other sits behind a full prefetch queue, `drain` frees it."""
     cfg = load_config(sets=[f"data.source=ray+webdataset://{small_lake}", "data.mode=cycle", "data.shuffle_buffer=0",
                             "train.batch_size=32", "data.prefetch_batches=1", "model.bn_splits=4"])
     splits = dataset(cfg.data.source).streaming_split(2, equal=True)
-    feeds = [RayDataFeed(split, {}, cfg, DeadLetters(tmp_path / f"dead-{index}.jsonl")) for index, split in
-             enumerate(splits)]
+    feeds = [RayDataFeed(split, None, cfg) for split in splits]
     per_pass = LAKE_IMAGES // 2 // 32
     ahead: list = []
     drained = threading.Event()
@@ -173,7 +208,7 @@ def test_split_shards_are_disjoint_and_a_worker_behind_drains_to_the_pass_barrie
         for feed in feeds:
             feed.close()
     assert drained.is_set()
-    assert ahead[per_pass].position == {"kind": "ray", "pass": 1, "rows": 32}
+    assert ahead[per_pass].position == RayPosition(1, 32)
     first_pass = [key for batch in ahead[:per_pass] + behind for key in batch.keys]
     assert len(first_pass) == len(set(first_pass)) == LAKE_IMAGES
     assert ahead[per_pass].keys == ahead[0].keys  # no shuffle: every pass repeats the shard's order
@@ -187,20 +222,19 @@ def _threads_inside_split_reads() -> list[str]:
 
 
 def test_a_split_closed_while_waiting_at_its_pass_barrier_leaves_no_thread_inside_ray(
-        ray_cluster: None, small_lake: Path, tmp_path: Path) -> None:
+        ray_cluster: None, small_lake: Path) -> None:
     """Worker 0 has read its whole pass and waits for worker 1 to start the next one, which never happens: the
     run ends there. close() must still end every thread waiting in Ray, since ray.shutdown() with a thread
     inside Ray ends the whole process with exit code 1 (it did in CI, after this module)."""
     cfg = load_config(sets=[f"data.source=ray+webdataset://{small_lake}", "data.mode=cycle", "data.shuffle_buffer=0",
                             "train.batch_size=32", "data.prefetch_batches=1", "model.bn_splits=4"])
     splits = dataset(cfg.data.source).streaming_split(2, equal=True)
-    feeds = [RayDataFeed(split, {}, cfg, DeadLetters(tmp_path / f"dead-{index}.jsonl")) for index, split in
-             enumerate(splits)]
+    feeds = [RayDataFeed(split, None, cfg) for split in splits]
     read, deadline = 0, time.monotonic() + 120
     while not feeds[0].waiting_for_pass:
         assert time.monotonic() < deadline, "worker 0 never reached the end of its pass"
         with contextlib.suppress(queue.Empty):
-            read += feeds[0].next(timeout=0.5) is not None
+            read += isinstance(feeds[0].next(timeout=0.5), Batch)
     time.sleep(1.0)  # well inside Ray's wait for the next pass by now
     assert read == LAKE_IMAGES // 2 // 32 and _threads_inside_split_reads()
     for feed in feeds:

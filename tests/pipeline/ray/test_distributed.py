@@ -122,7 +122,7 @@ def test_ddp_workers_stay_identical_and_resume_exactly(two_workers: tuple[Path, 
     checkpoint = torch.load(out / "resumed" / "checkpoints" / "ckpt-000000004.pt", weights_only=True)
     positions = [entry["position"] for entry in checkpoint["ranks"]]
     assert checkpoint["world_size"] == 2 and positions[0]["shard"] != positions[1]["shard"]
-    assert [results[worker]["second_half"]["position"]["shard"] for worker in range(2)] == [p["shard"] for p in positions]
+    assert [results[worker]["second_half"]["position"].shard for worker in range(2)] == [p["shard"] for p in positions]
     # 2 + 2 steps across a restart train exactly as 4 straight: same samples, same views, same state.
     straight = torch.load(out / "straight" / "checkpoints" / "ckpt-000000004.pt", weights_only=True)
     for name, tensor in straight["method"].items():

@@ -16,15 +16,15 @@ class _RecordSource:
     """A source of Kafka-shaped records (the real broker path is tested end to end elsewhere)."""
 
     def __init__(self, payloads: list[bytes], on_reject: Any = None) -> None:
-        self.payloads, self.position = payloads, 0
+        self.payloads, self.offset = payloads, 0
 
     def __iter__(self):
         for offset, payload in enumerate(self.payloads):
-            self.position = offset + 1
+            self.offset = offset + 1
             yield Record(f"k{offset + 1}", {"json": payload}, "kafka://points/0", offset)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"offset": self.position}
+    def position(self) -> dict[str, int]:  # the reader hands it on untouched
+        return {"offset": self.offset}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         pass
@@ -39,7 +39,7 @@ class _RecordSource:
 def test_the_reader_turns_records_into_points_and_garbage_into_rejects_in_stream_order() -> None:
     payloads = [b'{"series_id": "a", "timestamp": 1, "value": 2.5}', b"{not json", b'{"series_id": "a", '
                 b'"timestamp": 2, "value": NaN}', b'{"series_id": "b", "timestamp": 3, "value": 4}']
-    reader = PointReader(lambda on_reject: _RecordSource(payloads, on_reject), {})
+    reader = PointReader(lambda on_reject: _RecordSource(payloads, on_reject), None)
     messages = [reader.messages.get(timeout=5) for _ in range(5)]
     reader.close()
     assert [type(m) for m in messages] == [PointMessage, Reject, Reject, PointMessage, End]
@@ -53,9 +53,9 @@ def test_the_reader_hands_out_positions_with_rejects_and_is_never_stuck_behind_a
     (tmp_path / "lake").mkdir()
     (tmp_path / "lake" / "a.csv").write_text("timestamp,value\n0,1\n1,x\n2,3\n")
     reader = PointReader(lambda on_reject: ParquetSeriesSource(str(tmp_path / "lake"), poll_seconds=30,
-                                                               on_reject=on_reject), {})
+                                                               on_reject=on_reject), None)
     messages = [reader.messages.get(timeout=5) for _ in range(3)]
-    assert [(type(m), m.position["row"]) for m in messages] == [(PointMessage, 1), (Reject, 2), (PointMessage, 3)]
+    assert [(type(m), m.position.row) for m in messages] == [(PointMessage, 1), (Reject, 2), (PointMessage, 3)]
     started = time.monotonic()
     reader.close()  # the source is waiting 30 s for new files; closing ends that wait
     assert time.monotonic() - started < 2 and reader.messages.empty()

@@ -85,12 +85,12 @@ def test_cli_prints_json_and_resumes_exactly(series_csv: Path, cache: Path, tmp_
     assert manifest["input"]["lag"] == 6 and manifest["input"]["window"] == 32
     assert manifest["input"]["channels"] == 1 + len(straight["groups"]["views"]) == len(manifest["input"]["mean"])
     assert manifest["groups"]["views"] == straight["groups"]["views"]
-    assert manifest["eval"]["nrmse"] == pytest.approx(straight["nrmse"], rel=1e-5)
+    assert manifest["metrics"]["nrmse"] == pytest.approx(straight["nrmse"], rel=1e-5)
     # loadable without training code; it z-scores each input channel with the manifest's statistics
     encoder = load_encoder(folders[1])
     raw = torch.randn(2, manifest["input"]["channels"], 6)
     mean, std = (torch.tensor(manifest["input"][key]).view(1, -1, 1) for key in ("mean", "std"))
-    trunk = build_trunk("cnn", manifest["input"]["channels"], 6, manifest["feature_dim"])
+    trunk = build_trunk("cnn", manifest["input"]["channels"], 6, manifest["embedding_dim"])
     trunk.load_state_dict(weights[1])
     with torch.no_grad():
         torch.testing.assert_close(encoder(raw), trunk((raw - mean) / std))

@@ -18,12 +18,14 @@ import torch
 from streamssl.models import load_encoder
 from streamssl.models.forecaster import Forecaster
 from streamssl.pipeline.config import ConfigError, load_config
+from streamssl.pipeline.loading.messages import Reject
 from streamssl.pipeline.series.examples import forecast_errors
 from streamssl.pipeline.series.job import SeriesJob, run_series
 from streamssl.streams.kafka_produce import create_topic, produce
 from streamssl.streams.kafka_source import KafkaSource
 from streamssl.streams.records import SourceError
-from streamssl.streams.series_source import write_series_file
+from streamssl.streams.series_source import SeriesFilePosition, write_series_file
+from tests.conftest import read_to_end
 
 WARMUP, WINDOW, LAG, BATCH = 64, 32, 8, 8
 
@@ -283,6 +285,21 @@ def test_points_from_a_kafka_topic_train_resume_and_dead_letter(kafka_broker: An
     # the group's committed offset is the last checkpoint's: every point (and both bad ones) is acknowledged
     assert second.checkpoint_state()["source"]["offsets"] == {"0": len(points)}
     assert KafkaSource(url).committed_offsets() == {0: len(points)}
+
+
+def test_a_reject_from_the_feed_is_dead_lettered_by_the_loop_which_moves_past_it(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("timestamp,value\n0,1\n1,x\n2,3\n")
+    job = SeriesJob(_config(tmp_path / "run", tmp_path / "data"))
+    try:
+        messages = read_to_end(job.task.open(None), timeout=10)
+    finally:
+        job.task.close()
+    reject = messages[1]
+    assert isinstance(reject, Reject) and reject.position == SeriesFilePosition("a.csv", 2, 0, 0)
+    assert job.receive(reject) == "" and job.state.position is reject.position
+    letter = json.loads((tmp_path / "run" / "dead-letter.jsonl").read_text())
+    assert (letter["key"], letter["reason"], letter["detail"]) == ("a.csv#1", "non_numeric_value", "'x'")
 
 
 OLD_CHECKPOINT = Path(__file__).parents[2] / "fixtures" / "series-forecast-v1-ckpt-000000005.pt"
