@@ -92,7 +92,7 @@ class _Ticks:
     (which batch is the task's sampler, part of its state)."""
 
     def __init__(self) -> None:
-        self.position: dict[str, Any] = {}
+        self.position = None
 
     def next(self, timeout: float) -> _Ticks:
         return self
