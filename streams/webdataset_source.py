@@ -19,7 +19,7 @@ import random
 import tarfile
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -150,7 +150,7 @@ class _ArchiveReader:
             self._stream.close()
 
 
-def read_shard(shard: str, skip: int, reject: RejectFn) -> Iterator[tuple[str, dict[str, bytes], int]]:
+def read_shard(shard: str, skip: int, reject: Callable[[str, str, str], None]) -> Iterator[tuple[str, dict[str, bytes], int]]:
     """(key, fields, index) of a shard's complete samples from index `skip` on.
 
     A shard that cannot be read whole is reported once through `reject` after its complete samples:
@@ -251,8 +251,8 @@ class WebDatasetSource:
         if local is not None and os.path.isdir(local):
             return local, []
         urls = list(braceexpand(spec))
-        local_paths = [_local_path(url) for url in urls]
-        if all(local_paths) and not any(os.path.isfile(path) for path in local_paths):
+        local_paths = [path for path in map(_local_path, urls) if path]
+        if len(local_paths) == len(urls) and not any(os.path.isfile(path) for path in local_paths):  # all local
             raise SourceError(f"data path not found: {spec}")
         return None, urls
 
