@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +60,6 @@ class RayPosition:
         if position.pass_number < 0 or position.rows < 0:
             raise SourceError(f"saved Ray Data position is negative: {state}")
         return position
-
-    @classmethod
-    def merge(cls, positions: Sequence[RayPosition | None], worker: int) -> RayPosition | None:
-        """The position worker `worker` of a group resumes from: its own, as every worker reads its own split."""
-        return positions[worker]
 
 
 def parse_ray_spec(spec: str) -> tuple[str, str]:

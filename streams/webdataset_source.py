@@ -19,7 +19,7 @@ import random
 import tarfile
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -78,11 +78,6 @@ class ShardPosition:
                        (version, tuple(internal), gauss))
         except (KeyError, TypeError, ValueError) as err:
             raise SourceError(f"saved stream position is not a WebDatasetSource position: {err!r}") from None
-
-    @classmethod
-    def merge(cls, positions: Sequence[ShardPosition | None], worker: int) -> ShardPosition | None:
-        """The position worker `worker` of a group resumes from: its own, as every worker reads its own shards."""
-        return positions[worker]
 
 
 def list_complete_shards(directory: str) -> list[str]:
