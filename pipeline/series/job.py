@@ -89,7 +89,7 @@ class SeriesTask:
                                     backend=self.spec.backend)
         self.windows = SeriesWindows(s.window if self.forecasting else s.history, self._reject)
         self.sampler = torch.Generator().manual_seed(cfg.train.seed)  # cpc: which windows a step trains on
-        self.loop: Loop | None = None
+        self.loop: Loop  # set by attach(), which the loop calls before anything else
         self.points_seen, self.last_logs, self._logged_points = 0, {}, 0
         self.warmup: dict[str, list[float]] = {}  # values of series still in their warm-up
         self.norm: dict[str, tuple[float, float]] = {}  # frozen (mean, std) per series
