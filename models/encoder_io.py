@@ -96,6 +96,10 @@ class PublishedEncoder(nn.Module):
     `manifest` is a `Manifest.to_dict()` (what `load_encoder` passes: today's names, whatever the folder has).
     """
 
+    # Buffers registered in __init__; declared so that they type as Tensor, not Tensor | Module.
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, backbone: nn.Module, manifest: dict[str, Any]) -> None:
         super().__init__()
         self.backbone = backbone
@@ -122,6 +126,10 @@ class PublishedSeriesEncoder(nn.Module):
     the caller z-scores with those.
     """
 
+    # Buffers registered in __init__; declared so that they type as Tensor, not Tensor | Module.
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, backbone: nn.Module, manifest: dict[str, Any]) -> None:
         super().__init__()
         self.backbone = backbone
@@ -135,7 +143,7 @@ class PublishedSeriesEncoder(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
-def _build(manifest: Manifest) -> tuple[nn.Module, nn.Module]:
+def _build(manifest: Manifest) -> tuple[nn.Module, PublishedEncoder | PublishedSeriesEncoder]:
     """(backbone, the wrapper that feeds it) for the manifest's backbone name."""
     name, spec, written = manifest.backbone, manifest.input, manifest.to_dict()
     if name.startswith("forecaster-"):  # the forecaster's shared trunk over the last `lag` points

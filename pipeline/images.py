@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -53,7 +54,7 @@ class ImageTask:
         self.cfg = cfg
         workers = (collective or Collective()).world_size
         # First: a missing data path must fail before anything is written into the run dir.
-        self.make_source: Callable[..., Any] = source_factory(cfg.data, cfg.train.seed, cfg.kafka)
+        self.make_source: functools.partial[Any] = source_factory(cfg.data, cfg.train.seed, cfg.kafka)
         self.device = self.map_location = resolve_device(cfg.train.device)
         self.autocast = resolve_precision(cfg.train.precision, self.device) == "bf16"
         if cfg.train.deterministic:
@@ -99,11 +100,12 @@ class ImageTask:
             cfg.train.seed, self.device)
         # The backbone's output for the first view, as the method computes it (no extra forward pass): the replay
         # buffer's features and the distillation's input. Captured only inside `step`.
-        self._capture_rows, self._captured = 0, None
+        self._capture_rows = 0
+        self._captured: torch.Tensor | None = None
         self.method.encoder().register_forward_hook(self._capture)
-        self._knn_data: tuple[torch.Tensor, ...] | None = None
+        self._knn_data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._knn_baselines: dict[str, float] | None = None
-        self.loop: Loop | None = None
+        self.loop: Loop  # set by attach(), which the loop calls before anything else
 
     def attach(self, loop: Loop) -> None:
         self.loop = loop
@@ -249,6 +251,7 @@ class ImageTask:
 
     def knn(self, encoder: torch.nn.Module) -> float:
         cfg = self.cfg.eval
+        assert self._knn_data is not None, "evaluate() loads the kNN sets first"
         return knn_top1(encoder, *self._knn_data, self.cfg.data.mean, self.cfg.data.std, self.device, k=cfg.k,
                         temperature=cfg.temperature, autocast=self.autocast)
 
@@ -279,6 +282,8 @@ class ImageTask:
 
 class Trainer(Loop):
     """The loop driving an `ImageTask`: `Trainer(cfg).run()` is `streamssl run` for an image method."""
+
+    task: ImageTask  # the loop's task, typed as the one this loop is built with
 
     def __init__(self, cfg: Config, stop: threading.Event | None = None, *, collective: Collective | None = None,
                  **loop_options: Any) -> None:

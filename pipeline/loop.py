@@ -87,9 +87,11 @@ class Loop:
             self.paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.metrics = Metrics(cfg.method)
         self.dead_letter_topic = topic = dead_letter_topic(cfg.data, cfg.kafka)
-        forward = None if topic is None else (
-            lambda source, key, reason, detail, payload: topic.send(key, payload, reason, detail, source))
-        self.dead_letters = DeadLetters(self.paths.dead_letters, self.metrics, forward)
+
+        def forward(source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
+            topic.send(key, payload, reason, detail, source)
+
+        self.dead_letters = DeadLetters(self.paths.dead_letters, self.metrics, None if topic is None else forward)
         self.checkpointer = checkpointer or Checkpointer(self.paths.checkpoints, keep=cfg.checkpoint.keep)
         self.publisher = Publisher(self.paths.published)
         self.state = RunState()

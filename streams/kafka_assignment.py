@@ -8,8 +8,9 @@ source's position, `KafkaPosition`, with the merge of a group's positions.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,10 +72,25 @@ class PartitionAssignment:
     """The assignment half of a Kafka source; every method runs on the iterating thread, except the rebalance
     callbacks, which only record what changed (kafka-python runs them on its own I/O thread)."""
 
+    # Set up by KafkaSource.__init__ (see the module docstring); declared here so this half type-checks alone.
     topic: str
+    group: str
+    bootstrap: list[str]
+    _config: dict[str, Any]
     _kafka: Any
     _split: tuple[int, int] | None
     _consumer: Any
+    _lock: threading.Lock
+    _offsets: dict[int, int]
+    _assigned: frozenset[int]
+    _unpositioned: frozenset[int]
+    _lag: dict[int, int]
+    _counts: dict[str, int]
+    _next_probe: float
+    _next_position: float
+    _next_partitions: float
+    _failed: Callable[[str, Exception], float]  # counts a failed broker call; returns the backoff before a retry
+    _succeeded: Callable[[], None]  # resets that backoff
 
     def committed_offsets(self) -> dict[int, int]:
         """The group's committed offsets for the topic, {partition: offset} (a separate client: any thread may ask)."""
@@ -93,10 +109,6 @@ class PartitionAssignment:
         finally:
             consumer.close(autocommit=False, timeout_ms=REQUEST_TIMEOUT_MS)
         return {partition: offset for partition, offset in committed.items() if offset is not None}
-
-    group: str
-    bootstrap: list[str]
-    _config: dict[str, Any]
 
     def _assign_split(self, consumer: Any) -> None:
         """For a split source: takes this worker's partitions, and later any the topic gains."""

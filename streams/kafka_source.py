@@ -21,6 +21,7 @@ job, so a group rebalance could only stall every worker's collectives while it s
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -184,7 +185,8 @@ class KafkaSource(PartitionAssignment):
         """
         self._closed.set()
         generator = self._generator
-        if generator is not None and threading.get_ident() == self._owner and not generator.gi_running:
+        if (generator is not None and threading.get_ident() == self._owner
+                and inspect.getgeneratorstate(generator) != inspect.GEN_RUNNING):
             generator.close()  # runs its cleanup here: pending commits, consumer closed
         if self._finished:
             self._commit_after_close()

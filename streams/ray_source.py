@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +60,6 @@ class RayPosition:
         if position.pass_number < 0 or position.rows < 0:
             raise SourceError(f"saved Ray Data position is negative: {state}")
         return position
-
-    @classmethod
-    def merge(cls, positions: Sequence[RayPosition | None], worker: int) -> RayPosition | None:
-        """The position worker `worker` of a group resumes from: its own, as every worker reads its own split."""
-        return positions[worker]
 
 
 def parse_ray_spec(spec: str) -> tuple[str, str]:
@@ -140,7 +135,9 @@ def read_ray_dataset(spec: str, decode: Callable[[dict[str, np.ndarray]], dict[s
         dataset = ray.data.read_images(path, size=(size, size), mode="L" if channels == 1 else "RGB",
                                        include_paths=True, **read_options)
     dataset.context.execution_options.preserve_order = True
-    return (dataset.map_batches(_normalise, fn_kwargs={"image_field": image_field}, batch_format="numpy")
+    # Ray's stub types `fn` as taking the batch alone, though `fn_kwargs` supplies its further arguments.
+    return (dataset.map_batches(_normalise, fn_kwargs={"image_field": image_field},  # type: ignore[arg-type]
+                                batch_format="numpy")
             .map_batches(decode, batch_format="numpy"))
 
 
@@ -276,7 +273,9 @@ class RayShardReader:
     def _cut(self, pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]]
              ) -> tuple[np.ndarray, list[str], np.ndarray, RayPosition]:
         """The first `batch_size` pending good rows as a batch; moves the position to just after its last row."""
-        images, keys, ids = [], [], []
+        images: list[np.ndarray] = []
+        keys: list[str] = []
+        ids: list[np.ndarray] = []
         needed = self._batch_size
         while needed:
             segment_images, segment_keys, segment_ids, pass_number, rows_after = pending[0]

@@ -19,7 +19,7 @@ import random
 import tarfile
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -78,11 +78,6 @@ class ShardPosition:
                        (version, tuple(internal), gauss))
         except (KeyError, TypeError, ValueError) as err:
             raise SourceError(f"saved stream position is not a WebDatasetSource position: {err!r}") from None
-
-    @classmethod
-    def merge(cls, positions: Sequence[ShardPosition | None], worker: int) -> ShardPosition | None:
-        """The position worker `worker` of a group resumes from: its own, as every worker reads its own shards."""
-        return positions[worker]
 
 
 def list_complete_shards(directory: str) -> list[str]:
@@ -150,7 +145,7 @@ class _ArchiveReader:
             self._stream.close()
 
 
-def read_shard(shard: str, skip: int, reject: RejectFn) -> Iterator[tuple[str, dict[str, bytes], int]]:
+def read_shard(shard: str, skip: int, reject: Callable[[str, str, str], None]) -> Iterator[tuple[str, dict[str, bytes], int]]:
     """(key, fields, index) of a shard's complete samples from index `skip` on.
 
     A shard that cannot be read whole is reported once through `reject` after its complete samples:
@@ -251,8 +246,8 @@ class WebDatasetSource:
         if local is not None and os.path.isdir(local):
             return local, []
         urls = list(braceexpand(spec))
-        local_paths = [_local_path(url) for url in urls]
-        if all(local_paths) and not any(os.path.isfile(path) for path in local_paths):
+        local_paths = [path for path in map(_local_path, urls) if path]
+        if len(local_paths) == len(urls) and not any(os.path.isfile(path) for path in local_paths):  # all local
             raise SourceError(f"data path not found: {spec}")
         return None, urls
 

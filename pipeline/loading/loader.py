@@ -257,7 +257,7 @@ class BatchLoader:
     def __init__(self, make_source: Callable[..., Any], position: Position | None, batch_size: int,
                  image_field: str, channels: int, size: int, prefetch: int = 4) -> None:
         # fork starts in milliseconds and needs nothing picklable; spawn where fork does not exist.
-        context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        context = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
         self._queue = context.Queue(maxsize=prefetch)
         # A lock-free shared flag: a multiprocessing Event can hang set() if the process dies while waiting on it.
         self._stop = context.Value("b", 0, lock=False)

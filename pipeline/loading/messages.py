@@ -1,4 +1,4 @@
-"""What every feed hands the loop: `Message = Batch | PointMessage | Reject | End | Failure`.
+"""What every feed hands the loop: `Message = Batch | PointMessage | Tick | Reject | End | Failure`.
 
 The data (an image `Batch`, a series `PointMessage`) and each `Reject` carry the position right after them, so
 the loop checkpoints where the stream is for what it has handled, however far a feed has read ahead. The loop
@@ -34,6 +34,14 @@ class PointMessage:
 
 
 @dataclass
+class Tick:
+    """"Take the next batch", to a task that holds its data itself (the offline forecaster): no position, as which
+    batch comes next is the task's sampler, part of its own state."""
+
+    position: None = None
+
+
+@dataclass
 class Reject:
     """A record the source or decoder refused: the loop dead-letters it and moves to its position.
 
@@ -61,4 +69,4 @@ class Failure:
     message: str
 
 
-Message: TypeAlias = Batch | PointMessage | Reject | End | Failure
+Message: TypeAlias = Batch | PointMessage | Tick | Reject | End | Failure

@@ -1,7 +1,7 @@
 """Stream positions as the loop keeps them: one typed position per kind of source, plain dicts in checkpoints.
 
 Each source module defines its own (`ShardPosition`, `KafkaPosition`, `RayPosition`, `SeriesFilePosition`), with
-`to_dict()` / `from_dict()`; the kinds a group of workers reads also `merge` the group's positions.
+`to_dict()` / `from_dict()`; `KafkaPosition` also merges a group's positions, as partitions move between workers.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ def position_to_dict(position: Position | None) -> dict[str, Any]:
     return {} if position is None else position.to_dict()
 
 
-def merge_positions(positions: Sequence[ShardPosition | KafkaPosition | RayPosition | None], worker: int
-                    ) -> ShardPosition | KafkaPosition | RayPosition | None:
-    """The position worker `worker` of a group resumes from, given every worker's last checkpointed one: their kind's
-    `merge` (Kafka partitions may move between workers; shards and Ray splits stay each worker's own)."""
+def merge_positions(positions: Sequence[Position | None], worker: int) -> Position | None:
+    """The position worker `worker` of a group resumes from, given every worker's last checkpointed one (all of one
+    kind): Kafka's merge, as partitions may move between workers; shards and Ray splits stay each worker's own."""
     known = [position for position in positions if position is not None]
-    return type(known[0]).merge(positions, worker) if known else None
+    if known and isinstance(known[0], KafkaPosition):
+        return KafkaPosition.merge([position for position in known if isinstance(position, KafkaPosition)], worker)
+    return positions[worker]

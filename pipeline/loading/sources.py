@@ -7,7 +7,6 @@ everything that depends on the kind asks the spec.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -85,14 +84,16 @@ def resolve_mode(spec: SourceSpec, mode: str) -> str:
     return "follow" if spec.is_local_directory else "cycle"
 
 
-def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None) -> Callable[..., Any]:
-    """A picklable `make_source(on_reject=…)` for the loader process; builds one here first to validate the spec."""
+def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None) -> partial[Any]:
+    """A picklable `make_source(on_reject=…)` for the loader process; builds one here first to validate the spec.
+
+    A partial, so that a Ray worker can read the spec back (`.args[0]`) and take its own share of the shards."""
     spec = source_spec(cfg)
     if spec.kind == "kafka":
         from streamssl.streams.kafka_source import KafkaSource  # kafka-python loads only for Kafka runs
 
         kafka = kafka or KafkaConfig()
-        make_source: Callable[..., Any] = partial(
+        make_source: partial[Any] = partial(
             KafkaSource, spec.text, group=kafka.group, client_options=kafka.client_options(),
             session_timeout_ms=kafka.session_timeout_ms, auto_offset_reset=kafka.auto_offset_reset)
         return make_source

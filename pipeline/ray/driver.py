@@ -156,7 +156,8 @@ def fit_on_ray(cfg: Config, workers: int, stop: threading.Event, train_loop: Cal
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every progress line reaches the driver twice
     device = cfg.train.device
     use_gpu = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) >= workers)
-    control = ray.remote(num_cpus=0)(_RunControl).remote()
+    # Any, like the handle `_raise_worker_error` takes: Ray types an actor's methods only where they are @ray.method.
+    control: Any = ray.remote(num_cpus=0)(_RunControl).remote()
     ingest = ExecutionOptions(preserve_order=True)  # deterministic split and order: resuming by row count needs it
     trainer = TorchTrainer(
         train_loop or _train_worker, train_loop_config={"config": to_dict(cfg), "control": control, **(loop_config or {})},

@@ -178,7 +178,7 @@ class WorkerTrainer(Trainer):
                  ray_session: bool = False) -> None:
         collective = collective_for(resolve_device(cfg.train.device))
         self.workers, self.worker = collective.world_size, collective.rank
-        checkpointer = SharedCheckpointer(RunPaths(cfg.run_dir).checkpoints, cfg.checkpoint.keep, self.worker,
+        checkpointer = SharedCheckpointer(RunPaths(Path(cfg.run_dir)).checkpoints, cfg.checkpoint.keep, self.worker,
                                           self.workers, ray_session)
         super().__init__(cfg, stop, collective=collective, checkpointer=checkpointer)
         task = self.task
@@ -200,8 +200,9 @@ class WorkerTrainer(Trainer):
             # and broadcasting NPID's bank every step would cost 64 MiB. Unused parameters: only SwAV has
             # them (its prototypes are detached while frozen); looking for them costs a graph walk per step.
             ddp = torch.nn.parallel.DistributedDataParallel
-            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                              else {"broadcast_buffers": False})  # the older name (torch < 2.14)
+            no_buffer_sync: dict[str, Any] = (
+                {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                else {"broadcast_buffers": False})  # the older name (torch < 2.14)
             task.forward_module = ddp(task.method, device_ids=[torch.cuda.current_device()] if task.device.type == "cuda"
                                       else None, find_unused_parameters=cfg.method == "swav", **no_buffer_sync)
 

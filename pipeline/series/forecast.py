@@ -41,6 +41,8 @@ from streamssl.models.encoder_io import Manifest
 from streamssl.models.forecaster import MODES, Forecaster
 from streamssl.pipeline.config import Config, ConfigError, SeriesConfig, load_config
 from streamssl.pipeline.device import resolve_device
+from streamssl.pipeline.loading.messages import Tick
+from streamssl.pipeline.loading.positions import Position
 from streamssl.pipeline.loop import Loop
 from streamssl.pipeline.series.examples import (
     NRMSE_DEFINITION,
@@ -88,16 +90,12 @@ def identity(name: str, values: np.ndarray, cfg: Config) -> dict[str, Any]:
 
 
 class _Ticks:
-    """The feed of an in-memory task: an endless stream of "take the next batch" with no position of its own
-    (which batch is the task's sampler, part of its state)."""
+    """The feed of an in-memory task: an endless stream of `Tick`s."""
 
-    def __init__(self) -> None:
-        self.position = None
+    def next(self, timeout: float) -> Tick:
+        return Tick()
 
-    def next(self, timeout: float) -> _Ticks:
-        return self
-
-    def commit(self, position: dict[str, Any]) -> None: ...
+    def commit(self, position: Position | None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -124,7 +122,7 @@ class ForecastTask:
         self.best_state: dict[str, torch.Tensor] = {}
         self.metrics: dict[str, float] = {}
         self.resumed, self._threads = False, 0
-        self.loop: Loop | None = None
+        self.loop: Loop  # set by attach(), which the loop calls before anything else
 
     @property
     def finished(self) -> str:
@@ -204,7 +202,7 @@ class ForecastTask:
         self.sampler.set_state(ckpt["sampler"])
 
     # --- training ------------------------------------------------------------------------------
-    def open(self, position: dict[str, Any]) -> Feed:
+    def open(self, position: Position | None) -> Feed:
         if self.examples is None:
             self.build(None)
         if self.cfg.series.threads and self.device.type == "cpu":
@@ -234,7 +232,7 @@ class ForecastTask:
         Checks happen at multiples of `eval.every_steps` only, never where a time budget or max_steps happens
         to end (the loop also evaluates there): a resumed or extended run checks at the same steps as a
         straight one, so it keeps the same best model."""
-        assert self.loop is not None and self.model is not None and self.examples is not None
+        assert self.model is not None and self.examples is not None
         step = self.loop.state.step
         if self.model.trunk is None or not step or step % self.cfg.eval.every_steps:
             return self.metrics
@@ -298,7 +296,6 @@ class ForecastTask:
                    "decomposition": {**dataclasses.asdict(spec), "backend": examples.decomposition_backend or spec.backend}})
 
     def progress(self, samples_rate: float, seconds: float, loss: float, logs: dict[str, float]) -> str:
-        assert self.loop is not None
         return (f"step {self.loop.state.step}  loss {loss:.5f}  best validation MSE {self.best_val:.5f} "
                 f"at step {self.best_step}  {samples_rate:.0f} examples/s")
 

@@ -35,7 +35,7 @@ import math
 import os
 import threading
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from streamssl.pipeline.series.feed import PointReader, SeriesFeed, series_sourc
 from streamssl.pipeline.series.forecast import decomposition_of
 from streamssl.pipeline.series.windows import SeriesWindows
 from streamssl.pipeline.task import Feed, Step
+
+if TYPE_CHECKING:
+    from streamssl.models.cpc import CPC
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +92,9 @@ class SeriesTask:
                                     backend=self.spec.backend)
         self.windows = SeriesWindows(s.window if self.forecasting else s.history, self._reject)
         self.sampler = torch.Generator().manual_seed(cfg.train.seed)  # cpc: which windows a step trains on
-        self.loop: Loop | None = None
-        self.points_seen, self.last_logs, self._logged_points = 0, {}, 0
+        self.loop: Loop  # set by attach(), which the loop calls before anything else
+        self.points_seen, self._logged_points = 0, 0
+        self.last_logs: dict[str, float] = {}
         self.warmup: dict[str, list[float]] = {}  # values of series still in their warm-up
         self.norm: dict[str, tuple[float, float]] = {}  # frozen (mean, std) per series
         self.groups: Groups | None = None
@@ -109,6 +113,12 @@ class SeriesTask:
 
     def attach(self, loop: Loop) -> None:
         self.loop = loop
+
+    @property
+    def decided_groups(self) -> Groups:
+        """The grouping, for a mode with aux targets or views: decided on the first warm-up, before the model."""
+        assert self.groups is not None, "the grouping is decided before the model is built"
+        return self.groups
 
     def _reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
         self.loop.dead_letters.reject(source, key, reason, detail, payload)
@@ -131,10 +141,11 @@ class SeriesTask:
     # --- the model, built when the first series ends its warm-up (the grouping sets its shape) ---------
     def build_model(self) -> None:
         s = self.cfg.series
+        model: Forecaster | CPC
         try:
             if self.forecasting:
-                views = len(self.groups.views) if self.uses_views else 0
-                model = Forecaster(1 + views, s.lag, len(self.groups.aux) if self.uses_aux else 0, **self.options)
+                views = len(self.decided_groups.views) if self.uses_views else 0
+                model = Forecaster(1 + views, s.lag, len(self.decided_groups.aux) if self.uses_aux else 0, **self.options)
             else:
                 from streamssl.models.cpc import CPC
                 from streamssl.models.series_backbones import build_series_encoder
@@ -189,11 +200,14 @@ class SeriesTask:
         """Scores the forecast made for this point, learns from it, then forecasts from it (origin `index`)."""
         s, (mean, std) = self.cfg.series, self.norm[sid]
         window = (self.windows.values(sid, s.window if self.eemd is not None else s.lag) - mean) / std
-        components = None
+        aux: np.ndarray | list[float] = []  # what the window's decomposition gives: aux targets, input views
+        views: list[np.ndarray] = []
         if self.eemd is not None:
             components = self.ahead.pop((sid, index), None)
             if components is None:
                 components = self.eemd.decompose(window[None])[0]
+            aux = components[self.decided_groups.aux, -1] if self.uses_aux else []
+            views = [components[k, -s.lag:] for k in self.decided_groups.views] if self.uses_views else []
         pending, stepped = self.pending.setdefault(sid, deque()), None
         if pending and pending[0][0] == index - s.horizon:
             _, inputs, forecast, last = pending.popleft()
@@ -201,13 +215,11 @@ class SeriesTask:
             self.scored[row, 0] = forecast  # made before the model saw this point: prequential
             self.scored[row, 1:] = torch.tensor([window[-1], last])
             self.scored_count += 1
-            aux = components[self.groups.aux, -1] if self.uses_aux else []
             self.batch.append((inputs, torch.tensor([window[-1], *aux], dtype=torch.float32)))
             if len(self.batch) == s.batch_size:
                 inputs_batch, targets_batch = (torch.stack(part).to(self.device) for part in zip(*self.batch, strict=True))
                 self.batch = []
                 stepped = self.train_step(inputs_batch, targets_batch)
-        views = [components[k, -s.lag:] for k in self.groups.views] if self.uses_views else []
         inputs = torch.tensor(np.stack([window[-s.lag:], *views]), dtype=torch.float32)
         pending.append((index, inputs, self.model.predict(inputs[None].to(self.device))[0], float(window[-1])))
         return stepped
@@ -252,6 +264,7 @@ class SeriesTask:
 
     def train_step(self, *batch: Any) -> Step:
         """One Adam step; not taken (finite=False) when the loss is not finite."""
+        assert self.optimizer is not None, "build_model makes the optimizer with the model"
         loss, logs = self.model(*batch)
         loss_value = float(loss.detach())
         samples = len(batch[0]) if self.forecasting else len(batch[0][0])
@@ -305,6 +318,7 @@ class SeriesTask:
     def roll_back(self, ckpt: dict[str, Any]) -> None:
         """The checkpoint's model, optimizer and RNGs; the windows and pending forecasts stay where the stream is."""
         if ckpt["model"] is not None:
+            assert self.optimizer is not None, "a checkpoint with a model: ours is built too (load_state_dict sees to it)"
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -345,7 +359,7 @@ class SeriesTask:
             return Manifest(backbone="series-conv", input=inputs, embedding_dim=self.model.feature_dim,
                             metrics=dict(self.last_logs))
         names = self.spec.component_names()
-        channels = ["series"] + ([names[k] for k in self.groups.views] if self.uses_views else [])
+        channels = ["series"] + ([names[k] for k in self.decided_groups.views] if self.uses_views else [])
         inputs.update(channels=len(channels), channel_names=channels, lag=s.lag, horizon=s.horizon)
         return Manifest(backbone=f"forecaster-{self.options.get('trunk', 'cnn')}", input=inputs,
                         embedding_dim=self.options.get("hidden", 64), metrics=dict(self.last_logs),
