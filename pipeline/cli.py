@@ -144,7 +144,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from streamssl.pipeline.config import describe, job_of, to_dict
+    from streamssl.pipeline.config import job_of, to_dict
+    from streamssl.pipeline.config_show import describe
 
     cfg = load_config(args.config, {"method": args.method}, args.set, job="forecast" if args.job == "forecast" else None)
     if args.show:

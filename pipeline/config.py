@@ -1,6 +1,6 @@
 """One typed config tree for every job: defaults, the job's and the method's defaults, a YAML file, flags, `--set`.
 
-The tree is `Config`: the fixed sections of pipeline/sections.py plus one section per registered method
+The tree is `Config` (pipeline/sections.py): fixed sections plus one section per registered method
 (`moco.queue_size`, `forecast.mode`, …) generated from the method's keyword-only constructor options, so a
 method's defaults and types are written down once, in its own file. Three jobs read it: `images`
 (`streamssl run` with an image method), `series` (`streamssl run --method forecast|cpc`) and `forecast`
@@ -16,25 +16,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
-import re
 import typing
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import yaml
 
-from streamssl.models.registry import METHODS, SERIES_METHODS
+from streamssl.models.registry import SERIES_METHODS
 from streamssl.pipeline.sections import (
+    ALL_METHODS,
     AugmentConfig,
     AuxConfig,
     CheckpointConfig,
+    Config,
     DataConfig,
     DistillConfig,
     EvalConfig,
     KafkaConfig,
+    MethodOptions,
     MetricsConfig,
     ModelConfig,
     OptimConfig,
@@ -45,85 +44,13 @@ from streamssl.pipeline.sections import (
 
 __all__ = ["AugmentConfig", "AuxConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
            "EvalConfig", "Job", "KafkaConfig", "MethodOptions", "MetricsConfig", "ModelConfig", "OptimConfig",
-           "ReplayConfig", "SeriesConfig", "TrainConfig",
-           "describe", "job_of", "load_config", "to_dict"]
+           "ReplayConfig", "SeriesConfig", "TrainConfig", "job_of", "load_config", "to_dict"]
 
 Job = Literal["images", "series", "forecast"]
 
 
 class ConfigError(Exception):
     """A bad config key or value; the CLI prints it as one line."""
-
-
-class MethodOptions:
-    """A method's section: its keyword-only constructor options as fields (see `options_section`)."""
-
-    method: typing.ClassVar[type]
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return {f.name: tuple(getattr(self, f.name)) if f.metadata.get("tuple") else getattr(self, f.name)
-                for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-
-
-def options_section(method: type) -> type[MethodOptions]:
-    """A dataclass of a method's keyword-only constructor options: names, types and defaults from the method."""
-    init = cast(Any, method).__init__
-    hints = typing.get_type_hints(init)
-    fields: list[tuple[str, Any, Any]] = []
-    for param in inspect.signature(init).parameters.values():
-        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue
-        hint = hints[param.name]
-        if typing.get_origin(hint) is tuple:  # a YAML list in the config, a tuple for the method
-            item_list = list.__class_getitem__(typing.get_args(hint)[0])
-            fields.append((param.name, item_list, field(default_factory=partial(list, param.default),
-                                                        metadata={"tuple": True})))
-        else:
-            fields.append((param.name, hint, field(default=param.default)))
-    section = cast(type[MethodOptions],
-                   dataclasses.make_dataclass(f"{method.__name__}Options", fields, bases=(MethodOptions,)))
-    section.method = method
-    return section
-
-
-ALL_METHODS = {**METHODS, **SERIES_METHODS}
-OPTIONS = {name: options_section(cls) for name, cls in ALL_METHODS.items()}
-
-
-@dataclass
-class Config:
-    method: str = "moco"  # the self-supervised method (each has a section of its own below)
-    run_dir: str = "runs/default"  # checkpoints, published encoders, dead letters; `streamssl forecast`: "" = none
-    data: DataConfig = field(default_factory=DataConfig)
-    kafka: KafkaConfig = field(default_factory=KafkaConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    aux: AuxConfig = field(default_factory=AuxConfig)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    series: SeriesConfig = field(default_factory=SeriesConfig)
-    # one section per method, named after it
-    byol: MethodOptions = field(default_factory=OPTIONS["byol"])
-    cpc: MethodOptions = field(default_factory=OPTIONS["cpc"])
-    deepcluster: MethodOptions = field(default_factory=OPTIONS["deepcluster"])
-    forecast: MethodOptions = field(default_factory=OPTIONS["forecast"])
-    jigsaw: MethodOptions = field(default_factory=OPTIONS["jigsaw"])
-    moco: MethodOptions = field(default_factory=OPTIONS["moco"])
-    npid: MethodOptions = field(default_factory=OPTIONS["npid"])
-    rotation: MethodOptions = field(default_factory=OPTIONS["rotation"])
-    simclr: MethodOptions = field(default_factory=OPTIONS["simclr"])
-    simsiam: MethodOptions = field(default_factory=OPTIONS["simsiam"])
-    swav: MethodOptions = field(default_factory=OPTIONS["swav"])
-
-    def method_options(self) -> dict[str, Any]:
-        """The section named after the method (e.g. `moco`), as its keyword options."""
-        section: MethodOptions = getattr(self, self.method)
-        return section.as_kwargs()
 
 
 # Defaults of a job where they differ from the tree's; like a method's recipe, they yield to anything set.
@@ -413,64 +340,3 @@ def _validate_series(cfg: Config, job: Job, at_least_one: dict[str, float], at_l
         raise ConfigError(f"need series.window <= series.warmup_points, got {s.window}, {s.warmup_points}")
     if cfg.method == "cpc" and s.history < s.window:
         raise ConfigError(f"series.history {s.history} must be at least series.window {s.window}")
-
-
-# --- `streamssl config --show` ------------------------------------------------------------------
-def field_help(cls: type) -> dict[str, str]:
-    """A dataclass field's help: its trailing comment, else the comment lines right above it; for a method's
-    section, the option's line in the method's docstring (`name: text`)."""
-    if issubclass(cls, MethodOptions):
-        return _docstring_options(inspect.getdoc(cls.method) or "")
-    helps: dict[str, str] = {}
-    above: list[str] = []
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("# "))
-            continue
-        match = re.match(r"(\w+): [^=]+=.*?(?:  # (.*))?$", stripped)
-        if match:
-            helps[match[1]] = match[2] or " ".join(above)
-        above = []
-    return helps
-
-
-def _docstring_options(doc: str) -> dict[str, str]:
-    """`name: text` (or `a, b: text`) entries of a docstring, with their more deeply indented continuation lines."""
-    found: dict[str, str] = {}
-    names: list[str] = []
-    indent = 0
-    for line in doc.splitlines():
-        depth = len(line) - len(line.lstrip())
-        match = re.match(r"\s*(\w+(?:, \w+)*): (.+)$", line)
-        if names and line.strip() and depth > indent:
-            for name in names:
-                found[name] += " " + line.strip()
-        elif match:
-            names, indent = match[1].split(", "), depth
-            found.update(dict.fromkeys(names, match[2].strip()))
-        else:
-            names = []
-    return found
-
-
-def describe(method: str, job: Job) -> list[str]:
-    """`key = default  # help` for every key that `job` running `method` reads, with their defaults."""
-    cfg = reference(method, job)
-    lines = []
-
-    def walk(node: Any, prefix: str) -> None:
-        helps = field_help(type(node))
-        for f in dataclasses.fields(node):
-            value, key = getattr(node, f.name), prefix + f.name
-            if dataclasses.is_dataclass(value):
-                walk(value, key + ".")
-            elif applies(key, job, method):
-                lines.append(f"{key} = {json_value(value)}  # {helps.get(f.name, '')}".rstrip(" #"))
-
-    walk(cfg, "")
-    return lines
-
-
-def json_value(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

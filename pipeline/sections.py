@@ -1,15 +1,21 @@
-"""The fixed sections of the config tree (pipeline/config.py): each key's type, default and help.
+"""The config tree, `Config`: its fixed sections (each key's type, default and help) and one section per method.
 
 A key's help is its trailing comment, or the comment lines right above it (`streamssl config --show`
-prints them). Choices are `Literal` types: the loader refuses anything else.
+prints them); a method's section is generated from its keyword-only constructor options, their help read
+from its docstring. Choices are `Literal` types: the loader (pipeline/config.py) refuses anything else.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, cast
 
+from streamssl.models.registry import METHODS, SERIES_METHODS
 from streamssl.monitoring.metrics import DEFAULT_METRICS_PORT
 
 
@@ -205,3 +211,74 @@ class SeriesConfig:
     patience: int = 10  # validation checks without improvement before stopping; 0 = never stop early
     weight_decay: float = 0.0  # Adam L2 penalty (`streamssl forecast`)
     cache_dir: str = ""  # decomposition cache of `streamssl forecast`; "" = ~/.cache/streamssl/eemd, none = off
+
+
+class MethodOptions:
+    """A method's section: its keyword-only constructor options as fields (see `options_section`)."""
+
+    method: typing.ClassVar[type]
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {f.name: tuple(getattr(self, f.name)) if f.metadata.get("tuple") else getattr(self, f.name)
+                for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def options_section(method: type) -> type[MethodOptions]:
+    """A dataclass of a method's keyword-only constructor options: names, types and defaults from the method."""
+    init = cast(Any, method).__init__
+    hints = typing.get_type_hints(init)
+    fields: list[tuple[str, Any, Any]] = []
+    for param in inspect.signature(init).parameters.values():
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        hint = hints[param.name]
+        if typing.get_origin(hint) is tuple:  # a YAML list in the config, a tuple for the method
+            item_list = list.__class_getitem__(typing.get_args(hint)[0])
+            fields.append((param.name, item_list, field(default_factory=partial(list, param.default),
+                                                        metadata={"tuple": True})))
+        else:
+            fields.append((param.name, hint, field(default=param.default)))
+    section = cast(type[MethodOptions],
+                   dataclasses.make_dataclass(f"{method.__name__}Options", fields, bases=(MethodOptions,)))
+    section.method = method
+    return section
+
+
+ALL_METHODS = {**METHODS, **SERIES_METHODS}
+OPTIONS = {name: options_section(cls) for name, cls in ALL_METHODS.items()}
+
+
+@dataclass
+class Config:
+    method: str = "moco"  # the self-supervised method (each has a section of its own below)
+    run_dir: str = "runs/default"  # checkpoints, published encoders, dead letters; `streamssl forecast`: "" = none
+    data: DataConfig = field(default_factory=DataConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
+    # one section per method, named after it
+    byol: MethodOptions = field(default_factory=OPTIONS["byol"])
+    cpc: MethodOptions = field(default_factory=OPTIONS["cpc"])
+    deepcluster: MethodOptions = field(default_factory=OPTIONS["deepcluster"])
+    forecast: MethodOptions = field(default_factory=OPTIONS["forecast"])
+    jigsaw: MethodOptions = field(default_factory=OPTIONS["jigsaw"])
+    moco: MethodOptions = field(default_factory=OPTIONS["moco"])
+    npid: MethodOptions = field(default_factory=OPTIONS["npid"])
+    rotation: MethodOptions = field(default_factory=OPTIONS["rotation"])
+    simclr: MethodOptions = field(default_factory=OPTIONS["simclr"])
+    simsiam: MethodOptions = field(default_factory=OPTIONS["simsiam"])
+    swav: MethodOptions = field(default_factory=OPTIONS["swav"])
+
+    def method_options(self) -> dict[str, Any]:
+        """The section named after the method (e.g. `moco`), as its keyword options."""
+        section: MethodOptions = getattr(self, self.method)
+        return section.as_kwargs()

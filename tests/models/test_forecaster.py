@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from streamssl.models.forecaster import Forecaster
-from streamssl.pipeline.config import options_section
+from streamssl.pipeline.sections import options_section
 
 
 @pytest.mark.parametrize(("mode", "channels", "n_aux"), [

@@ -17,12 +17,12 @@ from streamssl.pipeline.config import (
     ConfigError,
     MethodOptions,
     applies,
-    describe,
     flatten,
     job_of,
     load_config,
     to_dict,
 )
+from streamssl.pipeline.config_show import describe
 
 JOBS = [(name, job_of(Config(method=name))) for name in sorted({**METHODS, **SERIES_METHODS})] + [("forecast", "forecast")]
 
