@@ -31,7 +31,8 @@ run: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory typecheck
+	$(BIN)/pytest -q --durations=20
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -13,14 +13,22 @@ import pytest
 import torch
 from torch import nn
 
+from streamssl.models.encoder_io import Manifest
 from streamssl.pipeline.config import Config, load_config
+from streamssl.pipeline.loading.messages import End
 from streamssl.pipeline.loop import Loop, TrainingDiverged
 from streamssl.pipeline.task import Feed, Step
+from streamssl.streams.series_source import SeriesFilePosition
+
+
+def after(n: int) -> SeriesFilePosition:
+    """The position after message n (a series file's, the simplest kind the loop knows: "row" n + 1)."""
+    return SeriesFilePosition("counter", n + 1)
 
 
 class Tick:
     def __init__(self, n: int) -> None:
-        self.n, self.position = n, {"n": n + 1}
+        self.n, self.position = n, after(n)
 
 
 class Counter:
@@ -28,15 +36,15 @@ class Counter:
 
     def __init__(self, start: int, end: int | None) -> None:
         self.n, self.end = start, end
-        self.committed: list[dict[str, Any]] = []
+        self.committed: list[SeriesFilePosition | None] = []
 
-    def next(self, timeout: float) -> Tick | None:
+    def next(self, timeout: float) -> Tick | End:
         if self.end is not None and self.n >= self.end:
-            return None
+            return End()
         self.n += 1
         return Tick(self.n - 1)
 
-    def commit(self, position: dict[str, Any]) -> None:
+    def commit(self, position: Any) -> None:
         self.committed.append(position)
 
     def close(self) -> None: ...
@@ -63,8 +71,8 @@ class LinearTask:
     def attach(self, loop: Loop) -> None:
         self.loop = loop
 
-    def open(self, position: dict[str, Any]) -> Feed:
-        self.feed = Counter(position.get("n", 0), self.end)
+    def open(self, position: Any) -> Feed:
+        self.feed = Counter(0 if position is None else position.row, self.end)
         return self.feed
 
     def step(self, message: Tick) -> Step:
@@ -100,8 +108,8 @@ class LinearTask:
     def encoder(self) -> nn.Module:
         return self.model
 
-    def manifest(self) -> dict[str, Any]:
-        return {"backbone": "linear"}
+    def manifest(self) -> Manifest:
+        return Manifest(backbone="linear", input={"features": 1}, embedding_dim=1)
 
     def progress(self, samples_rate: float, seconds: float, loss: float, logs: dict[str, float]) -> str:
         return f"loss {loss}"
@@ -130,8 +138,8 @@ def test_max_steps_checkpoint_and_publish_cadence(tmp_path: Path) -> None:
     assert checkpoints(tmp_path) == ["ckpt-000000003.pt", "ckpt-000000006.pt", "ckpt-000000007.pt"]
     assert loop.publisher.latest_version() == 1 and state.published_step == 7  # only at the end
     assert state.eval_step == 7 and state.eval_metrics == {"weight": float(task.model.weight.detach())}
-    assert task.feed.committed == [{"n": 3}, {"n": 6}, {"n": 7}]  # upstream commits follow durable checkpoints
-    assert state.position == {"n": 7} and task.trained == list(range(7))
+    assert task.feed.committed == [after(2), after(5), after(6)]  # upstream commits follow durable checkpoints
+    assert state.position == after(6) and task.trained == list(range(7))
 
 
 def test_resume_continues_exactly_where_a_straight_run_is(tmp_path: Path) -> None:
@@ -153,7 +161,7 @@ def test_non_finite_steps_are_skipped_then_rolled_back(tmp_path: Path) -> None:
     state = loop.run()
     # step 3 was checkpointed, message 3 trained step 4, messages 4-6 are NaN: skipped, then back to step 3 and
     # ckpt-3's weights, but the stream goes on (the bad messages are not replayed)
-    assert task.trained == [0, 1, 2, 3, 7, 8, 9] and state.step == 6 and state.position == {"n": 10}
+    assert task.trained == [0, 1, 2, 3, 7, 8, 9] and state.step == 6 and state.position == after(9)
     sample = loop.metrics.registry.get_sample_value
     assert sample("streamssl_rollbacks_total") == 1 and sample("streamssl_skipped_steps_total") == 3
 
@@ -171,4 +179,4 @@ def test_the_task_and_the_stream_can_end_the_run(tmp_path: Path) -> None:
     finite = LinearTask(end=5)
     loop = Loop(config(tmp_path / "stream"), finite)
     state = loop.run()
-    assert state.step == 5 and state.position == {"n": 5} and state.published_step == 5
+    assert state.step == 5 and state.position == after(4) and state.published_step == 5

@@ -25,11 +25,11 @@ def test_versions_count_up_and_latest_follows(tmp_path: Path) -> None:
     assert manifest["created_at"].endswith("Z")
 
 
-def test_a_plain_dict_with_the_old_names_is_published_with_todays(tmp_path: Path) -> None:
-    # pipeline/series/forecast.py passes its manifest as a dict, with "feature_dim" and "eval".
+def test_a_manifest_read_with_the_old_names_is_published_with_todays(tmp_path: Path) -> None:
+    # what the forecast command wrote before the one Manifest: "feature_dim" and "eval"
     old = {"step": 3, "method": "forecast", "backbone": "forecaster-cnn", "feature_dim": 8, "input": INPUT,
            "eval": {"nrmse": 0.4}, "best_step": 2}
-    _, folder = Publisher(tmp_path).publish(build_trunk("cnn", 1, 6, 8), old)
+    _, folder = Publisher(tmp_path).publish(build_trunk("cnn", 1, 6, 8), Manifest.from_dict(old))
     written = json.loads((folder / "manifest.json").read_text())
     assert (written["embedding_dim"], written["metrics"], written["best_step"]) == (8, {"nrmse": 0.4}, 2)
     assert "feature_dim" not in written and "eval" not in written
