@@ -179,7 +179,9 @@ class ImageTask:
         lr = self.learning_rate()
         set_learning_rate(self.optimizer, lr, self.base_lr)
         method.horizon_steps = state.horizon_steps
-        self._capture_rows, self._captured = len(images), None
+        # only what the buffer or the distillation reads is captured
+        self._capture_rows = len(images) if self.replay is not None or self.distiller is not None else 0
+        self._captured = None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, logs = self.forward_module(views, ids)
             features, self._capture_rows = self._captured, 0
@@ -206,7 +208,7 @@ class ImageTask:
         if self.replay is not None and features is not None:
             features = features.detach()
             self.replay.refresh(slots, features[len(arriving):])
-            self.replay.add(arriving, batch.ids.to(self.device), features[:len(arriving)])
+            self.replay.add(arriving, ids[:len(arriving)], features[:len(arriving)])
             logs.update(self.replay.logs(), replay_share=1 - len(arriving) / len(images))
         if self.distiller is not None:
             self.distiller.maybe_refresh(state.step + 1, method.encoder())  # the loop counts this step after it
