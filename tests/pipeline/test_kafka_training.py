@@ -146,9 +146,9 @@ def test_two_workers_in_one_group_split_the_partitions(kafka_broker, small_lake:
         time.sleep(12)  # both join the group (Tansu: about half the session timeout each) before data arrives
         keys = _fill(kafka_broker, topic, small_lake)
         # Keys hash to partitions unevenly, and each worker trains only whole batches of its own partitions:
-        # wait until all but the two workers' incomplete last batches are trained.
+        # wait until all but the two workers' incomplete last batches (under BATCH records each) are trained.
         deadline = time.monotonic() + 120
-        while sum(len(a.read_text().splitlines()) if a.exists() else 0 for a in audits) * BATCH < RECORDS - 2 * BATCH:
+        while sum(len(a.read_text().splitlines()) if a.exists() else 0 for a in audits) * BATCH <= RECORDS - 2 * BATCH:
             assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
             time.sleep(0.1)
         for worker in workers:
