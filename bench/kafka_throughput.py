@@ -38,7 +38,8 @@ from kafka import KafkaConsumer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.kafka_broker: the same Tansu the tests start
 from streamssl.pipeline.config import load_config
 from streamssl.pipeline.images import Trainer
-from streamssl.pipeline.loading.loader import Batch, BatchLoader
+from streamssl.pipeline.loading.loader import BatchLoader
+from streamssl.pipeline.loading.messages import Batch
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.kafka_produce import create_topic, lake_records, produce
 from streamssl.streams.kafka_source import KafkaSource

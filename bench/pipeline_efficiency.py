@@ -23,7 +23,7 @@ import torch
 
 from streamssl.pipeline.config import load_config
 from streamssl.pipeline.images import Trainer
-from streamssl.pipeline.loading.loader import Batch
+from streamssl.pipeline.loading.messages import Batch
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import default_lake
 

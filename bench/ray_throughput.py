@@ -26,7 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI: idle OpenMP t
 import torch
 
 from streamssl.pipeline.config import load_config
-from streamssl.pipeline.loading.loader import Batch, record_id
+from streamssl.pipeline.loading.decode import record_id
+from streamssl.pipeline.loading.messages import Batch
 from streamssl.pipeline.ray.cluster import cpus_per_worker, start_ray, stop_ray
 from streamssl.pipeline.ray.driver import fit_on_ray
 from streamssl.pipeline.ray.worker import WorkerTrainer

@@ -268,6 +268,7 @@ def validate(cfg: Config, job: Job) -> None:
         at_least_one.update({"train.batch_size": t.batch_size, "data.size": d.size, "data.channels": d.channels,
                              "eval.k": cfg.eval.k, "model.bn_splits": cfg.model.bn_splits,
                              "data.prefetch_batches": d.prefetch_batches})
+        at_least_zero["data.max_record_bytes"] = d.max_record_bytes
         if len(d.mean) != d.channels or len(d.std) != d.channels:
             raise ConfigError("data.mean and data.std need one value per channel (data.channels)")
         if t.batch_size % cfg.model.bn_splits:

@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -114,7 +116,7 @@ class ImageTask:
         cfg = self.cfg
         arriving = cfg.train.batch_size - self.replayed
         return BatchLoader(self.make_source, position, arriving, cfg.data.image_field, cfg.data.channels, cfg.data.size,
-                           cfg.data.prefetch_batches)
+                           cfg.data.prefetch_batches, cfg.data.max_record_bytes)
 
     def open(self, position: Position | None) -> Feed:
         return self.open_feed(position)
@@ -234,12 +236,14 @@ class ImageTask:
         top1 = self.knn(self.encoder())
         if self._knn_baselines is None:
             self._knn_baselines = self.knn_baselines()
-        step = self.loop.state.step
+        step, baselines = self.loop.state.step, self._knn_baselines or {}
         self.loop.metrics.knn_top1.set(top1)
-        log.info("kNN top-1 %.4f at step %d (%.1f s; same subset: raw pixels %.4f, untrained encoder %.4f)", top1,
-                 step, time.perf_counter() - started, self._knn_baselines["knn_raw_pixels"],
-                 self._knn_baselines["knn_untrained"])
-        return {"knn_top1": top1, "knn_step": float(step), **self._knn_baselines}
+        beside = "baselines skipped: stopping on a signal"
+        if baselines:
+            beside = (f"same subset: raw pixels {baselines['knn_raw_pixels']:.4f}, "
+                      f"untrained encoder {baselines['knn_untrained']:.4f}")
+        log.info("kNN top-1 %.4f at step %d (%.1f s; %s)", top1, step, time.perf_counter() - started, beside)
+        return {"knn_top1": top1, "knn_step": float(step), **baselines}
 
     def encoder(self) -> torch.nn.Module:
         return self.method.encoder() if self.encoder_ema is None else self.encoder_ema.module
@@ -257,13 +261,29 @@ class ImageTask:
         return knn_top1(encoder, *self._knn_data, self.cfg.data.mean, self.cfg.data.std, self.device, k=cfg.k,
                         temperature=cfg.temperature, autocast=self.autocast)
 
-    def knn_baselines(self) -> dict[str, float]:
+    def knn_baselines(self) -> dict[str, float] | None:
         """What the monitor's number must beat, on the same subset and preprocessing: raw pixels, and this
-        run's encoder as it was before training (the same seed's initialisation)."""
+        run's encoder as it was before training (the same seed's initialisation).
+
+        They cost two more kNN evaluations, so they are kept in the run dir for the settings they were measured
+        with, and skipped (None) when the run is stopping on a signal: its grace period is for the checkpoint."""
+        cfg = self.cfg
+        settings = {**dataclasses.asdict(cfg.eval), "backbone": cfg.model.backbone, "seed": cfg.train.seed,
+                    "channels": cfg.data.channels, "size": cfg.data.size, "mean": cfg.data.mean, "std": cfg.data.std}
+        cache = self.loop.paths.root / "knn-baselines.json"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            stored = json.loads(cache.read_text())
+            if stored["settings"] == settings:
+                return {name: float(value) for name, value in stored["baselines"].items()}
+        if self.loop.stop.is_set():
+            return None
         with torch.random.fork_rng(devices=[]):  # leaves the training RNG exactly where it was
-            torch.manual_seed(self.cfg.train.seed)
-            untrained, _ = build_backbone(self.cfg.model.backbone, self.cfg.data.channels)
-        return {"knn_raw_pixels": self.knn(torch.nn.Flatten()), "knn_untrained": self.knn(untrained.to(self.device))}
+            torch.manual_seed(cfg.train.seed)
+            untrained, _ = build_backbone(cfg.model.backbone, cfg.data.channels)
+        baselines = {"knn_raw_pixels": self.knn(torch.nn.Flatten()), "knn_untrained": self.knn(untrained.to(self.device))}
+        with contextlib.suppress(OSError):
+            cache.write_text(json.dumps({"settings": settings, "baselines": baselines}))
+        return baselines
 
     # --- what the loop prints ----------------------------------------------------------------------------
     def progress(self, samples_rate: float, seconds: float, loss: float, logs: dict[str, float]) -> str:
@@ -276,9 +296,11 @@ class ImageTask:
     def summary(self) -> str:
         state, eval_cfg = self.loop.state, self.cfg.eval
         metrics = state.eval_metrics
-        knn = "" if "knn_top1" not in metrics else (
-            f", kNN top-1 {metrics['knn_top1']:.4f} (subset of {eval_cfg.bank_size}/{eval_cfg.test_size}; raw pixels "
-            f"{metrics['knn_raw_pixels']:.4f}, untrained encoder {metrics['knn_untrained']:.4f})")
+        knn = ""
+        if "knn_top1" in metrics:
+            beside = "" if "knn_untrained" not in metrics else (
+                f"; raw pixels {metrics['knn_raw_pixels']:.4f}, untrained encoder {metrics['knn_untrained']:.4f}")
+            knn = f", kNN top-1 {metrics['knn_top1']:.4f} (subset of {eval_cfg.bank_size}/{eval_cfg.test_size}{beside})"
         return f", {state.samples_seen} samples{knn}"
 
 

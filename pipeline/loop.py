@@ -171,6 +171,10 @@ class Loop:
         if self.feed is not None:  # durable now: Kafka may move the group's committed offsets up to it
             self.feed.commit(self.state.position)
 
+    def _save_if_new(self) -> None:
+        if self._checkpointed[0] != self.state.step or self._checkpointed[1] is not self.state.position:
+            self.save_checkpoint()
+
     # --- eval and publishing: rank 0 ---------------------------------------------------------------
     def evaluate(self) -> None:
         if self.collective.rank == 0:
@@ -376,10 +380,11 @@ class Loop:
     def finish(self, reason: str) -> None:
         log.info("stopping: %s", reason)
         state = self.state
+        if self.stop.is_set():  # an orchestrator's grace period is short: what was trained is made durable first
+            self._save_if_new()
         if state.step > 0 and state.eval_step != state.step:
             self.evaluate()
-        if self._checkpointed[0] != state.step or self._checkpointed[1] is not state.position:
-            self.save_checkpoint()
+        self._save_if_new()
         if state.published_step != state.step:
             self.publish()
         print(f"done: {reason}; step {state.step}{self.task.summary()}", file=self.out, flush=True)

@@ -33,6 +33,8 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.286])  # per channel (Fashion-MNIST train statistics)
     std: list[float] = field(default_factory=lambda: [0.353])  # per channel (Fashion-MNIST train statistics)
     prefetch_batches: int = 4  # decoded batches the loader process may hold ready
+    # a record bigger than this is dead-lettered (oversized_record) before it is decoded; 0 = no limit
+    max_record_bytes: int = 32 << 20
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from streamssl.pipeline.config import Config
-from streamssl.pipeline.loading.loader import decode_record, record_id
+from streamssl.pipeline.loading.decode import decode_record, record_id
 from streamssl.pipeline.loading.messages import Batch, End, Failure, Message, Reject
 from streamssl.pipeline.loading.positions import Position, position_to_dict
 from streamssl.pipeline.loading.sources import resolve_mode, source_spec

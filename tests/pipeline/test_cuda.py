@@ -10,7 +10,8 @@ import torch
 
 from streamssl.models.registry import METHODS
 from streamssl.pipeline.images import Trainer
-from streamssl.pipeline.loading.loader import Batch, record_id
+from streamssl.pipeline.loading.decode import record_id
+from streamssl.pipeline.loading.messages import Batch
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

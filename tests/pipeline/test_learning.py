@@ -17,7 +17,8 @@ import torch
 
 from streamssl.models.registry import METHODS
 from streamssl.pipeline.images import Trainer
-from streamssl.pipeline.loading.loader import Batch, record_id
+from streamssl.pipeline.loading.decode import record_id
+from streamssl.pipeline.loading.messages import Batch
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from tests.conftest import tiny_config
 

@@ -12,7 +12,7 @@ import torch
 
 from streamssl.pipeline.checkpointing import Checkpointer
 from streamssl.pipeline.images import Trainer
-from streamssl.pipeline.loading.loader import Batch
+from streamssl.pipeline.loading.messages import Batch
 from tests.conftest import tiny_config
 
 STEPS = 8  # 256 samples of a 640-sample lake with a 64-record shuffle buffer
