@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,15 @@ Tamper = Callable[[Path], Path]  # changes a published version folder; returns t
 
 IMAGE_MANIFEST = Manifest(backbone="convnet", embedding_dim=256, method="moco", step=10, samples_seen=640,
                           input={"channels": 1, "height": 28, "width": 28, "mean": [0.286], "std": [0.353]})
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models on two threads that share busy cores with other jobs run many times slower than on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def publish(root: Path) -> Path:
