@@ -1,40 +1,61 @@
 """Published encoders: what a downstream consumer loads, without any training code.
 
-A published encoder is a folder with two files:
+A published encoder is a folder with two files (three when signed):
 * `encoder.safetensors`: the backbone's state_dict (weights and BN running statistics; no pickle).
 * `manifest.json`: a `Manifest`: version, step, samples seen, method, backbone name, embedding size, the
   input spec with its normalisation, eval metrics, and `files`: the sha256 of every other file in the folder.
+* `manifest.json.hmac`, where STREAMSSL_ENCODER_KEY is set: see `encoder_signing`.
 
-`load_encoder(folder)` checks every hash, rebuilds the backbone by name and returns a
-`PublishedEncoder` that takes images in [0, 1] and applies the manifest's normalisation itself, so a
-consumer cannot get the preprocessing wrong. This module imports only torch, safetensors and the
-backbone definitions.
+`load_encoder(folder)` trusts nothing in the folder: it checks the manifest (`encoder_checks`), keeps every
+file it reads inside the folder, builds the named backbone on the meta device to compare the weights'
+header with it before reading a tensor, checks every hash, and returns a `PublishedEncoder` that takes
+images in [0, 1] and applies the manifest's normalisation itself, so a consumer cannot get the
+preprocessing wrong. This module imports only torch, safetensors and the backbone definitions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from streamssl.models.backbones import build_backbone
+from streamssl.models.encoder_checks import (
+    MAX_HEADER_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_WEIGHTS_BYTES,
+    OLD_NAMES,
+    check_manifest,
+    check_weights_header,
+    expected_layout,
+    parse_manifest_json,
+)
+from streamssl.models.encoder_signing import (
+    KEY_ENV,
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE_FILE,
+    sign,
+    signature_matches,
+    signing_key,
+)
 from streamssl.models.forecaster import build_trunk
 from streamssl.models.series_backbones import PooledSeriesEncoder, build_series_encoder
 from streamssl.streams.files import atomic_write
 
 WEIGHTS_FILE = "encoder.safetensors"
 MANIFEST_FILE = "manifest.json"
-
-
-# Names manifests were written with before every publisher filled one Manifest; still read.
-OLD_NAMES = {"feature_dim": "embedding_dim", "eval": "metrics"}
 
 
 class EncoderLoadError(Exception):
@@ -143,22 +164,24 @@ class PublishedSeriesEncoder(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
-def _build(manifest: Manifest) -> tuple[nn.Module, PublishedEncoder | PublishedSeriesEncoder]:
-    """(backbone, the wrapper that feeds it) for the manifest's backbone name."""
-    name, spec, written = manifest.backbone, manifest.input, manifest.to_dict()
+def _build(manifest: Manifest) -> tuple[nn.Module, type[PublishedEncoder] | type[PublishedSeriesEncoder]]:
+    """The manifest's backbone and the wrapper that feeds it."""
+    name, spec = manifest.backbone, manifest.input
     if name.startswith("forecaster-"):  # the forecaster's shared trunk over the last `lag` points
-        backbone = build_trunk(name.removeprefix("forecaster-"), spec["channels"], spec["lag"], manifest.embedding_dim)
-        return backbone, PublishedSeriesEncoder(backbone, written)
+        trunk = build_trunk(name.removeprefix("forecaster-"), spec["channels"], spec["lag"], manifest.embedding_dim)
+        return trunk, PublishedSeriesEncoder
     if name == "series-conv":  # CPC's encoder, mean-pooled over time
         encoder, _ = build_series_encoder("conv", spec["channels"], hidden=manifest.embedding_dim)
-        backbone = PooledSeriesEncoder(encoder)
-        return backbone, PublishedSeriesEncoder(backbone, written)
-    backbone, _ = build_backbone(name, spec["channels"])
-    return backbone, PublishedEncoder(backbone, written)
+        return PooledSeriesEncoder(encoder), PublishedSeriesEncoder
+    backbone, feature_dim = build_backbone(name, spec["channels"])
+    if feature_dim != manifest.embedding_dim:
+        raise ValueError(f"embedding_dim is {manifest.embedding_dim}, but {name} gives {feature_dim}")
+    return backbone, PublishedEncoder
 
 
 def save_encoder(folder: Path, backbone: nn.Module, manifest: Manifest) -> dict[str, Any]:
-    """Writes `backbone` and `manifest` (with `files`: the weights' sha256) into `folder`.
+    """Writes `backbone` and `manifest` (with `files`: the weights' sha256) into `folder`, and the manifest's
+    HMAC where STREAMSSL_ENCODER_KEY is set (`encoder_signing`).
 
     Returns the manifest as written.
     """
@@ -169,58 +192,130 @@ def save_encoder(folder: Path, backbone: nn.Module, manifest: Manifest) -> dict[
     weights = save_safetensors(tensors)
     (folder / WEIGHTS_FILE).write_bytes(weights)
     full_manifest = replace(manifest, files={WEIGHTS_FILE: hashlib.sha256(weights).hexdigest()}).to_dict()
+    text = (json.dumps(full_manifest, indent=2, sort_keys=True) + "\n").encode()
+    key = signing_key()
+    if key is None:
+        (folder / SIGNATURE_FILE).unlink(missing_ok=True)  # a stale signature would refuse the new manifest
+    else:
+        with atomic_write(folder / SIGNATURE_FILE, durable=False) as handle:
+            handle.write(sign(text, key).encode())
     # The manifest goes last and by rename, so a folder with a manifest always has complete weights.
     # The publisher fsyncs the whole version folder before it becomes visible.
     with atomic_write(folder / MANIFEST_FILE, durable=False) as handle:
-        handle.write((json.dumps(full_manifest, indent=2, sort_keys=True) + "\n").encode())
+        handle.write(text)
     return full_manifest
 
 
 def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder | PublishedSeriesEncoder:
-    """Loads a published encoder (a version folder or a `latest` symlink to one) in eval mode."""
-    # Resolve the symlink once: if `latest` flips while we read, we still read one consistent version.
-    folder = Path(folder).resolve()
+    """Loads a published encoder (a version folder, or a `latest` link to one beside it) in eval mode.
+
+    Any folder it cannot use, whatever was done to it, is one `EncoderLoadError` whose message names the
+    file and the problem.
+    """
+    folder = _resolve_folder(Path(folder))
+    raw = _read_inside(folder, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+    key = signing_key()
+    if key is not None:  # authenticate before parsing anything
+        _check_signature(folder, raw, key)
     try:
-        written = json.loads((folder / MANIFEST_FILE).read_text())
-    except (OSError, ValueError) as error:
-        raise EncoderLoadError(f"{folder / MANIFEST_FILE}: cannot read manifest ({error})") from error
-    try:
+        written = parse_manifest_json(raw)
+        check_manifest(written)
         manifest = Manifest.from_dict(written)
-    except (TypeError, ValueError, AttributeError) as error:  # AttributeError: not a JSON object
-        raise EncoderLoadError(f"{folder / MANIFEST_FILE}: invalid manifest ({error!r})") from error
-    files = manifest.files
-    if WEIGHTS_FILE not in files:
-        raise EncoderLoadError(f"{folder / MANIFEST_FILE}: lists no sha256 for {WEIGHTS_FILE}")
-    contents = {name: _read_verified(folder / name, expected) for name, expected in files.items()}
+        if WEIGHTS_FILE not in manifest.files:
+            raise ValueError(f"files lists no sha256 for {WEIGHTS_FILE}")
+        # On the meta device: the shapes and dtypes the weights must have, with nothing allocated yet.
+        with torch.device("meta"):
+            backbone, wrapper = _build(manifest)
+        layout, data_bytes = expected_layout(backbone.state_dict())
+        if data_bytes > MAX_WEIGHTS_BYTES:
+            raise ValueError(f"its backbone would take {data_bytes} bytes of weights, more than {MAX_WEIGHTS_BYTES}")
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:  # the last three: a check missed something
+        raise EncoderLoadError(f"{folder / MANIFEST_FILE}: invalid manifest: {error}") from error
 
+    weights, weights_path = _read_inside(folder, WEIGHTS_FILE, 8 + MAX_HEADER_BYTES + data_bytes), folder / WEIGHTS_FILE
+    for name, expected in manifest.files.items():
+        actual = hashlib.sha256(weights).hexdigest() if name == WEIGHTS_FILE else _sha256_inside(folder, name)
+        if actual != expected:
+            raise EncoderLoadError(f"{folder / name}: sha256 mismatch (manifest {expected[:12]}…, file {actual[:12]}…)")
     try:
-        backbone, encoder = _build(manifest)
-    except (KeyError, ValueError, TypeError) as error:
-        raise EncoderLoadError(f"{folder / MANIFEST_FILE}: invalid manifest ({error!r})") from error
-    # Loaded from the verified bytes, not re-read from disk, so what was hashed is what is used.
-    _load_weights_strictly(backbone, load_safetensors(contents[WEIGHTS_FILE]), folder / WEIGHTS_FILE)
-    return encoder.to(device).eval()
-
-
-def _read_verified(path: Path, expected_sha256: str) -> bytes:
+        check_weights_header(weights, layout, data_bytes)
+    except ValueError as error:
+        raise EncoderLoadError(f"{weights_path}: {error}") from error
     try:
-        data = path.read_bytes()
+        # Storage for the checked layout, filled from the verified bytes (not re-read from disk, so what was
+        # hashed is what is used); every tensor is in the file, so nothing stays uninitialised.
+        backbone.to_empty(device="cpu").load_state_dict(load_safetensors(weights), strict=True)
+    except (SafetensorError, RuntimeError) as error:
+        raise EncoderLoadError(f"{weights_path}: unreadable weights ({str(error)[:200]})") from error
+    return wrapper(backbone, manifest.to_dict()).to(device).eval()
+
+
+def _resolve_folder(folder: Path) -> Path:
+    """The folder, resolved once (if `latest` flips while we read, we still read one version); a link is
+    followed only to a folder inside the link's own directory, as `published/latest` points at `vNNNNNN`."""
+    try:
+        resolved = folder.resolve()
+        if folder.is_symlink():
+            home = folder.parent.resolve()
+            if resolved == home or not resolved.is_relative_to(home):
+                raise EncoderLoadError(f"{folder}: a link to {str(resolved)!r}, outside {home}; only a link "
+                                       "to a folder beside it is followed")
+    except (OSError, ValueError, RuntimeError) as error:  # ValueError: a NUL byte; RuntimeError: a link loop
+        raise EncoderLoadError(f"{folder}: cannot resolve it ({error})") from error
+    return resolved
+
+
+@contextmanager
+def _open_inside(folder: Path, name: str, limit: int) -> Iterator[BinaryIO]:
+    """`name` opened for reading, refused unless it is a regular file of at most `limit` bytes inside `folder`
+    (resolved); read errors in the `with` body become EncoderLoadError too."""
+    path = folder / name
+    try:
+        resolved = path.resolve()
+        if resolved == folder or not resolved.is_relative_to(folder):
+            raise EncoderLoadError(f"{path}: resolves to {str(resolved)!r}, outside the encoder folder")
+        # No following a link swapped in after resolve(); no waiting on a FIFO.
+        with os.fdopen(os.open(resolved, _OPEN_FLAGS), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise EncoderLoadError(f"{path}: not a regular file")
+            if info.st_size > limit:
+                raise EncoderLoadError(f"{path}: {info.st_size} bytes, more than the {limit} it may have")
+            yield handle
     except OSError as error:
-        raise EncoderLoadError(f"{path}: in the manifest but unreadable ({error.strerror})") from error
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected_sha256:
-        raise EncoderLoadError(f"{path}: sha256 mismatch (manifest {expected_sha256[:12]}…, "
-                               f"file {actual[:12]}…)")
+        raise EncoderLoadError(f"{path}: cannot read it ({error.strerror or error})") from error
+    except (ValueError, RuntimeError) as error:  # ValueError: a NUL byte; RuntimeError: a link loop
+        raise EncoderLoadError(f"{path}: cannot read it ({error})") from error
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _read_inside(folder: Path, name: str, limit: int) -> bytes:
+    with _open_inside(folder, name, limit) as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise EncoderLoadError(f"{folder / name}: grew past {limit} bytes while being read")
     return data
 
 
-def _load_weights_strictly(backbone: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    expected = backbone.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    shared = expected.keys() & state.keys()
-    misshapen = sorted(name for name in shared if expected[name].shape != state[name].shape)
-    if missing or unexpected or misshapen:
-        raise EncoderLoadError(f"{path}: does not fit the backbone (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}, wrong shape {misshapen[:3]})")
-    backbone.load_state_dict(state, strict=True)
+def _sha256_inside(folder: Path, name: str) -> str:
+    """The sha256 of a file other than the weights, read in chunks: nothing loads it, so nothing keeps it."""
+    digest, size = hashlib.sha256(), 0
+    with _open_inside(folder, name, MAX_WEIGHTS_BYTES) as handle:
+        while chunk := handle.read(1 << 20):
+            size += len(chunk)
+            if size > MAX_WEIGHTS_BYTES:
+                raise EncoderLoadError(f"{folder / name}: grew past {MAX_WEIGHTS_BYTES} bytes while being read")
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_signature(folder: Path, manifest: bytes, key: bytes) -> None:
+    path = folder / SIGNATURE_FILE
+    if not os.path.lexists(path):
+        raise EncoderLoadError(f"{folder}: unsigned (no {SIGNATURE_FILE}), and with {KEY_ENV} set only signed "
+                               "encoders load")
+    if not signature_matches(manifest, _read_inside(folder, SIGNATURE_FILE, MAX_SIGNATURE_BYTES), key):
+        raise EncoderLoadError(f"{path}: does not match {MANIFEST_FILE} under the key in {KEY_ENV} (tampered with, "
+                               "or signed with another key)")

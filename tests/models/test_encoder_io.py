@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from streamssl.models import EncoderLoadError, PublishedEncoder, build_backbone, load_encoder
-from streamssl.models.encoder_io import Manifest, save_encoder
+from streamssl.models.encoder_io import Manifest, _build, save_encoder
 from tests.test_architecture import imported_modules
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -105,11 +106,24 @@ def test_an_unknown_backbone_in_the_manifest_is_refused(tmp_path: Path) -> None:
 
 
 def test_encoder_io_imports_no_training_code() -> None:
-    third_party = {m for m in imported_modules(MODELS / "encoder_io.py")
-                   if m.split(".")[0] not in {"__future__", "dataclasses", "hashlib", "json", "os", "pathlib", "typing"}}
+    modules = set().union(*(imported_modules(MODELS / name)
+                            for name in ("encoder_io.py", "encoder_checks.py", "encoder_signing.py")))
+    third_party = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
     assert {m.split(".")[0] for m in third_party} <= {"torch", "safetensors", "streamssl"}
     # only the architectures a published encoder can name: image backbones, series encoders, forecaster trunks
-    # (and the leaf module for atomic writes)
+    # (and the loader's own checks and signing, and the leaf module for atomic writes)
     assert {m for m in third_party if m.startswith("streamssl")} == {
         "streamssl.models.backbones", "streamssl.models.series_backbones", "streamssl.models.forecaster",
-        "streamssl.streams.files"}
+        "streamssl.models.encoder_checks", "streamssl.models.encoder_signing", "streamssl.streams.files"}
+
+
+@pytest.mark.parametrize("backbone", ["convnet", "resnet18", "series-conv", "forecaster-cnn", "forecaster-lstm"])
+def test_every_loadable_backbone_keeps_all_its_tensors_in_its_state_dict(backbone: str) -> None:
+    # load_encoder fills uninitialised storage from the weights file, which holds the state_dict alone:
+    # a non-persistent buffer would be left as garbage.
+    manifest = Manifest(backbone=backbone, embedding_dim={"convnet": 256, "resnet18": 512}.get(backbone, 16),
+                        input={"channels": 2, "lag": 6, "mean": [0.0, 0.0], "std": [1.0, 1.0]})
+    with torch.device("meta"):
+        module, _ = _build(manifest)
+    tensors = {name for name, _ in [*module.named_parameters(), *module.named_buffers()]}
+    assert tensors == set(module.state_dict())
