@@ -41,7 +41,7 @@ IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 def record_id(key: str) -> int:
     """A stable non-negative 63-bit id for a record key: the same record maps to the same id in every
     process and run (Python's hash() is salted per process), as memory banks and cluster buffers need."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") >> 1
 
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
