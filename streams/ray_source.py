@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from streamssl.streams.records import RejectFn, SourceError
+from streamssl.streams.records import RejectFn, SourceError, readable
 
 KINDS = ("webdataset", "parquet", "images")
 MODES = ("cycle", "once")
@@ -128,7 +128,8 @@ def read_ray_dataset(spec: str, decode: Callable[[dict[str, np.ndarray]], dict[s
     read_options: dict[str, Any] = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
     if kind == "webdataset":
         # decoder=None: keep the encoded bytes; the pipeline decodes them the way every other source's are.
-        dataset = ray.data.read_webdataset(path, decoder=None, **read_options)
+        # filerename: a member name that is not UTF-8 (decoded with surrogateescape) fails Ray's own Arrow block.
+        dataset = ray.data.read_webdataset(path, decoder=None, filerename=readable, **read_options)
     elif kind == "parquet":
         dataset = ray.data.read_parquet(path, include_paths=True, **read_options)
     else:

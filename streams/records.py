@@ -1,4 +1,5 @@
-"""What a source yields: a record of raw bytes plus where it came from; how it reports bad input; its errors."""
+"""What a source yields: a record of raw bytes plus where it came from; how it reports bad input; its errors; names
+read from files as text that encodes."""
 
 from __future__ import annotations
 
@@ -26,6 +27,21 @@ class RejectFn(Protocol):
 
 class SourceError(Exception):
     """A data source that cannot be used at all (missing path, bad spec); one readable line."""
+
+
+def readable(name: str) -> str:
+    """A name read from a file (a tar member's key or extension) as text that can be encoded: Python decodes names
+    that are not UTF-8 with surrogateescape, and such a string fails wherever it is encoded (record ids, logs, dead
+    letters). Its bytes that are not UTF-8 are spelled out (`caf\\xe9`) instead, the same way in every run."""
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte: its code point
+        return name.encode("utf-8", "backslashreplace").decode()
 
 
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"))

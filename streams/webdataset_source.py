@@ -4,32 +4,32 @@ webdataset has no mid-epoch resume of its own, so this source keeps its position
 number and that pass's shard order, the shard being read and how many of its samples were taken,
 and the records waiting in the shuffle buffer with the buffer's RNG state. `state_dict()` is that
 position after the last record yielded; a new source given it continues with exactly the records a
-run that never stopped would have seen. Opening shards and splitting tar members into samples is
-webdataset's (`gopen`, `tar_file_expander`, `group_by_keys`); judging whether a shard ended whole
-is done here, because tarfile's stream mode does not tell.
+run that never stopped would have seen. In follow mode the position also holds the names of the
+shards finished so far (streams/shard_names.py), so that a shard landing late under an earlier name,
+while the run goes on or while it is down, is read instead of lost. Reading one shard is
+streams/tar_shards.py's.
+
+A saved position is not trusted to say what is opened: a resumed one may name only shards of the
+current spec (its directory's, or its own URLs), so a tampered checkpoint cannot make gopen run a
+`pipe:` command, and a run dir given another lake says so instead of mixing the two.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
+import functools
 import logging
 import os
 import random
-import tarfile
 import threading
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 from braceexpand import braceexpand
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from streamssl.streams.records import Record, RejectFn, SourceError
+from streamssl.streams.shard_names import Entry, ShardNames
+from streamssl.streams.tar_shards import is_shard_name, list_complete_shards, local_path, read_shard
 
 MODES = ("cycle", "once", "follow")
 log = logging.getLogger(__name__)
@@ -37,12 +37,6 @@ log = logging.getLogger(__name__)
 # A record as plain data, (key, fields, source, index): the shuffle buffer holds these because it is
 # saved in checkpoints, and plain tuples make `state_dict()` a list copy instead of a conversion.
 _Item = tuple[str, dict[str, bytes], str, int]
-
-# What a damaged, vanished or unreachable shard raises while it is read; anything else is a bug.
-_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
-# Streams tarfile decompresses itself (gzip, bzip2, xz): their tail is compressed data, not zero blocks.
-_COMPRESSED_MAGIC = (b"\x1f\x8b\x08", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ")
-_BLOCK = tarfile.BLOCKSIZE
 
 
 @dataclass(frozen=True)
@@ -53,7 +47,9 @@ class ShardPosition:
     Fields: mode; cycle (pass number); order (this pass's shard order, empty in follow mode); shard_index
     (index in order; follow: shards started before the current one); shard (path of the shard being read,
     None before the first); sample_index (samples taken from that shard); buffer (the shuffle buffer's
-    records); rng (the buffer RNG's `getstate()`). Shallow: records and the order are shared, never copied.
+    records); rng (the buffer RNG's `getstate()`); finished (follow: `ShardNames.entries()` of the shards read to
+    the end or rejected; None in the other modes, and in follow positions saved before it existed, which took
+    every shard named before `shard` as read). Shallow: records, order and names are shared, never copied.
     """
 
     mode: str
@@ -64,128 +60,27 @@ class ShardPosition:
     sample_index: int = 0
     buffer: tuple[_Item, ...] = ()
     rng: tuple[Any, ...] = ()
+    finished: tuple[Entry, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "cycle": self.cycle, "order": self.order, "shard_index": self.shard_index,
-                "shard": self.shard, "sample_index": self.sample_index, "buffer": list(self.buffer), "rng": self.rng}
+        state = {"mode": self.mode, "cycle": self.cycle, "order": self.order, "shard_index": self.shard_index,
+                 "shard": self.shard, "sample_index": self.sample_index, "buffer": list(self.buffer), "rng": self.rng}
+        return state if self.finished is None else {**state, "finished": self.finished}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> ShardPosition:
         try:
             version, internal, gauss = state["rng"]
-            return cls(str(state["mode"]), int(state["cycle"]), tuple(state["order"]), int(state["shard_index"]),
-                       state["shard"], int(state["sample_index"]), tuple(tuple(item) for item in state["buffer"]),
-                       (version, tuple(internal), gauss))
+            order, shard, finished = tuple(state["order"]), state["shard"], state.get("finished")
+            if not all(isinstance(path, str) for path in (*order, *([shard] if shard is not None else []))):
+                raise TypeError("shard paths must be strings")
+            if finished is not None:
+                finished = ShardNames((str(a), str(b), str(c), str(d)) for a, b, c, d in finished).entries()
+            return cls(str(state["mode"]), int(state["cycle"]), order, int(state["shard_index"]), shard,
+                       int(state["sample_index"]), tuple(tuple(item) for item in state["buffer"]),
+                       (version, tuple(internal), gauss), finished)
         except (KeyError, TypeError, ValueError) as err:
             raise SourceError(f"saved stream position is not a WebDatasetSource position: {err!r}") from None
-
-
-def list_complete_shards(directory: str) -> list[str]:
-    """Paths of a lake directory's shards in name order.
-
-    A writer publishes a shard by renaming it to `*.tar`, so temp names (`x.tar.tmp`, `.x.tar`) are not
-    shards yet. A missing directory lists as empty so that follow mode keeps polling while a lake is
-    being recreated or remounted.
-    """
-    try:
-        with os.scandir(directory) as entries:
-            names = [e.name for e in entries if e.name.endswith(".tar") and not e.name.startswith(".") and e.is_file()]
-    except FileNotFoundError:
-        return []
-    return [os.path.join(directory, name) for name in sorted(names)]
-
-
-def _local_path(url: str) -> str | None:
-    """The file system path of a local spec (plain path or `file:`), None for http:, pipe: and the like."""
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return url2pathname(parsed.path)
-    return url if parsed.scheme == "" else None
-
-
-class _ArchiveReader:
-    """Passes a shard stream's reads through to tarfile, keeping its first and last block.
-
-    tarfile's stream mode ends quietly when a member header is missing or cut short, so a shard cut
-    at a header looks complete to it. A whole archive ends with zero blocks and is padded with zeros
-    to a whole record, which is what `ended_cleanly` checks once tarfile has stopped.
-    """
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._head = b""
-        self._tail = b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        if len(self._head) < _BLOCK:
-            self._head += data[: _BLOCK - len(self._head)]
-        self._tail = data[-_BLOCK:] if len(data) >= _BLOCK else (self._tail + data)[-_BLOCK:]
-        return data
-
-    def starts_like_tar(self) -> bool:
-        """Whether the first block is a valid tar header: a damaged tar rather than something else."""
-        try:
-            tarfile.TarInfo.frombuf(self._head, "utf-8", "surrogateescape")
-        except tarfile.HeaderError:
-            return False
-        return True
-
-    def ended_cleanly(self) -> bool:
-        """After tarfile stopped: whether the stream ends in zero blocks with only zeros past that point."""
-        if self._head.startswith(_COMPRESSED_MAGIC):
-            return True  # decompressed inside tarfile, out of our sight: its own errors are all we get
-        while chunk := self.read(1 << 16):
-            if chunk.strip(b"\x00"):  # data after where tarfile stopped: a damaged header, not the end
-                return False
-        return self._tail == bytes(_BLOCK)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # a pipe: command's exit status; the data is already judged
-            self._stream.close()
-
-
-def read_shard(shard: str, skip: int, reject: Callable[[str, str, str], None]) -> Iterator[tuple[str, dict[str, bytes], int]]:
-    """(key, fields, index) of a shard's complete samples from index `skip` on.
-
-    A shard that cannot be read whole is reported once through `reject` after its complete samples:
-    "shard_vanished" (gone before it was opened), "unreadable_shard" (not a tar at all, or a malformed
-    one) or "truncated_shard" (ends early; the key given is the last complete sample's, or "").
-    """
-    try:
-        stream = _ArchiveReader(gopen(shard))
-    except FileNotFoundError:
-        reject(shard, "", "shard_vanished")
-        return
-    except (OSError, ValueError):  # ValueError: gopen has no handler for the URL's scheme
-        reject(shard, "", "unreadable_shard")
-        return
-    held: tuple[str, dict[str, bytes]] | None = None  # newest sample: whole only once the next one begins
-    index, last_key, damage = 0, "", ""
-    try:
-        for sample in group_by_keys(tar_file_expander([{"url": shard, "stream": stream}], eof_value=None)):
-            if held is not None:
-                if index >= skip:
-                    yield held[0], held[1], index
-                index, last_key = index + 1, held[0]
-            held = (sample["__key__"], {name: data for name, data in sample.items() if not name.startswith("__")})
-        if not stream.ended_cleanly():
-            held, damage = None, "truncated_shard"  # the newest sample may be missing files: drop it
-    except ValueError:  # group_by_keys: two files with the same extension in one sample
-        damage = "unreadable_shard"
-    except _READ_ERRORS:
-        # Raised before group_by_keys hands over its sample in progress, so `held` had a successor: whole.
-        damage = "truncated_shard"
-    finally:
-        stream.close()
-    if held is not None:
-        if index >= skip:
-            yield held[0], held[1], index
-        last_key = held[0]
-    if damage == "truncated_shard" and not last_key and not stream.starts_like_tar():
-        damage = "unreadable_shard"
-    if damage:
-        reject(shard, last_key, damage)
 
 
 class WebDatasetSource:
@@ -201,10 +96,15 @@ class WebDatasetSource:
             0 keeps stream order.
         seed: Seeds every pass's shard order and the shuffle buffer.
         poll_seconds: Follow mode's wait between directory listings when nothing new is there.
-        on_reject: Called with (shard, key, reason) for input that is skipped; logged when None.
+        on_reject: Called with (shard, key, reason, detail) for input that is skipped; logged when None.
 
     Raises:
-        SourceError: A bad mode or setting, a missing data path, or follow mode without a directory.
+        SourceError: A bad mode or setting, a missing data path, or follow mode without a directory;
+            from `load_state_dict`, a saved position that names shards this spec does not.
+
+    Follow mode reads every shard that lands, in name order of what is not read yet: a shard landing late under
+    an earlier name is read next (no shard is dropped for its name). A directory entry that cannot be opened (a
+    symlink loop, no permission) is rejected as "unreadable_shard" with the error as detail.
 
     One consumer at a time: iterate in one thread; `state_dict`, `stats` and `close` may be called
     from others (`close` makes a waiting follow iteration return promptly).
@@ -226,11 +126,8 @@ class WebDatasetSource:
         if mode == "follow" and self._directory is None:
             raise SourceError(f"follow mode needs a local directory of shards, got {spec}")
         self._closed = threading.Event()
-        # follow: shard names listed so far, to tell a late shard named before the position (None until
-        # the first listing, which takes everything up to the position as already read).
-        self._known: set[str] | None = None
-        self._listing: list[str] = []  # follow: names of the latest listing, for stats()
-        # The position; see ShardPosition.
+        self._waiting_shards = 0  # follow: listed shards not read yet besides the current one, for stats()
+        # The position; see ShardPosition. follow: `_finished` is kept as a set and as its entries, for positions.
         self._cycle = 0
         self._order: tuple[str, ...] = () if mode == "follow" else self._pass_order(0)
         self._shard_index = 0
@@ -238,15 +135,17 @@ class WebDatasetSource:
         self._sample_index = 0
         self._buffer: list[_Item] = []
         self._rng = random.Random(f"shuffle-buffer:{seed}")
+        self._finished = ShardNames()
+        self._finished_entries: tuple[Entry, ...] = ()
 
     @staticmethod
     def _resolve(spec: str) -> tuple[str | None, list[str]]:
         """(directory, None) for a local directory, else (None, the pattern's expansion)."""
-        local = _local_path(spec)
+        local = local_path(spec)
         if local is not None and os.path.isdir(local):
             return local, []
         urls = list(braceexpand(spec))
-        local_paths = [path for path in map(_local_path, urls) if path]
+        local_paths = [path for path in map(local_path, urls) if path]
         if len(local_paths) == len(urls) and not any(os.path.isfile(path) for path in local_paths):  # all local
             raise SourceError(f"data path not found: {spec}")
         return None, urls
@@ -255,33 +154,65 @@ class WebDatasetSource:
     def position(self) -> ShardPosition:
         """The position after the last record yielded (taken every batch: a list copy, no record copied)."""
         return ShardPosition(self._mode, self._cycle, self._order, self._shard_index, self._shard, self._sample_index,
-                             tuple(self._buffer), self._rng.getstate())
+                             tuple(self._buffer), self._rng.getstate(),
+                             self._finished_entries if self._mode == "follow" else None)
 
     def state_dict(self) -> dict[str, Any]:
         """`position()` as plain data (see `ShardPosition`)."""
         return self.position().to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue after the position `state` describes; an empty dict (no batch taken yet) is a no-op."""
+        """Continue after the position `state` describes; an empty dict (no batch taken yet) is a no-op.
+
+        Raises SourceError for a position of another mode, or one naming a shard this spec does not name.
+        """
         if not state:
             return
         if state.get("mode") != self._mode:
             raise SourceError(f"saved stream position is from data mode '{state.get('mode')}', not '{self._mode}'")
         position = ShardPosition.from_dict(state)
         self._rng.setstate(position.rng)
-        self._cycle, self._order = position.cycle, position.order
-        self._shard_index, self._shard, self._sample_index = position.shard_index, position.shard, position.sample_index
+        own = self._own_shard
+        self._cycle, self._order = position.cycle, tuple(map(own, position.order))
+        self._shard = None if position.shard is None else own(position.shard)
+        self._shard_index, self._sample_index = position.shard_index, position.sample_index
         self._buffer = list(position.buffer)
-        self._known = None
+        if self._mode == "follow":
+            self._finished = ShardNames(position.finished or ())
+            if position.finished is None and self._shard is not None:  # saved before the set: as it was read then
+                current = os.path.basename(self._shard)
+                for name in map(os.path.basename, self._unread()):
+                    if name < current:
+                        self._finished.add(name)
+            self._finished_entries = self._finished.entries()
+
+    def _own_shard(self, shard: str) -> str:
+        """A saved shard as this spec names it; SourceError unless it is one of the spec's URLs or a shard file (no
+        scheme, a shard's name) in the spec's directory or beside one of its files. A checkpoint must not choose what
+        gopen opens (a `pipe:` entry runs a shell command), and another lake's shards mean `--data` changed under the
+        same run dir. Beside: a worker of a group is given a list of a directory's shards, which shifts as it grows."""
+        if shard in self._own_urls:
+            return shard
+        folder, name = os.path.split(shard)
+        if local_path(shard) == shard and is_shard_name(name) and os.path.realpath(folder) in self._own_folders:
+            return shard if self._directory is None else os.path.join(self._directory, name)
+        raise SourceError(f"the run dir's stream position names shard {shard!r}, which --data {self._spec} does not; "
+                          "resume with the data the run started on, or use a new --run-dir")
+
+    @functools.cached_property
+    def _own_urls(self) -> frozenset[str]:
+        return frozenset(self._urls)
+
+    @functools.cached_property
+    def _own_folders(self) -> frozenset[str]:
+        """The real paths of the spec's directory, or of the folders its local files are in."""
+        folders = [self._directory] if self._directory is not None else [
+            os.path.dirname(url) for url in self._urls if local_path(url) == url]
+        return frozenset(map(os.path.realpath, set(folders)))
 
     def stats(self) -> dict[str, float]:
         """Position and lag gauges: cycle, shard_index, sample_index, shards_pending, shuffle_buffer (fill)."""
-        if self._mode == "follow":
-            names = self._listing
-            current = os.path.basename(self._shard) if self._shard is not None else None
-            pending = len(names) - (bisect.bisect_right(names, current) if current is not None else 0)
-        else:
-            pending = max(len(self._order) - self._shard_index - 1, 0)
+        pending = self._waiting_shards if self._mode == "follow" else max(len(self._order) - self._shard_index - 1, 0)
         return {"cycle": float(self._cycle), "shard_index": float(self._shard_index),
                 "sample_index": float(self._sample_index), "shards_pending": float(pending),
                 "shuffle_buffer": float(len(self._buffer))}
@@ -310,11 +241,11 @@ class WebDatasetSource:
         self._buffer[pick], self._buffer[last] = self._buffer[last], self._buffer[pick]
         return Record(*self._buffer.pop())
 
-    def _reject(self, source: str, key: str, reason: str) -> None:
+    def _reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
         if self._on_reject is not None:
-            self._on_reject(source, key, reason)
+            self._on_reject(source, key, reason, detail)
         else:
-            log.warning("skipped %s (last good key %r): %s", source, key, reason)
+            log.warning("skipped %s (last good key %r): %s %s", source, key, reason, detail)
 
     def _pass_order(self, cycle: int) -> tuple[str, ...]:
         shards = list_complete_shards(self._directory) if self._directory is not None else list(self._urls)
@@ -353,35 +284,26 @@ class WebDatasetSource:
             self._shard_index, self._sample_index = 0, 0
 
     def _follow(self) -> Iterator[_Item | None]:
-        """follow: the rest of the current shard, then newer shards in name order; None while waiting."""
-        if self._shard is not None:
-            yield from self._shard_items(self._shard)
+        """follow: the rest of the current shard, then the shards not read yet in name order; None while waiting."""
         while not self._closed.is_set():
-            newer = self._relist()
-            if not newer:
+            if self._shard is not None and os.path.basename(self._shard) not in self._finished:
+                yield from self._shard_items(self._shard)
+                if self._closed.is_set():  # stopped inside the shard: its position says where
+                    return
+                self._finished.add(os.path.basename(self._shard))
+                self._finished_entries = self._finished.entries()
+            unread = self._unread()
+            self._waiting_shards = max(len(unread) - 1, 0)
+            if not unread:
                 yield None
                 self._closed.wait(self._poll_seconds)
                 continue
             if self._shard is not None:
                 self._shard_index += 1
-            self._shard, self._sample_index = newer[0], 0
-            yield from self._shard_items(self._shard)
+            self._shard, self._sample_index = unread[0], 0
 
-    def _relist(self) -> list[str]:
-        """Lists the lake; reports new shards named at or before the position; returns the ones after it."""
+    def _unread(self) -> list[str]:
+        """The lake's shards that are not finished, in name order."""
         assert self._directory is not None
-        paths = list_complete_shards(self._directory)
-        current = os.path.basename(self._shard) if self._shard is not None else None
-        baseline = self._known is None
-        known = self._known if self._known is not None else set()
-        for path in paths:
-            name = os.path.basename(path)
-            if name in known:
-                continue
-            known.add(name)
-            # Name order is the read order, so a shard that sorts before the position can't be placed.
-            if not baseline and current is not None and name <= current:
-                self._reject(path, "", "out_of_order_shard")
-        self._known = known
-        self._listing = [os.path.basename(path) for path in paths]
-        return [path for path in paths if current is None or os.path.basename(path) > current]
+        return [path for path in list_complete_shards(self._directory)
+                if os.path.basename(path) not in self._finished]

@@ -27,8 +27,8 @@ _WIDE = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 def record_id(key: str) -> int:
     """A stable non-negative 63-bit id for a record key: the same record maps to the same id in every
     process and run (Python's hash() is salted per process), as memory banks and cluster buffers need.
-    Tar member names that are not UTF-8 arrive as surrogate escapes; they hash by their original bytes."""
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    A key holding lone surrogates (a name that was not UTF-8, escaped by Python) hashes too, never raises."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

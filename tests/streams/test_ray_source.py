@@ -6,9 +6,11 @@ Real Ray (a local instance shared by the session), real shards, Parquet and PNG 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import queue
 import sys
+import tarfile
 import threading
 import time
 import traceback
@@ -101,6 +103,24 @@ def test_webdataset_every_record_once_and_resume_is_exact(ray_cluster: None, sma
     rest = list(reader(spec, full[6][3], shuffle_buffer=64))
     assert [batch[1] for batch in rest] == [batch[1] for batch in full[7:]]
     np.testing.assert_array_equal(rest[-1][0], full[-1][0])
+
+
+def test_webdataset_member_names_that_are_not_utf8_are_read_with_their_bytes_spelled_out(
+        ray_cluster: None, tmp_path: Path) -> None:
+    images, _ = load_fashion_mnist("train")
+    # Raw Latin-1 bytes, no pax header: Ray's tar reader decodes them with surrogateescape, as tarfile does.
+    with tarfile.open(tmp_path / "shard-000000.tar", "w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as archive:
+        for index in range(32):
+            data = png_bytes(images[index])
+            info = tarfile.TarInfo(f"caf\udce9-{index:03d}.png")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    rejects: list = []
+    (batch_images, keys, ids, _), = list(reader(f"ray+webdataset://{tmp_path}", rejects=rejects))
+    assert keys == [f"caf\\xe9-{index:03d}" for index in range(32)] and rejects == []
+    assert len(set(ids.tolist())) == 32
+    np.testing.assert_array_equal(batch_images[:, 0], images[:32])
 
 
 def test_cycle_batches_span_passes_with_a_new_order_each_pass(ray_cluster: None, small_lake: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import itertools
+import json
 import os
 import tarfile
 import threading
@@ -41,11 +42,26 @@ def _keys(source: WebDatasetSource, count: int) -> list[str]:
     return [record.key for record in itertools.islice(source, count)]
 
 
-class Rejects(list):
-    """on_reject that remembers (shard name, key, reason)."""
+def _keys_within(source: WebDatasetSource, count: int, seconds: float = 10) -> list[str]:
+    """Up to `count` keys of a follow source; fewer if they do not come within `seconds` (it is closed then)."""
+    timer = threading.Timer(seconds, source.close)
+    timer.start()
+    try:
+        return _keys(source, count)
+    finally:
+        timer.cancel()
 
-    def __call__(self, source: str, key: str, reason: str) -> None:
+
+class Rejects(list):
+    """on_reject that remembers (shard name, key, reason), and the details by shard name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.details: dict[str, str] = {}
+
+    def __call__(self, source: str, key: str, reason: str, detail: str = "") -> None:
         self.append((Path(source).name, key, reason))
+        self.details[Path(source).name] = detail
 
 
 def _wait_for(condition, seconds: float = 10) -> bool:
@@ -167,7 +183,7 @@ def test_follow_picks_up_a_shard_that_lands_later_and_ignores_temp_names(lake: P
         consumer.join(timeout=5)
 
 
-def test_a_late_shard_named_before_the_position_is_reported_once(lake: Path) -> None:
+def test_a_late_shard_named_before_the_position_is_read_next_not_rejected(lake: Path) -> None:
     rejects = Rejects()
     (lake / "shard-000002.tar").rename(lake / "hold")
     source = WebDatasetSource(str(lake), mode="follow", poll_seconds=0.05, on_reject=rejects)
@@ -175,11 +191,50 @@ def test_a_late_shard_named_before_the_position_is_reported_once(lake: Path) -> 
     assert len(list(itertools.islice(iterator, 30))) == 30  # shards 0, 1 and 3
     (lake / "hold").rename(lake / "shard-000002.tar")
     _shard(lake / "shard-000004.tar", "s4", 3)
-    assert [next(iterator).key for _ in range(3)] == ["s4-000", "s4-001", "s4-002"]
-    assert rejects == [("shard-000002.tar", "", "out_of_order_shard")]
+    timer = threading.Timer(10, source.close)  # the reader would wait for ever for a shard it skipped
+    timer.start()
+    keys = [record.key for record in itertools.islice(iterator, 13)]
+    assert keys == [f"s2-{i:03d}" for i in range(10)] + ["s4-000", "s4-001", "s4-002"]  # unread names in order
     _shard(lake / "shard-000005.tar", "s5", 1)
-    assert next(iterator).key == "s5-000" and len(rejects) == 1  # reported once, not on every listing
+    assert next(iterator).key == "s5-000" and rejects == []
+    timer.cancel()
+    assert source.state_dict()["finished"] == (("shard-", "000000", "000004", ".tar"),)  # one run, not 5 names
     source.close()
+
+
+def _saved(source: WebDatasetSource) -> dict:
+    """`source.state_dict()` as a checkpoint holds it: through torch.save and a weights_only load."""
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    return torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+
+
+def test_a_shard_that_lands_under_an_earlier_name_while_the_reader_is_down_is_read_after_resume(lake: Path) -> None:
+    (lake / "shard-000002.tar").rename(lake / "hold")
+    first = WebDatasetSource(str(lake), mode="follow", shuffle_buffer=4, poll_seconds=0.05)
+    seen = _keys(first, 30)  # shards 0, 1 and 3, the buffer drained
+    state = _saved(first)
+    assert state["finished"] == (("shard-", "000000", "000001", ".tar"), ("shard-", "000003", "000003", ".tar"))
+    (lake / "hold").rename(lake / "shard-000002.tar")  # lands while nothing reads the lake
+    rejects = Rejects()
+    resumed = WebDatasetSource(str(lake), mode="follow", shuffle_buffer=4, poll_seconds=0.05, on_reject=rejects)
+    resumed.load_state_dict(state)
+    seen += _keys_within(resumed, 10)
+    assert sorted(seen) == ALL_KEYS and rejects == []
+    assert resumed.state_dict()["finished"] == (("shard-", "000000", "000003", ".tar"),)
+    resumed.close()
+
+
+def test_a_follow_position_saved_before_finished_names_resumes_as_it_did(lake: Path) -> None:
+    source = WebDatasetSource(str(lake), mode="follow", poll_seconds=0.05)
+    _keys(source, 25)  # inside shard 2
+    state = _saved(source)
+    del state["finished"]  # as written before positions had it: every shard named before `shard` was read
+    resumed = WebDatasetSource(str(lake), mode="follow", poll_seconds=0.05)
+    resumed.load_state_dict(state)
+    assert _keys(resumed, 15) == [f"s2-{i:03d}" for i in range(5, 10)] + [f"s3-{i:03d}" for i in range(10)]
+    assert resumed.state_dict()["finished"] == (("shard-", "000000", "000002", ".tar"),)  # shard 3 is being read
+    resumed.close()
 
 
 def test_close_unblocks_a_waiting_follow_iteration(lake: Path) -> None:
@@ -245,3 +300,109 @@ def test_stats_report_position_and_pending_shards(lake: Path) -> None:
                               "shuffle_buffer": 0}
     _keys(source, 40)
     assert source.stats()["cycle"] == 1
+
+
+def _tampered(state: dict, marker: Path, lake: Path) -> list[dict]:
+    """`state` with one shard it would open swapped for another's: commands, URLs, paths outside the lake."""
+    command = f"pipe:touch {marker}; cat {lake}/shard-000000.tar"
+    outside = lake.parent / "elsewhere"
+    outside.mkdir(exist_ok=True)
+    (outside / "shard-000000.tar").write_bytes((lake / "shard-000000.tar").read_bytes())
+    swaps = [command, f"file://{lake}/shard-000000.tar", f"{lake}/../elsewhere/shard-000000.tar",
+             str(outside / "shard-000000.tar"), f"{lake}/.shard-000000.tar", f"{lake}/shard-000000.tar.tmp"]
+    tampered = []
+    for swap in swaps:
+        tampered.append({**state, "shard": swap})
+        if state["order"]:
+            tampered.append({**state, "order": (swap, *state["order"][1:])})
+    return tampered
+
+
+@pytest.mark.parametrize("mode", ["cycle", "once", "follow"])
+def test_a_saved_position_may_only_name_shards_of_the_spec(lake: Path, tmp_path: Path, mode: str) -> None:
+    marker = tmp_path / "command-ran"
+    source = WebDatasetSource(str(lake), mode=mode, shuffle_buffer=4, seed=1)
+    expected = _keys(WebDatasetSource(str(lake), mode=mode, shuffle_buffer=4, seed=1), 20)
+    assert _keys(source, 12) == expected[:12]
+    state = _saved(source)
+    for bad in _tampered(state, marker, lake):
+        with pytest.raises(SourceError, match=r"^the run dir's stream position names shard .*, which --data .* does not"):
+            WebDatasetSource(str(lake), mode=mode, shuffle_buffer=4, seed=1).load_state_dict(bad)
+    assert not marker.exists()
+    # The same lake spelled another way (a symlink, a trailing slash) resumes as its own spelling.
+    (tmp_path / "alias").symlink_to(lake)
+    for spelling in (str(tmp_path / "alias"), f"{lake}/"):
+        resumed = WebDatasetSource(spelling, mode=mode, shuffle_buffer=4, seed=1)
+        resumed.load_state_dict(state)
+        assert _keys_within(resumed, 8) == expected[12:]
+        assert resumed.state_dict()["shard"].startswith(spelling.rstrip("/") + "/")
+
+
+def test_a_pattern_or_url_spec_resumes_only_its_own_urls(lake: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "command-ran"
+    command = f"pipe:cat {lake}/shard-000003.tar"
+    spec = "{" + f"{lake}/shard-000001.tar,{command}" + "}"
+    source = WebDatasetSource(spec, mode="once")
+    assert len(_keys(source, 15)) == 15 and source.state_dict()["shard"] == command
+    state = _saved(source)
+    WebDatasetSource(spec, mode="once").load_state_dict(state)  # the spec's own pipe: is the user's choice
+    narrower = WebDatasetSource(str(lake / "shard-{000001..000002}.tar"), mode="once")
+    with pytest.raises(SourceError, match="names shard 'pipe:cat"):
+        narrower.load_state_dict(state)
+    with pytest.raises(SourceError, match="names shard 'pipe:touch"):
+        narrower.load_state_dict({**state, "order": (f"pipe:touch {marker}",), "shard": None})
+    assert not marker.exists()
+    # A shard file beside the spec's files is the same lake's: a worker of a group gets a list of a directory's
+    # shards, which shifts as the directory grows.
+    mine = WebDatasetSource("{" + f"{lake}/shard-000000.tar,{lake}/shard-000002.tar" + "}", mode="once")
+    assert len(_keys(mine, 15)) == 15
+    shifted = WebDatasetSource("{" + f"{lake}/shard-000001.tar,{lake}/shard-000003.tar" + "}", mode="once")
+    shifted.load_state_dict(_saved(mine))
+    assert _keys(shifted, 10) == [f"s2-{i:03d}" for i in range(5, 10)]  # the saved pass ends as it was planned
+    (tmp_path / "other").mkdir()
+    _shard(tmp_path / "other" / "shard-000000.tar", "o", 3)
+    with pytest.raises(SourceError, match=r"which --data .*other/shard-000000\.tar does not"):
+        WebDatasetSource(str(tmp_path / "other" / "shard-000000.tar"), mode="once").load_state_dict(_saved(mine))
+
+
+def test_a_position_of_another_lake_with_the_same_shard_names_is_refused(lake: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other-lake"
+    other.mkdir()
+    for number in range(SHARDS):
+        _shard(other / f"shard-{number:06d}.tar", f"o{number}", PER_SHARD)
+    source = WebDatasetSource(str(lake), mode="follow")
+    _keys(source, 15)
+    with pytest.raises(SourceError, match=f"names shard '{lake}/shard-000001.tar', which --data {other} does not"):
+        WebDatasetSource(str(other), mode="follow").load_state_dict(_saved(source))
+
+
+@pytest.mark.parametrize("mode", ["once", "follow"])
+def test_a_symlink_loop_in_the_lake_is_rejected_once_and_the_rest_is_read(lake: Path, mode: str) -> None:
+    (lake / "shard-000001a.tar").symlink_to("shard-000001a.tar")  # points at itself
+    (lake / "shard-000002a.tar").symlink_to("shard-000002b.tar")
+    (lake / "shard-000002b.tar").symlink_to("shard-000002a.tar")
+    rejects = Rejects()
+    source = WebDatasetSource(str(lake), mode=mode, poll_seconds=0.05, on_reject=rejects)
+    assert sorted(_keys_within(source, 40)) == ALL_KEYS
+    time.sleep(0.2)  # follow: several more listings see the loops again
+    source.close()
+    assert rejects == [("shard-000001a.tar", "", "unreadable_shard"), ("shard-000002a.tar", "", "unreadable_shard"),
+                       ("shard-000002b.tar", "", "unreadable_shard")]
+    assert rejects.details["shard-000001a.tar"] == "Too many levels of symbolic links"
+
+
+def test_member_names_that_are_not_utf8_are_read_with_their_bytes_spelled_out(lake: Path) -> None:
+    # Written the way a tool on a Latin-1 system writes them: raw bytes, no pax header saying UTF-8.
+    shard = lake / "shard-000004.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as archive:
+        for name in ("caf\udce9-000.txt", "caf\udce9-000.p\udcffng", "ok-000.txt", "\udcff\udcfe-000.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            archive.addfile(info, io.BytesIO(b"data"))
+    assert b"caf\xe9-000.txt" in shard.read_bytes()
+    records = [r for r in WebDatasetSource(str(lake), mode="once") if r.source == str(shard)]
+    assert [(r.key, sorted(r.fields)) for r in records] == [
+        ("caf\\xe9-000", ["p\\xffng", "txt"]), ("ok-000", ["txt"]), ("\\xff\\xfe-000", ["txt"])]
+    for record in records:  # what ids, logs and dead letters do with a key
+        record.key.encode()
+        assert json.loads(json.dumps({"key": record.key}, ensure_ascii=False))["key"] == record.key
