@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import io
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from streamssl.pipeline.loading.decode import decode_record, record_id
+from streamssl.pipeline.loading.loader import BatchLoader
+from streamssl.pipeline.loading.messages import Batch, Reject
 from streamssl.pipeline.ray.feed import decode_rows
+from streamssl.streams.lake import write_shard
 from streamssl.streams.records import Record
+from streamssl.streams.webdataset_source import WebDatasetSource
+from tests.conftest import read_to_end
 
 
 def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -75,3 +82,16 @@ def test_record_ids_of_tar_names_that_are_not_utf8_are_stable() -> None:
     name = b"caf\xe9-0001".decode("utf-8", "surrogateescape")  # how tarfile hands out a Latin-1 member name
     assert record_id(name) == record_id(name) != record_id("cafe-0001")
     assert 0 <= record_id(name) < 2**63
+
+
+def test_the_loader_dead_letters_a_record_over_data_max_record_bytes(tmp_path: Path) -> None:
+    small = _encoded(Image.new("L", (28, 28)))
+    big = _encoded(Image.fromarray(np.frombuffer(np.random.default_rng(0).bytes(512 * 512), np.uint8).reshape(512, 512)))
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    write_shard(lake / "shard-000000.tar", [("a", {"png": small}), ("big", {"png": big}), ("b", {"png": small})])
+    loader = BatchLoader(partial(WebDatasetSource, str(lake), mode="once"), None, 2, "png", 1, 28,
+                         max_record_bytes=len(big) - 1)
+    messages = read_to_end(loader, 20)
+    assert [(m.key, m.reason) for m in messages if isinstance(m, Reject)] == [("big", "oversized_record")]
+    assert [m.keys for m in messages if isinstance(m, Batch)] == [["a", "b"]]
