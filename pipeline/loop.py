@@ -80,6 +80,8 @@ class Loop:
         out: Where progress lines and the final `done: …` line go (`streamssl forecast` keeps stdout for its JSON).
     """
 
+    lock_wait_seconds = 0.0  # how long run() waits for the run dir's lock before refusing
+
     def __init__(self, cfg: Config, task: Task, stop: threading.Event | None = None, *,
                  collective: Collective | None = None, checkpointer: Checkpointer | None = None,
                  out: TextIO = sys.stdout) -> None:
@@ -347,7 +349,7 @@ class Loop:
     def run(self) -> RunState:
         try:
             if self.collective.rank == 0:  # the workers of one run share its run dir; rank 0 writes it
-                self.lock.acquire()
+                self.lock.acquire(self.lock_wait_seconds)
                 self.prepare_run_dir()
             self.serve_metrics()
             self.resume()

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import time
 from pathlib import Path
 
 
@@ -43,22 +44,30 @@ class RunDirLock:
         self.path = Path(path)
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait_seconds: float = 0.0) -> None:
+        """Takes the lock, waiting up to `wait_seconds` for a holder to go."""
         run_dir = self.path.parent
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
             raise RunDirError(f"run dir {run_dir} is not writable ({err.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if isinstance(err, BlockingIOError) else ""
-            os.close(fd)
-            if not isinstance(err, BlockingIOError):
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise RunDirError(f"run dir {run_dir} is in use by another run ({holder or 'holder unknown'}); "
+                                  "stop that one first, or use another --run-dir") from None
+            except OSError as err:  # e.g. ENOLCK: a network file system without locks
+                os.close(fd)
                 raise RunDirError(f"cannot lock run dir {run_dir} ({err.strerror})") from None
-            raise RunDirError(f"run dir {run_dir} is in use by another run ({holder or 'holder unknown'}); "
-                              "stop that one first, or use another --run-dir") from None
         with contextlib.suppress(OSError):  # only names the holder: a full disk must not stop the run here
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)

@@ -6,6 +6,7 @@ import multiprocessing
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,15 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.join()
+
+
+def test_acquire_can_wait_for_a_holder_that_is_going(tmp_path: Path) -> None:
+    # A Ray Train worker group restarted after a failure may start before the killed rank 0 has exited.
+    path = tmp_path / "run.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    threading.Timer(0.5, holder.kill).start()
+    lock = RunDirLock(path)
+    lock.acquire(wait_seconds=30)
+    lock.release()
+    holder.wait(timeout=10)
