@@ -1,8 +1,10 @@
 """The `streamssl` command: `run` trains on a stream, `eval` scores a published encoder, `lake` writes shards,
 `produce` publishes shards to a Kafka topic.
 
-Expected failures (bad config, missing data, a tampered encoder) print one `streamssl: error: …`
-line and exit 2; SIGINT/SIGTERM stop a run cleanly (finish the step, checkpoint, publish, exit 0).
+Expected failures (bad config, missing data, a tampered encoder, a run dir in use, not writable or with no
+checkpoint that loads) print one `streamssl: error: …` line and exit 2; a file-system error anywhere else
+(a full disk) prints one line and exits 1; SIGINT/SIGTERM stop a run cleanly (finish the step, checkpoint,
+publish, exit 0).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 from streamssl.models.encoder_io import EncoderLoadError
 from streamssl.models.registry import SERIES_METHODS
 from streamssl.pipeline.config import ConfigError, load_config
+from streamssl.pipeline.rundir import RunDirError
 from streamssl.pipeline.series import forecast
 from streamssl.streams.orders import ORDERS
 from streamssl.streams.records import SourceError
@@ -260,9 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _run, "config": _config, "eval": _eval, "lake": _lake, "produce": _produce,
                 "forecast": forecast.run}[args.command](args)
-    except (ConfigError, SourceError, EncoderLoadError) as err:
+    except (ConfigError, SourceError, EncoderLoadError, RunDirError) as err:
         print(f"streamssl: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        print(f"streamssl: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("streamssl: interrupted", file=sys.stderr)
         return 130

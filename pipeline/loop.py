@@ -8,6 +8,10 @@ Stopping (SIGINT/SIGTERM via `stop`, max_steps, max_minutes, the end of a finite
 always ends the same way: the current step finishes, then eval, checkpoint, publish. Resuming from the run
 dir restores the task (model, optimizer, method state, RNGs) and the stream position, so N steps in one go
 and N/2 + N/2 across a restart train on the same samples in the same way.
+
+The run dir belongs to one run at a time (pipeline/rundir.py): `run()` takes its lock before it writes
+anything there and refuses, as a RunDirError, a run dir whose checkpoints all fail to load (unless
+`checkpoint.allow_fresh`) or that cannot be written.
 """
 
 from __future__ import annotations
@@ -26,17 +30,18 @@ from typing import Any, TextIO
 import yaml
 
 from streamssl.monitoring.metrics import Metrics
-from streamssl.pipeline.checkpointing import Checkpointer
+from streamssl.pipeline.checkpointing import Checkpointer, NoReadableCheckpoint
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError, to_dict
 from streamssl.pipeline.loading.deadletter import DeadLetters
 from streamssl.pipeline.loading.messages import End, Failure, Message, Reject
 from streamssl.pipeline.loading.positions import Position, position_from_dict, position_to_dict
 from streamssl.pipeline.loading.sources import dead_letter_topic
-from streamssl.pipeline.publishing import Publisher
+from streamssl.pipeline.publishing import OlderThanLatest, Publisher
+from streamssl.pipeline.rundir import RunDirError, RunDirLock
 from streamssl.pipeline.schedule import HorizonEstimate
 from streamssl.pipeline.task import Feed, Task
-from streamssl.streams.files import RunPaths
+from streamssl.streams.files import RunPaths, remove_stale_temps
 from streamssl.streams.records import SourceError
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,8 @@ class Loop:
         out: Where progress lines and the final `done: …` line go (`streamssl forecast` keeps stdout for its JSON).
     """
 
+    lock_wait_seconds = 0.0  # how long run() waits for the run dir's lock before refusing
+
     def __init__(self, cfg: Config, task: Task, stop: threading.Event | None = None, *,
                  collective: Collective | None = None, checkpointer: Checkpointer | None = None,
                  out: TextIO = sys.stdout) -> None:
@@ -82,9 +89,11 @@ class Loop:
         self.stop = stop or threading.Event()
         self.collective = collective or Collective()
         self.paths = RunPaths(Path(cfg.run_dir))
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        if self.collective.rank == 0:
-            self.paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        try:
+            self.paths.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"cannot create run dir {self.paths.root} ({err.strerror})") from None
+        self.lock = RunDirLock(self.paths.lock)  # taken by run(): nothing is written into the run dir before
         self.metrics = Metrics(cfg.method)
         self.dead_letter_topic = topic = dead_letter_topic(cfg.data, cfg.kafka)
 
@@ -123,12 +132,22 @@ class Loop:
         return state
 
     def load_latest(self) -> tuple[dict[str, Any], Any] | None:
-        """The newest readable checkpoint in today's layout (the task upgrades older ones) and its path."""
+        """The newest readable checkpoint in today's layout (the task upgrades older ones) and its path.
+
+        Raises NoReadableCheckpoint where there are checkpoints and none loads."""
         found = self.checkpointer.load_latest(map_location=self.task.map_location)
         return None if found is None else (self.task.upgrade(found[0]), found[1])
 
     def resume(self) -> bool:
-        found = self.load_latest()
+        try:
+            found = self.load_latest()
+        except NoReadableCheckpoint as err:
+            # A silent fresh start would prune the trained checkpoints and publish a fresh encoder over theirs.
+            if not self.cfg.checkpoint.allow_fresh:
+                raise RunDirError(f"{err}; restore a good one, or --set checkpoint.allow_fresh=true "
+                                  "to start this run dir over") from None
+            log.warning("%s; starting over (checkpoint.allow_fresh)", err)
+            found = None
         if found is None:
             return False
         ckpt, path = found
@@ -148,7 +167,10 @@ class Loop:
         """After `nan_rollback_after` non-finite losses in a row: back to the last good checkpoint's weights,
         optimizer and RNG, but not its stream position: the batches that diverged are skipped, not replayed."""
         cfg = self.cfg.train
-        found = self.load_latest()
+        try:
+            found = self.load_latest()
+        except NoReadableCheckpoint:
+            found = None
         if found is None or self._rollbacks >= cfg.max_rollbacks:
             why = "no checkpoint to roll back to" if found is None else f"{self._rollbacks} rollbacks did not help"
             raise TrainingDiverged(f"loss was not finite for {self._nonfinite_in_a_row} steps in a row and {why}; "
@@ -165,7 +187,13 @@ class Loop:
     def save_checkpoint(self) -> None:
         started = time.perf_counter()
         self.state.checkpoints_written += 1
-        self.checkpointer.save(self.checkpoint_state(), self.state.step)
+        try:
+            self.checkpointer.save(self.checkpoint_state(), self.state.step)
+        except OSError as err:  # a full disk, a read-only mount: stop, with nothing committed past the last one
+            last = self._checkpointed[0]
+            kept = f"the checkpoint of step {last} is intact" if last >= 0 else "no checkpoint was written"
+            raise RunDirError(f"cannot write a checkpoint to {self.checkpointer.directory} ({err.strerror}); "
+                              f"stopped at step {self.state.step}, {kept}") from None
         self._checkpointed = (self.state.step, self.state.position)
         self.metrics.observe_checkpoint(time.perf_counter() - started)
         if self.feed is not None:  # durable now: Kafka may move the group's committed offsets up to it
@@ -192,8 +220,15 @@ class Loop:
         manifest = self.task.manifest()
         manifest = replace(manifest, step=self.state.step, samples_seen=self.state.samples_seen, method=self.cfg.method,
                            metrics={**self.state.eval_metrics, **manifest.metrics})
-        version, folder = self.publisher.publish(encoder, manifest)
         self.state.published_step = self.state.step
+        try:
+            version, folder = self.publisher.publish(encoder, manifest)
+        except OlderThanLatest as err:
+            log.warning("not published: %s (an older lineage never replaces a newer one)", err)
+            return
+        except OSError as err:
+            raise RunDirError(f"cannot publish to {self.publisher.directory} ({err.strerror}); "
+                              "`latest` still points at the version before") from None
         self.metrics.observe_publish(version)
         log.info("published %s", folder)
 
@@ -305,8 +340,21 @@ class Loop:
         log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
 
     # --- the loop ----------------------------------------------------------------------------------
+    def prepare_run_dir(self) -> None:
+        """Rank 0, holding the lock: removes what killed writers left behind, records the config."""
+        try:
+            for folder in (self.paths.root, self.paths.checkpoints, self.paths.published):
+                for name in remove_stale_temps(folder):
+                    log.info("removed %s, left behind by an interrupted write", folder / name)
+            self.paths.config.write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        except OSError as err:
+            raise RunDirError(f"run dir {self.paths.root} is not writable ({err.strerror})") from None
+
     def run(self) -> RunState:
         try:
+            if self.collective.rank == 0:  # the workers of one run share its run dir; rank 0 writes it
+                self.lock.acquire(self.lock_wait_seconds)
+                self.prepare_run_dir()
             self.serve_metrics()
             self.resume()
             self.plan_horizon()
@@ -320,6 +368,7 @@ class Loop:
             if self.dead_letter_topic is not None:
                 self.dead_letter_topic.close()
             self.metrics.close()
+            self.lock.release()
         return self.state
 
     def _train(self, feed: Feed) -> None:

@@ -3,6 +3,9 @@
 A version is written into a hidden temp folder and renamed into place, then `latest` (a relative
 symlink) is replaced with os.replace, so a consumer never sees a half-written version or a
 dangling pointer. `streamssl.models.load_encoder` reads it back without any training code.
+
+A version never goes out over a newer lineage: one whose step is below that of the version `latest` points
+at (a run restarted from scratch or from an older checkpoint) is refused, and `latest` keeps the better one.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ from streamssl.streams.files import fsync_dir
 _VERSION = re.compile(r"^v(\d{6})$")
 
 
+class OlderThanLatest(Exception):
+    """The encoder to publish was trained for fewer steps than the one `latest` points at."""
+
+
 class Publisher:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
 
     def latest_version(self) -> int:
+        if not self.directory.is_dir():
+            return 0
         versions = [int(m.group(1)) for p in self.directory.iterdir() if (m := _VERSION.match(p.name))]
         return max(versions, default=0)
 
@@ -38,18 +46,31 @@ class Publisher:
         return int(json.loads(manifest.read_text())["step"]) if manifest.is_file() else -1
 
     def publish(self, backbone: nn.Module, manifest: Manifest) -> tuple[int, Path]:
-        """Writes the next version and points `latest` at it; returns (version, folder)."""
+        """Writes the next version and points `latest` at it; returns (version, folder).
+
+        Raises:
+            OlderThanLatest: `manifest.step` is below the step of the version `latest` points at.
+            OSError: Writing failed (a full disk); `latest` and the versions before are as they were.
+        """
+        latest_step = self.latest_step()
+        if manifest.step < latest_step:
+            raise OlderThanLatest(f"step {manifest.step} is below step {latest_step} of {self.directory / 'latest'}")
+        self.directory.mkdir(parents=True, exist_ok=True)
         version = self.latest_version() + 1
         name = f"v{version:06d}"
         temp = self.directory / f".{name}.tmp"
         shutil.rmtree(temp, ignore_errors=True)
-        temp.mkdir()
-        save_encoder(temp, backbone, replace(manifest, version=version,
-                                             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
-        for file in temp.iterdir():  # durable before it becomes visible: a crash never publishes empty files
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(temp)
+        try:
+            temp.mkdir()
+            save_encoder(temp, backbone, replace(manifest, version=version,
+                                                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+            for file in temp.iterdir():  # durable before it becomes visible: a crash never publishes empty files
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+            fsync_dir(temp)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
         os.replace(temp, self.directory / name)
         link = self.directory / ".latest.tmp"
         link.unlink(missing_ok=True)

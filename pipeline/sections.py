@@ -131,6 +131,9 @@ class CheckpointConfig:
     every_seconds: float = 300.0  # and every N seconds (0 = by steps only); always at the end
     keep: int = 3  # checkpoints kept in RUN_DIR/checkpoints
     publish_every: int = 1  # publish after every N-th checkpoint (0 = only at the end; always at the end)
+    # where RUN_DIR/checkpoints holds checkpoints and none loads: start over (they are renamed *.unreadable at
+    # the first checkpoint) instead of refusing to start
+    allow_fresh: bool = False
 
 
 @dataclass

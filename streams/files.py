@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,22 @@ def atomic_write(path: str | Path, *, durable: bool = True) -> Iterator[BinaryIO
         fsync_dir(path.parent)
 
 
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Removes the temp files and folders a killed writer left in `folder` (only safe while no writer runs there).
+
+    Returns their names.
+    """
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return [p.name for p in stale]
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Where a run keeps what it writes, under its run dir."""
@@ -61,6 +78,10 @@ class RunPaths:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"  # the resolved config the run started with
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"  # held by the one run using the run dir (pipeline/rundir.py)
 
     @property
     def checkpoints(self) -> Path:

@@ -28,6 +28,11 @@ def small_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_config(run_dir: Path, data: Path, *sets: str) -> Config:
     """A config that trains in well under a second per step on 2 CPU cores."""
+    return load_config(sets=tiny_sets(run_dir, data, *sets))
+
+
+def tiny_sets(run_dir: Path, data: Path, *sets: str) -> list[str]:
+    """The KEY=VALUE settings of `tiny_config` (for `streamssl run --set`)."""
     base = [
         f"run_dir={run_dir}", f"data.source={data}", "data.mode=cycle", "data.shuffle_buffer=64",
         "train.batch_size=32", "model.bn_splits=4", "train.max_minutes=0",
@@ -38,7 +43,7 @@ def tiny_config(run_dir: Path, data: Path, *sets: str) -> Config:
     method = next((item.partition("=")[2] for item in reversed(sets) if item.startswith("method=")), "moco")
     if method == "moco":  # the section of another method is refused as a setting the run would ignore
         base.append("moco.queue_size=128")
-    return load_config(sets=[*base, *sets])
+    return [*base, *sets]
 
 
 def read_to_end(feed: Any, timeout: float) -> list[Message]:

@@ -23,6 +23,7 @@ from streamssl.pipeline.loop import TrainingDiverged
 from streamssl.pipeline.ray.cluster import cpus_per_worker, start_ray, stop_ray
 from streamssl.pipeline.ray.feed import ray_dataset
 from streamssl.pipeline.ray.worker import WorkerTrainer, rank_shard_spec
+from streamssl.pipeline.rundir import RunDirError
 from streamssl.streams.ray_source import MODES as RAY_MODES
 from streamssl.streams.records import SourceError
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 # last checkpoint. Errors that would only repeat (bad config, bad data spec) end the run on the first one.
 MAX_FAILURES = 3
 RUN_NAME = "streamssl"  # Ray Train run name: fixed, so a rerun on the same run dir finds its Ray checkpoints
-_EXPECTED_ERRORS = (ConfigError, SourceError, TrainingDiverged)
+_EXPECTED_ERRORS = (ConfigError, SourceError, TrainingDiverged, RunDirError)
 
 
 class _RunControl:

@@ -181,6 +181,8 @@ class WorkerTrainer(Trainer):
         checkpointer = SharedCheckpointer(RunPaths(Path(cfg.run_dir)).checkpoints, cfg.checkpoint.keep, self.worker,
                                           self.workers, ray_session)
         super().__init__(cfg, stop, collective=collective, checkpointer=checkpointer)
+        if ray_session:  # a group restarted after a failure may start before the killed rank 0 has exited
+            self.lock_wait_seconds = 30.0
         task = self.task
         task.generator.manual_seed(_rank_seed(cfg.train.seed, self.worker))
         source = source_spec(cfg.data)

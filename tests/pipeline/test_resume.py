@@ -90,12 +90,6 @@ def test_checkpointer_keeps_only_the_last_k(tmp_path: Path) -> None:
     assert torch.equal(state["weights"], torch.full((3,), 3.0))
 
 
-def test_a_run_dir_with_only_corrupt_checkpoints_starts_fresh(tmp_path: Path) -> None:
-    checkpoints = Checkpointer(tmp_path)
-    (tmp_path / "ckpt-000000005.pt").write_bytes(b"not a checkpoint")
-    assert checkpoints.load_latest() is None
-
-
 IMAGE_CHECKPOINT = Path(__file__).parents[1] / "fixtures" / "image-rotation-v1-ckpt-000000002.pt"
 
 
