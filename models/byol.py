@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from streamssl.models.losses import prediction_target_cosine
-from streamssl.models.method import Method, embedding_std, momentum_update
+from streamssl.models.method import Method, embedding_std, mlp_head, momentum_update
 
 
 def target_decay(step: Tensor, tau_base: float, tau_end: float, horizon_steps: int) -> Tensor:
@@ -41,13 +41,6 @@ def target_decay(step: Tensor, tau_base: float, tau_end: float, horizon_steps: i
         return torch.full_like(step, tau_base, dtype=torch.float32)
     progress = step.float().clamp(max=horizon_steps) / horizon_steps
     return tau_end - (tau_end - tau_base) * (torch.cos(math.pi * progress) + 1) / 2
-
-
-def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """BYOL's projector and predictor shape: Linear-BN-ReLU-Linear."""
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
-    )
 
 
 class BYOL(Method):
@@ -110,8 +103,8 @@ class BYOL(Method):
         self.tau_base = tau_base
         self.tau_end = tau_end
 
-        self.projector = _mlp(feature_dim, hidden_dim, projection_dim)
-        self.predictor = _mlp(projection_dim, hidden_dim, projection_dim)
+        self.projector = mlp_head(feature_dim, hidden_dim, projection_dim)
+        self.predictor = mlp_head(projection_dim, hidden_dim, projection_dim)
         # The target starts as an exact copy of the online backbone + projector and is only moved by EMA.
         self.target_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)

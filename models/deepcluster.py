@@ -3,17 +3,11 @@ projection head, cosine classifier and per-image label memory of DeepCluster-v2 
 "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", Sec. 4 and appendix), made
 online for a stream.
 
-The paper alternates two steps each epoch: k-means on the features of the whole dataset gives every
-image one pseudo-label, then the network is trained for an epoch to classify the images into those
-clusters, with a classifier re-initialised after every clustering (cluster indices are arbitrary from
-one clustering to the next). DeepCluster-v2 clusters the L2-normalised output of an MLP projection head,
-taken from a memory of the features every image got during the previous epoch's forward passes, and
-initialises the classifier with the new centroids. A stream has no dataset to re-extract and no epochs:
-here the memory is a ring of the latest view-1 projections with their record ids, k-means runs on it a
-few times per run (a share of the run's horizon apart), and a record seen again keeps the label its
-feature got in the last clustering; only a record that was not in it is labelled by its nearest centroid.
-Empty clusters are re-seeded and samples weighted by inverse cluster size as in the paper (see
-models/kmeans.py). Not carried over: the paper's Sobel input filter and PCA-whitening before k-means.
+The paper alternates k-means on the features of the whole data set, which gives every image a pseudo-label
+(`_recluster`), with training to classify the images into those clusters (`forward`). A stream has neither
+a data set nor epochs: models/cluster_memory.py holds what stands in for them. Empty clusters are re-seeded
+and samples weighted by inverse cluster size as in the paper (models/kmeans.py). Not carried over: the
+paper's Sobel input filter and PCA-whitening before k-means.
 """
 
 from __future__ import annotations
@@ -22,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from streamssl.models.cluster_memory import memorize_labels, recall_labels, remember, ring_contents
 from streamssl.models.distributed import gather_from_all
 from streamssl.models.kmeans import inverse_size_weights, kmeans, nearest_centroid, normalized_mutual_info
 from streamssl.models.losses import nt_xent
-from streamssl.models.method import Method, embedding_std
+from streamssl.models.method import Method, embedding_std, mlp_head
 
 
 class DeepCluster(Method):
@@ -52,11 +47,7 @@ class DeepCluster(Method):
     of the horizon is done, later ones each `recluster_share` of the horizon after the previous one (for an
     unbounded run: after `first_clustering_step`, then every `recluster_every` steps); never before the
     ring holds 4·K projections, nor once the horizon is reached. The horizon is read at every check, so
-    a horizon the trainer re-estimates moves the schedule with it. Each clustering runs k-means from
-    scratch on the filled part of the ring (a random sample of it as initial centroids, as the paper does
-    every epoch), then re-initialises the classifier with the normalised new centroids (DeepCluster-v2:
-    cluster c's logit starts as the cosine to centroid c) and asks the trainer to drop the classifier's
-    optimizer state, whose momentum belongs to the previous clustering's clusters.
+    a horizon the trainer re-estimates moves the schedule with it.
 
     Warm-up, until the first clustering (not in the paper): the paper's first clustering is of random
     features too, but it reclusters every epoch for hundreds of epochs; a run of a few hundred steps gets
@@ -71,16 +62,6 @@ class DeepCluster(Method):
     views are cos(z, w_c) / T over the classifier rows w_c; the loss is their cross-entropy against the
     record's label, each sample weighted by `inverse_size_weights` of its cluster in the last clustering.
 
-    State (buffers and parameters, so a checkpoint of `state_dict()` resumes exactly):
-        feature_buffer [buffer_size, dim], buffer_ids [buffer_size] (record ids, -1 for none): a ring
-            written at `features_seen % buffer_size`, only by steps that were taken (`stage`).
-        features_seen: projections written to the ring so far.
-        centroids [K, dim], cluster_sizes [K], cluster_weights [K]: from the last clustering.
-        clustered_ids [buffer_size] (sorted; -1 for none) and clustered_labels [buffer_size]: the label
-            memory, each id of the last clustering with its assignment, looked up by binary search.
-        steps_done, clusterings, last_clustering_step: the schedule.
-        nmi, empty_reassigned: logs of the last clustering.
-
     Logs: `embedding_std` (of the view-1 backbone features), `clustered` (0 during the warm-up, then 1),
     `fixed_label_share` (share of the batch labelled from the last clustering rather than by its nearest
     centroid), `nmi` (between the ring's assignments to the previous clustering's centroids and to the new
@@ -89,38 +70,30 @@ class DeepCluster(Method):
     in the last clustering), `pseudo_label_accuracy_of_head` (classifier argmax vs pseudo-label).
     """
 
-    # The State buffers above, registered in __init__; declared so that they type as Tensor, not Tensor | Module.
-    feature_buffer: Tensor
-    buffer_ids: Tensor
-    features_seen: Tensor
-    centroids: Tensor
-    cluster_sizes: Tensor
-    cluster_weights: Tensor
-    clustered_ids: Tensor
-    clustered_labels: Tensor
-    steps_done: Tensor
+    # State: buffers (and parameters), so a checkpoint of `state_dict()` resumes exactly. Registered in __init__;
+    # declared here so that they type as Tensor, not Tensor | Module.
+    feature_buffer: Tensor  # [buffer_size, dim] the ring, written at features_seen % buffer_size by taken steps
+    buffer_ids: Tensor  # [buffer_size] the record id of each ring row, -1 for none
+    features_seen: Tensor  # projections written to the ring so far
+    centroids: Tensor  # [K, dim], from the last clustering
+    cluster_sizes: Tensor  # [K], of the ring in the last clustering
+    cluster_weights: Tensor  # [K] inverse_size_weights of the last clustering
+    clustered_ids: Tensor  # [buffer_size] the label memory: ids of the last clustering, sorted (-1: none)
+    clustered_labels: Tensor  # [buffer_size] the label each of them got
+    steps_done: Tensor  # the schedule: steps done, clusterings done, step of the last one
     clusterings: Tensor
     last_clustering_step: Tensor
-    nmi: Tensor
+    nmi: Tensor  # logs of the last clustering
     empty_reassigned: Tensor
 
     name = "deepcluster"
     num_views = 2
 
     def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        *,
-        num_clusters: int = 100,
-        dim: int = 128,
-        buffer_size: int = 65536,
-        temperature: float = 0.1,
-        first_clustering_share: float = 0.2,
-        recluster_share: float = 0.2,
-        first_clustering_step: int = 200,
-        recluster_every: int = 200,
-        kmeans_iterations: int = 20,
+        self, backbone: nn.Module, feature_dim: int, *, num_clusters: int = 100, dim: int = 128,
+        buffer_size: int = 65536, temperature: float = 0.1,
+        first_clustering_share: float = 0.2, recluster_share: float = 0.2,
+        first_clustering_step: int = 200, recluster_every: int = 200, kmeans_iterations: int = 20,
     ) -> None:
         super().__init__(backbone, feature_dim)
         if num_clusters < 2:
@@ -132,18 +105,11 @@ class DeepCluster(Method):
                              f"{first_clustering_share} and {recluster_share}")
         if first_clustering_step < 0 or recluster_every < 1 or kmeans_iterations < 1:
             raise ValueError("first_clustering_step must be at least 0, recluster_every and kmeans_iterations at least 1")
-        self.num_clusters = num_clusters
-        self.temperature = temperature
-        self.first_clustering_share = first_clustering_share
-        self.recluster_share = recluster_share
-        self.first_clustering_step = first_clustering_step
-        self.recluster_every = recluster_every
-        self.kmeans_iterations = kmeans_iterations
+        self.num_clusters, self.temperature, self.kmeans_iterations = num_clusters, temperature, kmeans_iterations
+        self.first_clustering_share, self.recluster_share = first_clustering_share, recluster_share
+        self.first_clustering_step, self.recluster_every = first_clustering_step, recluster_every
         # DeepCluster-v2's projection head; the published backbone features stay one layer away from the labels.
-        self.head = nn.Sequential(
-            nn.Linear(feature_dim, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True),
-            nn.Linear(feature_dim, dim),
-        )
+        self.head = mlp_head(feature_dim, feature_dim, dim)
         # Rows are normalised at every use (a cosine classifier); set to the centroids at every clustering.
         self.classifier = nn.Linear(dim, num_clusters, bias=False)
 
@@ -170,7 +136,8 @@ class DeepCluster(Method):
         if self.clusterings > 0:
             labels, fixed = self.pseudo_labels(z1.detach(), ids)
             targets = labels.repeat(2)  # both views share the record's label
-            logits = self._logits(z)
+            with torch.autocast(z.device.type, enabled=False):  # float32: bf16 cosines / T would be too coarse
+                logits = z.float() @ F.normalize(self.classifier.weight.float(), dim=1).T / self.temperature  # cos/T
             per_sample = F.cross_entropy(logits, targets, reduction="none")
             loss = (self.cluster_weights[targets] * per_sample).mean()
             head_accuracy = (logits.detach().argmax(dim=1) == targets).float().mean()
@@ -183,26 +150,14 @@ class DeepCluster(Method):
         # With several workers every ring takes the global batch: identical rings give identical clusterings.
         ring_features = gather_from_all(z1.detach())
         ring_ids = None if ids is None else gather_from_all(ids.to(z.device))
-        self.stage(lambda: self._remember(ring_features, ring_ids))
+        self.stage(lambda: remember(self.feature_buffer, self.buffer_ids, self.features_seen, ring_features, ring_ids))
         return loss, self._logs(features[:batch_size], head_accuracy, fixed_share)
-
-    def _logits(self, z: Tensor) -> Tensor:
-        # Float32 even under autocast: bf16 cosines (3 significant digits) are too coarse once divided by T.
-        with torch.autocast(z.device.type, enabled=False):
-            return z.float() @ F.normalize(self.classifier.weight.float(), dim=1).T / self.temperature
 
     @torch.no_grad()
     def pseudo_labels(self, z1: Tensor, ids: Tensor | None) -> tuple[Tensor, Tensor]:
         """[B] labels for detached view-1 projections `z1`, and [B] bool: whether the label came from the
         last clustering's memory (the record's id was in it) rather than from the nearest centroid."""
-        labels = nearest_centroid(z1, self.centroids)
-        if ids is None:
-            return labels, torch.zeros(len(z1), dtype=torch.bool, device=z1.device)
-        ids = ids.to(self.clustered_ids.device, torch.long)
-        # clustered_ids is sorted with equal ids in ring order, oldest first: the last match is the newest.
-        slot = (torch.searchsorted(self.clustered_ids, ids, right=True) - 1).clamp(min=0)
-        fixed = (self.clustered_ids[slot] == ids) & (ids != -1)
-        return torch.where(fixed, self.clustered_labels[slot], labels), fixed
+        return recall_labels(self.clustered_ids, self.clustered_labels, ids, nearest_centroid(z1, self.centroids))
 
     def on_step_end(self, step: int) -> None:
         self.steps_done.add_(1)
@@ -210,46 +165,20 @@ class DeepCluster(Method):
             self._recluster()
 
     def _clustering_due(self) -> bool:
-        if self._filled() < 4 * self.num_clusters:
+        if min(int(self.features_seen), len(self.feature_buffer)) < 4 * self.num_clusters:
             return False
-        since = self.steps_done - self.last_clustering_step
-        done = self.progress(self.steps_done)
-        if done is None:  # unbounded: the schedule in steps
-            if self.clusterings == 0:
-                return bool(self.steps_done >= self.first_clustering_step)
-            return bool(since >= self.recluster_every)
-        if done >= 1:  # labels made at the end of the horizon would train nothing
+        if self.progress(self.steps_done) == 1:  # labels made at the end of the horizon would train nothing
             return False
         if self.clusterings == 0:
-            return done >= self.first_clustering_share
-        since_share = self.progress(since)  # the share of the horizon these steps make up
-        assert since_share is not None  # the horizon is set: `done` is not None
-        return since_share >= self.recluster_share
-
-    def _filled(self) -> int:
-        return min(int(self.features_seen), len(self.feature_buffer))
-
-    @torch.no_grad()
-    def _remember(self, features: Tensor, ids: Tensor | None) -> None:
-        """Writes `features` (and their record ids, -1 without) over the oldest entries of the ring."""
-        if ids is None:
-            ids = torch.full((len(features),), -1, dtype=torch.long, device=features.device)
-        buffer_size = len(self.feature_buffer)
-        # A batch larger than the ring would overwrite its own first rows: only its last rows survive.
-        kept = slice(max(len(features) - buffer_size, 0), None)
-        first_slot = self.features_seen + kept.start
-        slots = (first_slot + torch.arange(len(features) - kept.start, device=features.device)) % buffer_size
-        self.feature_buffer.index_copy_(0, slots, features[kept].to(self.feature_buffer.dtype))
-        self.buffer_ids.index_copy_(0, slots, ids[kept].to(self.buffer_ids.device))
-        self.features_seen.add_(len(features))
+            return self.reached(self.steps_done, self.first_clustering_share, self.first_clustering_step)
+        since = self.steps_done - self.last_clustering_step
+        return self.reached(since, self.recluster_share, self.recluster_every)
 
     @torch.no_grad()
     def _recluster(self) -> None:
-        """k-means on the ring from scratch; new centroids, weights, label memory and classifier."""
-        buffer_size, filled = len(self.feature_buffer), self._filled()
-        # Oldest first: a ring that has wrapped starts at its next write slot.
-        order = (self.features_seen - filled + torch.arange(filled, device=self.features_seen.device)) % buffer_size
-        features, ids = self.feature_buffer[order], self.buffer_ids[order]
+        """k-means from scratch on the filled part of the ring (a random sample of it as initial centroids, as
+        the paper does every epoch); new centroids, weights, label memory and classifier."""
+        features, ids = ring_contents(self.feature_buffer, self.buffer_ids, self.features_seen)
         result = kmeans(features, self.num_clusters, self.kmeans_iterations)
         if self.clusterings > 0:
             previous = nearest_centroid(features, self.centroids)
@@ -258,18 +187,11 @@ class DeepCluster(Method):
         self.cluster_sizes.copy_(torch.bincount(result.assignments, minlength=self.num_clusters))
         self.cluster_weights.copy_(inverse_size_weights(result.assignments, self.num_clusters))
         self.empty_reassigned.fill_(result.reassigned)
-
-        # The label memory: ids sorted for binary search. Unfilled slots come first as id -1 (never looked
-        # up); the stable sort keeps a revisited id's features oldest first, so a lookup takes the newest.
-        unfilled = buffer_size - filled
-        all_ids = torch.cat([ids.new_full((unfilled,), -1), ids])
-        all_labels = torch.cat([result.assignments.new_zeros(unfilled), result.assignments])
-        sorted_ids, by_id = torch.sort(all_ids, stable=True)
-        self.clustered_ids.copy_(sorted_ids)
-        self.clustered_labels.copy_(all_labels[by_id])
-
+        memorize_labels(self.clustered_ids, self.clustered_labels, ids, result.assignments)
         # Cluster indices mean nothing across clusterings, so the old classifier is useless (paper, §3.2);
-        # DeepCluster-v2 starts the new one at the centroids, so its first steps already follow the labels.
+        # DeepCluster-v2 starts the new one at the centroids (cluster c's logit starts as the cosine to centroid
+        # c), so its first steps already follow the labels; its optimizer state (momentum) belonged to the
+        # previous clustering's clusters, so the trainer drops it.
         self.classifier.weight.copy_(F.normalize(result.centroids, dim=1))
         self.reset_optimizer_state(self.classifier.weight)
         self.last_clustering_step.copy_(self.steps_done)

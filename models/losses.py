@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -70,3 +72,24 @@ def prediction_target_cosine(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> 
         return F.cosine_similarity(prediction.float(), target.detach().float(), dim=1).mean()
 
     return (mean_cosine(p1, z2) + mean_cosine(p2, z1)) / 2
+
+
+def swapped_prediction_loss(scores: Sequence[Tensor], codes: Sequence[Tensor], temperature: float) -> Tensor:
+    """SwAV's swapped prediction loss (Caron et al. 2020, eq. 1 and 2), averaged as the official code does.
+
+    For every view i that gives codes q_i, every other view v predicts them with p_v = softmax(scores_v / T);
+    the loss is -sum_k q_i log p_v, averaged over the batch, then over the V - 1 predicting views, then over
+    the views that give codes.
+
+    Args:
+        scores: V tensors [B, K], z_v · C for every view (code views first, then the rest).
+        codes: tensors [B, K] for the first len(codes) views (no gradient expected).
+        temperature: T of the prediction softmax.
+    """
+    log_predictions = [F.log_softmax(view_scores.float() / temperature, dim=1) for view_scores in scores]
+    total = scores[0].new_zeros((), dtype=torch.float32)
+    for code_view, view_codes in enumerate(codes):
+        predictors = [log_p for view, log_p in enumerate(log_predictions) if view != code_view]
+        cross_entropies = [-(view_codes * log_p).sum(dim=1).mean() for log_p in predictors]
+        total = total + torch.stack(cross_entropies).mean()
+    return total / len(codes)

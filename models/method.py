@@ -91,6 +91,12 @@ class Method(nn.Module, ABC):
             return None
         return min(1.0, float(step) / self.horizon_steps)
 
+    def reached(self, steps_done: int | Tensor, share: float, steps: int) -> bool:
+        """Whether `steps_done` steps reach a point of a schedule: `share` of the horizon, or `steps` steps in an
+        unbounded run (SwAV's queue start and prototype freeze, DeepCluster's clusterings)."""
+        done = self.progress(steps_done)
+        return bool(steps_done >= steps) if done is None else done >= share
+
     # --- state writes that only a taken step may make ---------------------------------------------
     def stage(self, write: Callable[..., None], *args: Any) -> None:
         """Defers a state write `write(*args)` (enqueue, bank update) from `forward` until the step is known to be
@@ -156,3 +162,10 @@ def momentum_update(target: nn.Module, online: nn.Module, momentum: float | Tens
     """
     for target_param, online_param in zip(target.parameters(), online.parameters(), strict=True):
         target_param.mul_(momentum).add_((1 - momentum) * online_param.detach())
+
+
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear-BN-ReLU-Linear: BYOL's projector and predictor, SwAV's and DeepCluster-v2's projection head."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+    )

@@ -2,7 +2,8 @@
 "Multitask Learning").
 
 `MultiTask(inner, {"rotation": 0.5, "jigsaw": 0.1})` trains the inner method as usual and adds, for each
-task with a non-zero weight, a pretext head (models/pretext.py) on the inner method's backbone:
+task with a non-zero weight, a pretext head (models/pretext.py; the rotation and jigsaw heads live in
+models/rotation.py and models/jigsaw.py) on the inner method's backbone:
 
     total loss = inner loss + sum over tasks t of weight_t * loss_t
 
@@ -16,8 +17,10 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
+from streamssl.models.jigsaw import JigsawHead
 from streamssl.models.method import Method, ViewSpec
-from streamssl.models.pretext import JigsawHead, PretextOutput, RotationHead
+from streamssl.models.pretext import PretextOutput
+from streamssl.models.rotation import RotationHead
 
 # Task name -> head factory taking the backbone's feature width; the heads' own defaults apply. The order
 # here is the order the heads run in, and so the order of their random draws.

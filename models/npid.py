@@ -5,6 +5,7 @@ Every instance is its own class. Instead of a weight vector per class, a memory 
 L2-normalised embedding per instance from earlier visits; an image's embedding is trained to be closer
 to its own bank entry than to other instances' entries, under a softmax with temperature. The full
 softmax over all instances is approximated, as in the paper, by sampling a few thousand bank entries.
+The bank's bookkeeping (which slot holds a record, sampling, writing a batch) is in models/memory_bank.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from streamssl.models.distributed import gather_from_all
 from streamssl.models.losses import info_nce
+from streamssl.models.memory_bank import lookup, sample_filled_slots, write_bank
 from streamssl.models.method import Method, embedding_std
 
 
@@ -106,7 +108,6 @@ class NPID(Method):
         if bank_size % ways:
             raise ValueError(f"bank_size ({bank_size}) must be a multiple of ways ({ways})")
         self.ways = ways
-        self.num_sets = bank_size // ways
         self.negatives = negatives
         self.temperature = temperature
         self.momentum = momentum
@@ -122,11 +123,11 @@ class NPID(Method):
             raise ValueError("NPID needs the record ids: its memory bank is indexed by them")
         embeddings = F.normalize(self.head(self.backbone(views[0])).float(), dim=1)  # f = normalize(W·backbone(x))
         ids = ids.to(self.bank_ids.device)
-        _, hits, slots = self._lookup(ids)
+        _, hits, slots = lookup(self.bank_ids, ids, self.ways)
         filled = self.bank_ids >= 0
         # A hit's positive is its entry v_i; a miss's is the entry it is about to write, its own f (detached).
         positives = torch.where(hits[:, None], self.bank[slots], embeddings.detach())
-        loss = info_nce(embeddings, positives, self.bank[self._sample_negative_slots(filled)], self.temperature)
+        loss = info_nce(embeddings, positives, self.bank[sample_filled_slots(filled, self.negatives)], self.temperature)
         # Nothing written yet (the run's first step): the batch's other records are the negatives. A `where`,
         # not an `if`: choosing on the device needs no host sync.
         loss = torch.where(filled.any(), loss, _other_records_loss(embeddings, self.temperature))
@@ -135,58 +136,10 @@ class NPID(Method):
         self.stage(lambda: self._write(all_embeddings, all_ids))
         return loss, self._logs(embeddings, hits, filled)
 
-    def _lookup(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """For each id: the slots of its set [N, ways], whether one holds it [N], and which one [N, valid on a hit]."""
-        set_slots = (ids % self.num_sets)[:, None] * self.ways + torch.arange(self.ways, device=ids.device)
-        match = self.bank_ids[set_slots] == ids[:, None]  # at most one match: an id is written to one slot only
-        slot = set_slots.gather(1, match.int().argmax(dim=1, keepdim=True)).squeeze(1)
-        return set_slots, match.any(dim=1), slot
-
-    def _sample_negative_slots(self, filled: Tensor) -> Tensor:
-        """`negatives` slots drawn uniformly, with replacement, among the filled ones (slot 0 if none is)."""
-        running = filled.cumsum(0)
-        count = running[-1]
-        # Drawn on the CPU from torch's default generator: the same draws on CPU and CUDA, reproducible from
-        # torch.get_rng_state() alone. The k-th filled slot is the first whose running count reaches k + 1.
-        draws = torch.rand(self.negatives).to(filled.device)
-        k = torch.minimum((draws * count).long(), count - 1)  # the min guards float rounding up to `count`
-        return torch.searchsorted(running, k + 1)
-
     @torch.no_grad()
     def _write(self, embeddings: Tensor, ids: Tensor) -> None:
-        """One batch into the bank: hits blend into their entry, misses take a free or the oldest slot of their set.
-
-        Every row writes to some slot, and all rows writing one slot write the same values (those of the
-        row that owns the write), so `index_copy_` is deterministic even where CUDA applies repeated
-        indices in any order, and no shape depends on the data (no host sync).
-        """
-        rows = torch.arange(len(ids), device=ids.device)
-        set_slots, hits, hit_slots = self._lookup(ids)
-        last_of_id = _last_of_run(ids)
-        is_last = last_of_id == rows
-        # A slot holding an id of this batch is being hit: new records must not take it over.
-        taken = torch.isin(self.bank_ids[set_slots], ids)
-        free = (~taken).sum(dim=1)
-        # Free slots of the set, empty ones (written at -1) first, then least recently written.
-        age_order = torch.where(taken, torch.iinfo(torch.long).max, self.bank_written[set_slots]).argsort(dim=1, stable=True)
-        # New records of a set rank by how many of them come later in the batch: the latest get the slots.
-        new = is_last & ~hits
-        later = _later_in_run(torch.where(new, ids % self.num_sets, self.num_sets + rows))
-        granted = new & (later < free)
-        # A record that gets no slot writes, without owning it, into one that another record owns.
-        pick = torch.where(free > 0, later % free.clamp(min=1), 0)
-        claimed = set_slots.gather(1, age_order.gather(1, pick[:, None])).squeeze(1)
-        # Earlier rows of an id write where its last row does.
-        targets = torch.where(hits, hit_slots, claimed)[last_of_id]
-        owns = (is_last & hits) | granted
-        owner = _owner_of_target(targets, owns)
-
-        blended = F.normalize(self.momentum * self.bank[targets] + (1 - self.momentum) * embeddings, dim=1)
-        entries = torch.where(hits[:, None], blended, embeddings)
-        self.bank.index_copy_(0, targets, entries[owner].to(self.bank.dtype))
-        self.bank_ids.index_copy_(0, targets, ids[owner])
-        self.bank_written.index_copy_(0, targets, self.bank_clock.expand(len(targets)))
-        self.bank_clock.add_(1)
+        """One batch into the bank, after the step is taken (`write_bank` has the rules)."""
+        write_bank(self.bank, self.bank_ids, self.bank_written, self.bank_clock, embeddings, ids, self.ways, self.momentum)
 
     @torch.no_grad()
     def _logs(self, embeddings: Tensor, hits: Tensor, filled: Tensor) -> dict[str, Tensor]:
@@ -202,27 +155,3 @@ def _other_records_loss(embeddings: Tensor, temperature: float) -> Tensor:
     # Row i: [f_i·f_j]_j, the diagonal is the positive; float32 as in `info_nce` (bf16 autocast).
     logits = (embeddings @ embeddings.detach().T).float() / temperature
     return F.cross_entropy(logits, torch.arange(len(embeddings), device=embeddings.device))
-
-
-def _runs(keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """A stable sort of `keys`; per element its position in it and the last position of its key's run."""
-    order = keys.argsort(stable=True)
-    return order, order.argsort(), torch.searchsorted(keys[order], keys, right=True) - 1
-
-
-def _last_of_run(keys: Tensor) -> Tensor:
-    """Per element, the index of the last element with the same key."""
-    order, _, last = _runs(keys)
-    return order[last]
-
-
-def _later_in_run(keys: Tensor) -> Tensor:
-    """Per element, how many later elements have the same key."""
-    _, position, last = _runs(keys)
-    return last - position  # the sort is stable: within a key, sorted positions follow the elements' order
-
-
-def _owner_of_target(targets: Tensor, owns: Tensor) -> Tensor:
-    """Per element, the index of the element with the same target that owns it (exactly one does)."""
-    order = (targets * 2 + (~owns).long()).argsort()  # by target, its owner first
-    return order[torch.searchsorted(targets[order], targets)]

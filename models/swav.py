@@ -1,90 +1,32 @@
 """SwAV: Swapping Assignments between Views (Caron et al. 2020, "Unsupervised Learning of Visual Features by
 Contrasting Cluster Assignments").
 
-Each image's embedding is scored against K learnable prototypes. For each of the two full-size views, a
-Sinkhorn-Knopp step turns the batch's scores into soft codes that spread the batch evenly over the prototypes
-(the equal-partition constraint that rules out the trivial "everything in one cluster" solution); every other
-view of the same image — the other full-size view and the low-resolution multi-crops — must then predict
-those codes from its own scores. `forward` follows the paper's Algorithm 1 and the official training loop:
-normalise the prototypes, embed all crops, compute codes without gradient (optionally with a queue of earlier
-embeddings to enlarge the Sinkhorn problem), and take the swapped cross-entropy. The queue write is staged
-(`Method.stage`), so only a step that is taken changes the queue.
+`forward` is the paper's Algorithm 1 and the official training loop: normalise the prototypes, embed all
+crops (models/multicrop.py), score them against the prototypes, turn each full-size view's scores into soft
+codes that spread the batch evenly over the prototypes (Sinkhorn-Knopp without gradient, models/sinkhorn.py;
+optionally with a queue of earlier embeddings to enlarge the problem), and let every other view of the image
+predict those codes (the swapped cross-entropy, models/losses.py). The queue write is staged (`Method.stage`),
+so only a step that is taken changes the queue.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streamssl.models.bn import running_stats_frozen
 from streamssl.models.distributed import gather_from_all
-from streamssl.models.method import Method, embedding_std
+from streamssl.models.losses import swapped_prediction_loss
+from streamssl.models.method import Method, embedding_std, mlp_head
+from streamssl.models.multicrop import embed_crops
+from streamssl.models.ring import push_newest_first
+from streamssl.models.sinkhorn import prototype_scores, prototype_usage, sinkhorn
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
-    """Soft codes Q for a batch of prototype scores by Sinkhorn-Knopp (SwAV, Sec. 3.1 and Algorithm 1).
-
-    Q = diag(u) · exp(scores / epsilon) · diag(v), with u and v found by alternating normalisations, is the
-    entropy-regularised transport of the B samples onto the K prototypes. Marginals, stated on Q itself
-    (total mass B):
-
-    * rows (samples): every row sums to exactly 1, so row i is sample i's distribution over prototypes;
-    * columns (prototypes): each iteration first rescales the columns so that every prototype holds B/K
-      (the equal partition), then rescales the rows to 1. The returned Q ends on the row step, so its
-      column sums are B/K only up to that last row rescale, and converge to B/K as `iterations` grows.
-
-    This is the official algorithm (which states the same polytope scaled by 1/B: prototype mass 1/K, sample
-    mass 1/B, then multiplies by B), computed in the log domain in float64: every normalisation subtracts
-    a log-sum-exp (itself max-shifted), so no exp can overflow or flush a whole row or column to zero, and
-    adding a constant to all scores changes nothing. No gradient flows through the codes.
-
-    Args:
-        scores: [B, K] similarities of B embeddings to K prototypes (any float dtype).
-        epsilon: entropy regularisation; lower gives sharper codes.
-        iterations: number of (prototype, sample) normalisation pairs, at least 1.
-
-    Returns:
-        [B, K] float32 codes whose rows sum to 1.
-    """
-    if iterations < 1:
-        raise ValueError(f"sinkhorn needs at least one iteration, got {iterations}")
-    num_samples, num_prototypes = scores.shape
-    log_q = scores.double() / epsilon
-    prototype_log_mass = math.log(num_samples / num_prototypes)
-    for _ in range(iterations):
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) + prototype_log_mass  # each column: B/K
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)  # each row: 1
-    return log_q.exp().float()
-
-
-def swapped_prediction_loss(scores: Sequence[Tensor], codes: Sequence[Tensor], temperature: float) -> Tensor:
-    """SwAV's swapped prediction loss, averaged as the official code does.
-
-    For every view i that gives codes q_i, every other view v predicts them with p_v = softmax(scores_v / T);
-    the loss is -sum_k q_i log p_v, averaged over the batch, then over the V - 1 predicting views, then over
-    the views that give codes.
-
-    Args:
-        scores: V tensors [B, K], z_v · C for every view (code views first, then the rest).
-        codes: tensors [B, K] for the first len(codes) views (no gradient expected).
-        temperature: T of the prediction softmax.
-    """
-    log_predictions = [F.log_softmax(view_scores.float() / temperature, dim=1) for view_scores in scores]
-    total = scores[0].new_zeros((), dtype=torch.float32)
-    for code_view, view_codes in enumerate(codes):
-        predictors = [log_p for view, log_p in enumerate(log_predictions) if view != code_view]
-        cross_entropies = [-(view_codes * log_p).sum(dim=1).mean() for log_p in predictors]
-        total = total + torch.stack(cross_entropies).mean()
-    return total / len(codes)
 
 
 class SwAV(Method):
@@ -128,17 +70,14 @@ class SwAV(Method):
         freeze_prototypes_steps: the same in steps, for an unbounded run [250: the official code freezes
             about one epoch; one pass over Fashion-MNIST's 60k images is ~234 steps].
 
-    The two schedules read `progress(step)`, the share of the horizon the trainer set (`horizon_steps`, the
-    same on every worker), and fall back to their step counts when it is None. Once the queue has taken a
-    batch it keeps taking every batch, even if a re-estimated horizon moves the start later: a full queue
-    that stopped being refreshed would feed Sinkhorn ever staler embeddings.
+    The two schedules are `Method.reached` points: shares of the horizon the trainer set (the same on every
+    worker), or step counts in an unbounded run. Once the queue has taken a batch it keeps taking every batch,
+    even if a re-estimated horizon moves the start later: a full queue that stopped being refreshed would
+    feed Sinkhorn ever staler embeddings.
 
-    Batch norm: every crop is normalised by its own pass's batch statistics, as in the official code, but
-    only the full-size views' passes update the backbone's running statistics. The published encoder runs
-    in eval mode on full-size images, so its running statistics must describe those; 12 px crops give other
-    activation statistics (a different spatial extent under the same pooling), and the official code's
-    mixing them in would shift them. Running the small crops first would not help (an EMA keeps every
-    batch's share), so their pass runs under `running_stats_frozen` (models/bn.py).
+    Batch norm: every crop is normalised by its own pass's batch statistics, but only the full-size views'
+    passes update the backbone's running statistics, which the published encoder uses on full-size images
+    (models/multicrop.py says why).
 
     State (buffers and parameters, so `state_dict()` resumes exactly):
         prototypes.weight: [K, dim] prototypes, rows renormalised to unit length before each use.
@@ -165,23 +104,11 @@ class SwAV(Method):
     num_views = 2
 
     def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        *,
-        dim: int = 128,
-        num_prototypes: int = 100,
-        temperature: float = 0.1,
-        epsilon: float = 0.05,
-        sinkhorn_iterations: int = 3,
-        small_crops: int = 4,
-        small_crop_size: int = 12,
-        small_crop_scale: tuple[float, float] = (0.05, 0.4),
-        queue_size: int = 1024,
-        queue_start: float = 0.15,
-        queue_start_step: int = 500,
-        freeze_prototypes: float = 0.05,
-        freeze_prototypes_steps: int = 250,
+        self, backbone: nn.Module, feature_dim: int, *, dim: int = 128, num_prototypes: int = 100,
+        temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
+        small_crops: int = 4, small_crop_size: int = 12, small_crop_scale: tuple[float, float] = (0.05, 0.4),
+        queue_size: int = 1024, queue_start: float = 0.15, queue_start_step: int = 500,
+        freeze_prototypes: float = 0.05, freeze_prototypes_steps: int = 250,
     ) -> None:
         super().__init__(backbone, feature_dim)
         if sinkhorn_iterations < 1:
@@ -193,23 +120,14 @@ class SwAV(Method):
                              f"{queue_start} and {freeze_prototypes}")
         if queue_start_step < 0 or freeze_prototypes_steps < 0:
             raise ValueError("queue_start_step and freeze_prototypes_steps must be >= 0")
-        self.temperature = temperature
-        self.epsilon = epsilon
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.small_crops = small_crops
-        self.small_crop_size = small_crop_size
+        self.temperature, self.epsilon, self.sinkhorn_iterations = temperature, epsilon, sinkhorn_iterations
+        self.small_crops, self.small_crop_size = small_crops, small_crop_size
         self.small_crop_scale = (float(small_crop_scale[0]), float(small_crop_scale[1]))
-        self.queue_size = queue_size
-        self.queue_start = queue_start
-        self.queue_start_step = queue_start_step
-        self.freeze_prototypes = freeze_prototypes
-        self.freeze_prototypes_steps = freeze_prototypes_steps
+        self.queue_size, self.queue_start, self.queue_start_step = queue_size, queue_start, queue_start_step
+        self.freeze_prototypes, self.freeze_prototypes_steps = freeze_prototypes, freeze_prototypes_steps
         self._warned_few_rows = False
 
-        self.head = nn.Sequential(
-            nn.Linear(feature_dim, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True),
-            nn.Linear(feature_dim, dim),
-        )
+        self.head = mlp_head(feature_dim, feature_dim, dim)
         self.prototypes = nn.Linear(dim, num_prototypes, bias=False)
         self._normalize_prototypes()
 
@@ -220,11 +138,11 @@ class SwAV(Method):
     def forward(self, views: list[Tensor], ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         self._normalize_prototypes()  # C <- C / ||C|| row-wise, at the start of every step as the official code
         steps_done, features_enqueued = torch.stack([self.step, self.features_enqueued]).tolist()
-        embeddings = self._embed(views)  # z = normalize(head(backbone(x))) for every crop
+        embeddings = embed_crops(self.backbone, self.head, views, self.num_views)  # z = normalize(head(backbone(x)))
         prototypes = self.prototypes.weight
         if self.prototypes_frozen(steps_done):
             prototypes = prototypes.detach()  # no path to the prototypes: their .grad stays None, SGD skips them
-        scores = [_prototype_scores(z, prototypes) for z in embeddings]  # z · C
+        scores = [prototype_scores(z, prototypes) for z in embeddings]  # z · C
         # The queue was full before this batch: only then may it take part (a part-empty one can explode).
         queue_is_full = self.queue_size > 0 and features_enqueued >= self.queue_size
         self._check_sinkhorn_rows(len(scores[0]) + (self.queue_size if queue_is_full else 0))
@@ -244,29 +162,11 @@ class SwAV(Method):
 
     def prototypes_frozen(self, steps_done: int) -> bool:
         """Whether the step after `steps_done` steps leaves the prototypes without gradient."""
-        progress = self.progress(steps_done)
-        if progress is None:
-            return steps_done < self.freeze_prototypes_steps
-        return progress < self.freeze_prototypes
+        return not self.reached(steps_done, self.freeze_prototypes, self.freeze_prototypes_steps)
 
     def queue_started(self, steps_done: int) -> bool:
         """Whether the queue's schedule has reached its start after `steps_done` steps."""
-        progress = self.progress(steps_done)
-        if progress is None:
-            return steps_done >= self.queue_start_step
-        return progress >= self.queue_start
-
-    def _embed(self, views: list[Tensor]) -> list[Tensor]:
-        """L2-normalised float32 embeddings per view; crops of one size share one backbone pass (and its BN).
-
-        Only the full-size views' passes update the backbone's BN running statistics (see the class doc)."""
-        features = [self.backbone(torch.cat(run)) for run in _same_size_runs(views[: self.num_views])]
-        if len(views) > self.num_views:
-            with running_stats_frozen(self.backbone):
-                features += [self.backbone(torch.cat(run)) for run in _same_size_runs(views[self.num_views:])]
-        # float32 so the codes and the loss do not inherit bf16 from autocast
-        embeddings = F.normalize(self.head(torch.cat(features)).float(), dim=1)
-        return list(embeddings.chunk(len(views)))
+        return self.reached(steps_done, self.queue_start, self.queue_start_step)
 
     def _check_sinkhorn_rows(self, rows: int) -> None:
         num_prototypes = self.prototypes.weight.shape[0]
@@ -281,14 +181,13 @@ class SwAV(Method):
         """Sinkhorn codes of one full-size view; with the queue, its rows join the problem and are dropped after."""
         batch_size = len(scores)
         if use_queue:
-            scores = torch.cat([_prototype_scores(self.queue[view], prototypes), scores])
+            scores = torch.cat([prototype_scores(self.queue[view], prototypes), scores])
         return sinkhorn(scores.detach(), self.epsilon, self.sinkhorn_iterations)[-batch_size:]
 
     @torch.no_grad()
     def _enqueue(self, embeddings: Tensor) -> None:
         """Pushes [2, B, dim] embeddings to the front of each view's queue; the oldest fall off the end."""
-        self.queue.copy_(torch.cat([embeddings.to(self.queue.dtype), self.queue], dim=1)[:, : self.queue_size])
-        self.features_enqueued.add_(embeddings.shape[1])
+        push_newest_first(self.queue, self.features_enqueued, embeddings)
 
     @torch.no_grad()
     def _normalize_prototypes(self) -> None:
@@ -297,32 +196,11 @@ class SwAV(Method):
     @torch.no_grad()
     def _logs(self, loss: Tensor, embeddings: list[Tensor], codes: list[Tensor], enqueued: int) -> dict[str, Tensor]:
         num_prototypes = self.prototypes.weight.shape[0]
-        top_codes = torch.cat([view_codes.argmax(dim=1) for view_codes in codes])
-        used = torch.zeros(num_prototypes, dtype=torch.bool, device=top_codes.device).index_fill_(0, top_codes, True)
-        if self.queue_size:
-            queue_fill = ((self.features_enqueued + enqueued).float() / self.queue_size).clamp(max=1.0)
-        else:
-            queue_fill = torch.zeros((), device=loss.device)
+        # 0 without a queue: nothing is ever enqueued then
+        queue_fill = ((self.features_enqueued + enqueued).float() / max(self.queue_size, 1)).clamp(max=1.0)
         return {
             "embedding_std": embedding_std(torch.cat(embeddings)),
             "loss_over_ln_k": loss.detach() / math.log(num_prototypes),
             "queue_fill": queue_fill,
-            "prototype_usage": used.float().mean(),
+            "prototype_usage": prototype_usage(codes, num_prototypes),
         }
-
-
-def _same_size_runs(views: list[Tensor]) -> Iterator[list[Tensor]]:
-    """Consecutive views of one spatial size, in order: each run can go through the backbone as one batch."""
-    start = 0
-    while start < len(views):
-        end = start + 1
-        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-            end += 1
-        yield views[start:end]
-        start = end
-
-
-def _prototype_scores(embeddings: Tensor, prototypes: Tensor) -> Tensor:
-    """z · C in float32 even under autocast: bf16 scores divided by epsilon = 0.05 would blur the codes."""
-    with torch.autocast(embeddings.device.type, enabled=False):
-        return embeddings.float() @ prototypes.float().T

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from streamssl.models import build_backbone
 from streamssl.models.losses import info_nce
+from streamssl.models.memory_bank import sample_filled_slots
 from streamssl.models.npid import NPID
 
 BANK, WAYS, NEGATIVES = 32, 2, 16  # 16 sets of 2 slots; ids i and i + 16 share a set
@@ -138,7 +139,7 @@ def test_negatives_are_drawn_uniformly_from_written_slots_only() -> None:
     npid = _tiny_npid(negatives=4000)
     _step(npid, [3, 17, 30])
     written = {_slot_of(npid, i) for i in (3, 17, 30)}
-    slots = npid._sample_negative_slots(npid.bank_ids >= 0)
+    slots = sample_filled_slots(npid.bank_ids >= 0, npid.negatives)
     assert set(slots.tolist()) == written
     counts = torch.bincount(slots, minlength=BANK)[sorted(written)]
     assert (counts - 4000 / 3).abs().max() < 150  # ~5 standard deviations

@@ -13,22 +13,19 @@ from torch import nn
 from streamssl.models import build_backbone, build_method
 from streamssl.models.backbones import SplitBatchNorm2d
 from streamssl.models.bn import running_stat_layers, running_stats_frozen
-from streamssl.models.jigsaw import Jigsaw
-from streamssl.models.method import Method, ViewSpec, embedding_std
-from streamssl.models.moco import MoCo
-from streamssl.models.multitask import MultiTask
-from streamssl.models.pretext import (
-    JigsawHead,
-    RotationHead,
+from streamssl.models.jigsaw import Jigsaw, JigsawHead
+from streamssl.models.jigsaw_puzzle import (
     _greedy_permutations,
     hamming_permutations,
     jigsaw_cell,
     jigsaw_tiles,
     normalize_tiles,
-    rotate_batch,
     shuffle_tiles,
 )
-from streamssl.models.rotation import Rotation
+from streamssl.models.method import Method, ViewSpec, embedding_std
+from streamssl.models.moco import MoCo
+from streamssl.models.multitask import MultiTask
+from streamssl.models.rotation import Rotation, RotationHead, rotate_batch
 
 BATCH = 8
 SIDE = 24

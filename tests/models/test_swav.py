@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from streamssl.models import Method, build_backbone
-from streamssl.models.swav import SwAV, sinkhorn, swapped_prediction_loss
+from streamssl.models.losses import swapped_prediction_loss
+from streamssl.models.multicrop import embed_crops
+from streamssl.models.sinkhorn import sinkhorn
+from streamssl.models.swav import SwAV
 from streamssl.pipeline.config import load_config
 
 BATCH = 4
@@ -141,7 +144,7 @@ def test_loss_and_logs_follow_the_definition_with_codes_from_the_full_views_only
     swav = _tiny_swav()
     views = _views()
     with torch.no_grad():  # train-mode BN depends on the batch only, so this is what forward will compute
-        embeddings = swav._embed(views)
+        embeddings = embed_crops(swav.backbone, swav.head, views, 2)
         scores = [z @ swav.prototypes.weight.T for z in embeddings]
         codes = [sinkhorn(scores[view]) for view in range(2)]
         expected = swapped_prediction_loss(scores, codes, 0.1)
@@ -164,7 +167,7 @@ def test_crops_of_one_size_share_a_backbone_pass_without_changing_embeddings() -
     views = _views()
     with torch.no_grad():
         expected = [F.normalize(swav.head(swav.backbone(view)), dim=1) for view in views]
-        embeddings = swav._embed(views)
+        embeddings = embed_crops(swav.backbone, swav.head, views, 2)
     assert len(embeddings) == len(views)
     for got, want in zip(embeddings, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -280,7 +283,7 @@ def test_queue_writes_are_staged_until_the_step_is_committed() -> None:
 
     views = _views()
     with torch.no_grad():
-        expected = torch.stack(swav._embed(views)[:2])
+        expected = torch.stack(embed_crops(swav.backbone, swav.head, views, 2)[:2])
     swav(views)
     swav.commit_step()
     assert swav.features_enqueued.item() == BATCH
@@ -346,7 +349,7 @@ def test_small_crops_are_normalised_by_their_own_batch_statistics() -> None:
     with torch.no_grad():
         features = torch.cat([reference.backbone(torch.cat(views[:2])), reference.backbone(torch.cat(views[2:]))])
         expected = F.normalize(reference.head(features), dim=1).chunk(len(views))
-        embeddings = swav._embed(views)
+        embeddings = embed_crops(swav.backbone, swav.head, views, 2)
     for got, want in zip(embeddings, expected, strict=True):
         torch.testing.assert_close(got, want)
 
@@ -387,7 +390,7 @@ def test_queue_joins_sinkhorn_only_once_full() -> None:
     queued = with_queue.queue.clone()
     prototypes = with_queue.prototypes.weight
     with torch.no_grad():
-        embeddings = with_queue._embed(views)
+        embeddings = embed_crops(with_queue.backbone, with_queue.head, views, 2)
         scores = [z @ prototypes.T for z in embeddings]
         codes = [sinkhorn(torch.cat([queued[view] @ prototypes.T, scores[view]]))[-BATCH:] for view in range(2)]
         expected = swapped_prediction_loss(scores, codes, 0.1)
