@@ -18,18 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from torch import Tensor, nn
+from torch import nn
 
 from streamssl.models.backbones import build_backbone
 from streamssl.models.encoder_checks import (
@@ -42,6 +39,7 @@ from streamssl.models.encoder_checks import (
     expected_layout,
     parse_manifest_json,
 )
+from streamssl.models.encoder_folder import EncoderLoadError, read_inside, resolve_folder, sha256_inside
 from streamssl.models.encoder_signing import (
     KEY_ENV,
     MAX_SIGNATURE_BYTES,
@@ -51,15 +49,12 @@ from streamssl.models.encoder_signing import (
     signing_key,
 )
 from streamssl.models.forecaster import build_trunk
+from streamssl.models.published import PublishedEncoder, PublishedSeriesEncoder
 from streamssl.models.series_backbones import PooledSeriesEncoder, build_series_encoder
 from streamssl.streams.files import atomic_write
 
 WEIGHTS_FILE = "encoder.safetensors"
 MANIFEST_FILE = "manifest.json"
-
-
-class EncoderLoadError(Exception):
-    """A published encoder folder is missing, incomplete, tampered with or does not fit its backbone."""
 
 
 @dataclass
@@ -111,59 +106,6 @@ class Manifest:
 _FIELD_NAMES = frozenset(item.name for item in fields(Manifest)) - {"extra"}
 
 
-class PublishedEncoder(nn.Module):
-    """A backbone plus its input normalisation: float images [B, C, H, W] in [0, 1] -> embeddings [B, D].
-
-    `manifest` is a `Manifest.to_dict()` (what `load_encoder` passes: today's names, whatever the folder has).
-    """
-
-    # Buffers registered in __init__; declared so that they type as Tensor, not Tensor | Module.
-    mean: Tensor
-    std: Tensor
-
-    def __init__(self, backbone: nn.Module, manifest: dict[str, Any]) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.manifest = manifest
-        spec = manifest["input"]
-        # Not persistent: they come from the manifest, the weights file holds the backbone alone.
-        self.register_buffer("mean", torch.tensor(spec["mean"], dtype=torch.float32).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(spec["std"], dtype=torch.float32).view(1, -1, 1, 1),
-                             persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not x.is_floating_point():
-            # uint8 pixels in 0..255 would be normalised into nonsense without any error
-            raise TypeError(f"expected float images in [0, 1], got dtype {x.dtype}")
-        return self.backbone((x - self.mean) / self.std)
-
-
-class PublishedSeriesEncoder(nn.Module):
-    """A series trunk: float windows [B, C, T] -> features [B, D].
-
-    Inputs are z-scored per channel with the manifest's `input.mean` / `input.std` where it has them (the offline
-    forecaster); a streaming run normalises per series, so its manifest lists each series' mean/std instead and
-    the caller z-scores with those.
-    """
-
-    # Buffers registered in __init__; declared so that they type as Tensor, not Tensor | Module.
-    mean: Tensor
-    std: Tensor
-
-    def __init__(self, backbone: nn.Module, manifest: dict[str, Any]) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.manifest = manifest
-        spec = manifest["input"]
-        mean, std = spec.get("mean", [0.0] * spec["channels"]), spec.get("std", [1.0] * spec["channels"])
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.backbone((x - self.mean) / self.std)
-
-
 def _build(manifest: Manifest) -> tuple[nn.Module, type[PublishedEncoder] | type[PublishedSeriesEncoder]]:
     """The manifest's backbone and the wrapper that feeds it."""
     name, spec = manifest.backbone, manifest.input
@@ -212,8 +154,8 @@ def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder | 
     Any folder it cannot use, whatever was done to it, is one `EncoderLoadError` whose message names the
     file and the problem.
     """
-    folder = _resolve_folder(Path(folder))
-    raw = _read_inside(folder, MANIFEST_FILE, MAX_MANIFEST_BYTES)
+    folder = resolve_folder(Path(folder))
+    raw = read_inside(folder, MANIFEST_FILE, MAX_MANIFEST_BYTES)
     key = signing_key()
     if key is not None:  # authenticate before parsing anything
         _check_signature(folder, raw, key)
@@ -232,9 +174,9 @@ def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder | 
     except (ValueError, TypeError, KeyError, RuntimeError) as error:  # the last three: a check missed something
         raise EncoderLoadError(f"{folder / MANIFEST_FILE}: invalid manifest: {error}") from error
 
-    weights, weights_path = _read_inside(folder, WEIGHTS_FILE, 8 + MAX_HEADER_BYTES + data_bytes), folder / WEIGHTS_FILE
+    weights, weights_path = read_inside(folder, WEIGHTS_FILE, 8 + MAX_HEADER_BYTES + data_bytes), folder / WEIGHTS_FILE
     for name, expected in manifest.files.items():
-        actual = hashlib.sha256(weights).hexdigest() if name == WEIGHTS_FILE else _sha256_inside(folder, name)
+        actual = hashlib.sha256(weights).hexdigest() if name == WEIGHTS_FILE else sha256_inside(folder, name)
         if actual != expected:
             raise EncoderLoadError(f"{folder / name}: sha256 mismatch (manifest {expected[:12]}…, file {actual[:12]}…)")
     try:
@@ -250,72 +192,11 @@ def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder | 
     return wrapper(backbone, manifest.to_dict()).to(device).eval()
 
 
-def _resolve_folder(folder: Path) -> Path:
-    """The folder, resolved once (if `latest` flips while we read, we still read one version); a link is
-    followed only to a folder inside the link's own directory, as `published/latest` points at `vNNNNNN`."""
-    try:
-        resolved = folder.resolve()
-        if folder.is_symlink():
-            home = folder.parent.resolve()
-            if resolved == home or not resolved.is_relative_to(home):
-                raise EncoderLoadError(f"{folder}: a link to {str(resolved)!r}, outside {home}; only a link "
-                                       "to a folder beside it is followed")
-    except (OSError, ValueError, RuntimeError) as error:  # ValueError: a NUL byte; RuntimeError: a link loop
-        raise EncoderLoadError(f"{folder}: cannot resolve it ({error})") from error
-    return resolved
-
-
-@contextmanager
-def _open_inside(folder: Path, name: str, limit: int) -> Iterator[BinaryIO]:
-    """`name` opened for reading, refused unless it is a regular file of at most `limit` bytes inside `folder`
-    (resolved); read errors in the `with` body become EncoderLoadError too."""
-    path = folder / name
-    try:
-        resolved = path.resolve()
-        if resolved == folder or not resolved.is_relative_to(folder):
-            raise EncoderLoadError(f"{path}: resolves to {str(resolved)!r}, outside the encoder folder")
-        # No following a link swapped in after resolve(); no waiting on a FIFO.
-        with os.fdopen(os.open(resolved, _OPEN_FLAGS), "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise EncoderLoadError(f"{path}: not a regular file")
-            if info.st_size > limit:
-                raise EncoderLoadError(f"{path}: {info.st_size} bytes, more than the {limit} it may have")
-            yield handle
-    except OSError as error:
-        raise EncoderLoadError(f"{path}: cannot read it ({error.strerror or error})") from error
-    except (ValueError, RuntimeError) as error:  # ValueError: a NUL byte; RuntimeError: a link loop
-        raise EncoderLoadError(f"{path}: cannot read it ({error})") from error
-
-
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-
-
-def _read_inside(folder: Path, name: str, limit: int) -> bytes:
-    with _open_inside(folder, name, limit) as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise EncoderLoadError(f"{folder / name}: grew past {limit} bytes while being read")
-    return data
-
-
-def _sha256_inside(folder: Path, name: str) -> str:
-    """The sha256 of a file other than the weights, read in chunks: nothing loads it, so nothing keeps it."""
-    digest, size = hashlib.sha256(), 0
-    with _open_inside(folder, name, MAX_WEIGHTS_BYTES) as handle:
-        while chunk := handle.read(1 << 20):
-            size += len(chunk)
-            if size > MAX_WEIGHTS_BYTES:
-                raise EncoderLoadError(f"{folder / name}: grew past {MAX_WEIGHTS_BYTES} bytes while being read")
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_signature(folder: Path, manifest: bytes, key: bytes) -> None:
     path = folder / SIGNATURE_FILE
     if not os.path.lexists(path):
         raise EncoderLoadError(f"{folder}: unsigned (no {SIGNATURE_FILE}), and with {KEY_ENV} set only signed "
                                "encoders load")
-    if not signature_matches(manifest, _read_inside(folder, SIGNATURE_FILE, MAX_SIGNATURE_BYTES), key):
+    if not signature_matches(manifest, read_inside(folder, SIGNATURE_FILE, MAX_SIGNATURE_BYTES), key):
         raise EncoderLoadError(f"{path}: does not match {MANIFEST_FILE} under the key in {KEY_ENV} (tampered with, "
                                "or signed with another key)")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streamssl.models.encoder_io import EncoderLoadError
+from streamssl.models.encoder_folder import EncoderLoadError
 from streamssl.models.registry import SERIES_METHODS
 from streamssl.pipeline.config import ConfigError, load_config
 from streamssl.pipeline.rundir import RunDirError
@@ -162,7 +162,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from streamssl.models import build_backbone, load_encoder
-    from streamssl.models.encoder_io import PublishedEncoder
+    from streamssl.models.published import PublishedEncoder
     from streamssl.pipeline.config import DataConfig, EvalConfig
     from streamssl.pipeline.evaluation.knn import knn_top1
     from streamssl.pipeline.evaluation.probe import fine_tune, labelled_fraction, linear_probe

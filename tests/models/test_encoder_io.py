@@ -107,14 +107,16 @@ def test_an_unknown_backbone_in_the_manifest_is_refused(tmp_path: Path) -> None:
 
 def test_encoder_io_imports_no_training_code() -> None:
     modules = set().union(*(imported_modules(MODELS / name)
-                            for name in ("encoder_io.py", "encoder_checks.py", "encoder_signing.py")))
+                            for name in ("encoder_io.py", "encoder_checks.py", "encoder_signing.py",
+                                         "encoder_folder.py", "published.py")))
     third_party = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
     assert {m.split(".")[0] for m in third_party} <= {"torch", "safetensors", "streamssl"}
     # only the architectures a published encoder can name: image backbones, series encoders, forecaster trunks
-    # (and the loader's own checks and signing, and the leaf module for atomic writes)
+    # (and the loader's own checks, confined reads, wrappers and signing, and the leaf module for atomic writes)
     assert {m for m in third_party if m.startswith("streamssl")} == {
         "streamssl.models.backbones", "streamssl.models.series_backbones", "streamssl.models.forecaster",
-        "streamssl.models.encoder_checks", "streamssl.models.encoder_signing", "streamssl.streams.files"}
+        "streamssl.models.encoder_checks", "streamssl.models.encoder_signing", "streamssl.models.encoder_folder",
+        "streamssl.models.published", "streamssl.streams.files"}
 
 
 @pytest.mark.parametrize("backbone", ["convnet", "resnet18", "series-conv", "forecaster-cnn", "forecaster-lstm"])
