@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data run test lint typecheck bench clean
+.PHONY: setup data run test test-slow lint typecheck bench clean
 
 setup: $(VENV)/.installed data
 
@@ -29,10 +29,15 @@ data:
 run: setup
 	$(BIN)/streamssl run $(ARGS)
 
+# The default suite; the end-to-end system tests (Ray and Kafka training, every method trained, chaos) are
+# marked slow and run by `make test-slow`. CI runs both (.ci/run).
 test: setup
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory typecheck
-	$(BIN)/pytest -q --durations=20
+	$(BIN)/pytest -q -m "not slow" --durations=20
+
+test-slow: setup
+	$(BIN)/pytest -q -m slow --durations=20
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
