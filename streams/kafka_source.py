@@ -43,9 +43,10 @@ class KafkaSource(PartitionAssignment):
 
     Args:
         spec: `kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?group=G]`.
-        on_reject: Called with (source, key, reason) for a message that cannot be read at all (reason
-            "empty_value": a null value / tombstone or zero bytes); logged when None. Values that are
-            merely undecodable are passed on: the loader decodes and dead-letters them.
+        on_reject: Called with (source, key, reason[, detail]) for a message that cannot be read at all (reason
+            "empty_value": a null value / tombstone or zero bytes; "unreadable_record": kafka-python cannot
+            parse it, key "TOPIC/PARTITION/OFFSET"); logged when None. Values that are merely undecodable are
+            passed on: the loader decodes and dead-letters them.
         group: Consumer group when the spec has no `?group=`; default "streamssl".
         client_options: Passed to kafka-python's KafkaConsumer (security_protocol, sasl_*, ssl_*, client_id,
             fetch sizes, ...); they override the settings below.
@@ -246,9 +247,44 @@ class KafkaSource(PartitionAssignment):
         kafka = self._kafka
         try:
             return consumer.poll(timeout_ms=self._poll_timeout_ms)
+        except kafka.errors.CorruptRecordError as err:
+            self._skip_unreadable(consumer, err)
+            return {}
         except kafka.errors.KafkaError as err:
             self._closed.wait(self._failed("polling", err))
             return {}
+
+    def _skip_unreadable(self, consumer: Any, err: Exception) -> None:
+        """Rejects a record kafka-python cannot parse (a header name that is not UTF-8, a failed CRC) and seeks past it.
+
+        kafka-python raises CorruptRecordError without saying where, and every later poll spins on the records it
+        failed in: left alone, the source would never move again. Its fetcher holds those records, with their
+        partition and the offset it failed at (private state of kafka-python 3; where it is missing, the poll is
+        retried after a backoff as before). Records after a bad one in the same batch fail the same way (the
+        batch is parsed from its start), so each of them is rejected in turn.
+        """
+        failed = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
+        tp, offset = getattr(failed, "topic_partition", None), getattr(failed, "next_fetch_offset", None)
+        if tp is None or tp.topic != self.topic or not isinstance(offset, int):
+            self._closed.wait(self._failed("polling", err))
+            return
+        try:
+            consumer.seek(tp, offset + 1)
+        except ValueError:  # revoked meanwhile: its new owner meets the record
+            return
+        with self._lock:
+            self._offsets[tp.partition] = offset + 1
+        detail = (str(err).splitlines() or [type(err).__name__])[0].removeprefix("[Error 2] CorruptRecordError: ")
+        self._reject(f"kafka://{self.topic}/{tp.partition}", f"{self.topic}/{tp.partition}/{offset}",
+                     "unreadable_record", detail[:300])
+
+    def _reject(self, source: str, key: str, reason: str, detail: str = "") -> None:
+        with self._lock:
+            self._counts["rejected"] += 1
+        if self._on_reject is not None:
+            self._on_reject(source, key, reason, detail)
+        else:
+            log.warning("skipped %s %s: %s %s", source, key, reason, detail)
 
     def _record(self, message: Any) -> Record | None:
         """The message as a Record, or None after rejecting it; either way the position moves past it."""
@@ -265,11 +301,7 @@ class KafkaSource(PartitionAssignment):
             key = f"{self.topic}/{partition}/{offset}"
         value = message.value
         if not value:  # a tombstone or zero bytes: nothing the loader could decode or dead-letter
-            self._counts["rejected"] += 1
-            if self._on_reject is not None:
-                self._on_reject(source, key, "empty_value")
-            else:
-                log.warning("skipped %s offset %d (%s): empty_value", source, offset, key)
+            self._reject(source, key, "empty_value")
             return None
         self._counts["records"] += 1
         headers[sniff(value)] = value

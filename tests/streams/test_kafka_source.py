@@ -140,7 +140,7 @@ def test_empty_values_are_rejected_and_passed_over(kafka_broker: Tansu) -> None:
     producer.flush()
     producer.close()
     rejected: list[tuple[str, str, str]] = []
-    stream = source(kafka_broker, topic, f"g-{topic}", on_reject=lambda *why: rejected.append(why))
+    stream = source(kafka_broker, topic, f"g-{topic}", on_reject=lambda *why: rejected.append(why[:3]))
     records = take(stream, 2)
     stream.close()
     assert rejected == [(f"kafka://{topic}/0", "tombstone", "empty_value"), (f"kafka://{topic}/0", "empty", "empty_value")]
@@ -148,6 +148,39 @@ def test_empty_values_are_rejected_and_passed_over(kafka_broker: Tansu) -> None:
         ("garbage", {"bin": b"\x13\x37"}, 2), (f"{topic}/0/3", {"json": b'{"a": 1}'}, 3)]
     assert stream.state_dict()["offsets"] == {"0": 4}
     assert stream.stats()["rejected"] == 2
+
+
+class _RawHeaderName(str):
+    """A header name whose bytes on the wire are not UTF-8: kafka-python's producer writes `name.encode()`, and other
+    clients (librdkafka's C strings) can send any bytes; the broker stores them as they are."""
+
+    def encode(self, *args: object, **kwargs: object) -> bytes:
+        return b"\xff\xfename"
+
+
+@pytest.mark.timeout(60)  # before the fix kafka-python's poll spun for ever on the bad record
+def test_a_record_kafka_python_cannot_parse_is_rejected_and_reading_goes_on(kafka_broker: Tansu) -> None:
+    topic = new_topic(kafka_broker, partitions=1)
+    producer = kafka_module().KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    producer.send(topic, key=b"good-0", value=b"v").get(timeout=10)
+    producer.send(topic, key=b"bad-1", value=b"v", headers=[(_RawHeaderName("x"), b"1")]).get(timeout=10)
+    producer.send(topic, key=b"good-2", value=b"v").get(timeout=10)
+    # one batch: the bad record first, so the two after it cannot be parsed either (kafka-python reads a batch from
+    # its start); the record in the next batch is read again
+    for key, headers in ((b"bad-3", [(_RawHeaderName("x"), b"1")]), (b"lost-4", []), (b"lost-5", [])):
+        producer.send(topic, key=key, value=b"v", headers=headers)
+    producer.flush()
+    producer.send(topic, key=b"good-6", value=b"v").get(timeout=10)
+    producer.close()
+    rejected: list[tuple[str, ...]] = []
+    stream = source(kafka_broker, topic, f"g-{topic}", on_reject=lambda *why: rejected.append(why))
+    records = take(stream, 3)
+    stream.close()
+    assert [(record.key, record.index) for record in records] == [("good-0", 0), ("good-2", 2), ("good-6", 6)]
+    assert [(key, reason) for _, key, reason, _ in rejected] == [(f"{topic}/0/{offset}", "unreadable_record")
+                                                                 for offset in (1, 3, 4, 5)]
+    assert "UnicodeDecodeError" in rejected[0][3]
+    assert stream.state_dict()["offsets"] == {"0": 7} and stream.stats()["rejected"] == 4
 
 
 def test_resume_from_checkpoint_and_from_committed_offsets(kafka_broker: Tansu) -> None:

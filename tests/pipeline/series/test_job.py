@@ -287,6 +287,40 @@ def test_points_from_a_kafka_topic_train_resume_and_dead_letter(kafka_broker: An
     assert KafkaSource(url).committed_offsets() == {0: len(points)}
 
 
+# Records that once ended the job (the 400-digit timestamp: OverflowError, exit 2 on every restart) or could:
+# each must be that record's dead letter, under its reason, and the job goes on.
+POISON = [
+    (b'{"series_id": "m1", "timestamp": ' + b"9" * 400 + b', "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "m1", "timestamp": "' + b"9" * 400 + b'", "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "m1", "timestamp": 1e999, "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "m1", "timestamp": 5, "value": ' + b"9" * 400 + b"}", "non_numeric_value"),
+    (b'{"series_id": "m1", "timestamp": 5, "value": ' + b"9" * 5000 + b"}", "not_json"),
+    (b'{"series_id": {"a": 1}, "timestamp": 5, "value": 1}', "missing_field"),
+    (b'{"series_id": "\\ud800", "timestamp": 5, "value": 1}', "missing_field"),
+    (b"{" + b'"a": {' * 50000 + b"}", "not_json"),
+    (b"\xff\xfe\x00{", "not_json"),
+]
+
+
+def test_poison_records_on_kafka_are_dead_lettered_and_the_series_job_goes_on(kafka_broker: Any, tmp_path: Path) -> None:
+    topic = "series-poison"
+    values = _series(160)
+    points = [(f"p{t}", json.dumps({"series_id": "m1", "timestamp": t, "value": float(v)}).encode(), [])
+              for t, v in enumerate(values)]
+    points[100:100] = [(f"poison-{index}", payload, []) for index, (payload, _) in enumerate(POISON)]
+    create_topic(kafka_broker.bootstrap, topic, partitions=1)
+    assert produce(kafka_broker.bootstrap, topic, points) == len(points)
+    job = SeriesJob(_config(tmp_path / "run", f"{kafka_broker.url(topic)}?group=poison-g", "forecast",
+                            f"train.max_steps={(160 - WARMUP) // BATCH}", "kafka.session_timeout_ms=6000"))
+    state = job.run()
+    assert state.step == (160 - WARMUP) // BATCH and job.task.points_seen == 160  # every good point, after them too
+    letters = [json.loads(line) for line in (tmp_path / "run" / "dead-letter.jsonl").read_text().splitlines()]
+    assert [(letter["key"], letter["reason"]) for letter in letters] == [
+        (f"poison-{index}", reason) for index, (_, reason) in enumerate(POISON)]
+    rejected = job.metrics.registry.get_sample_value("streamssl_records_rejected_total", {"reason": "bad_timestamp"})
+    assert rejected == 3
+
+
 def test_a_reject_from_the_feed_is_dead_lettered_by_the_loop_which_moves_past_it(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.csv").write_text("timestamp,value\n0,1\n1,x\n2,3\n")
