@@ -86,7 +86,7 @@ class Loop:
         if self.collective.rank == 0:
             self.paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.metrics = Metrics(cfg.method)
-        self.dead_letter_topic = topic = dead_letter_topic(cfg.data, cfg.kafka)
+        self.dead_letter_topic = topic = dead_letter_topic(cfg.data, cfg.kafka, self.paths.root, self.collective.rank)
 
         def forward(source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
             topic.send(key, payload, reason, detail, source)

@@ -29,7 +29,7 @@ from collections.abc import Generator
 from typing import Any
 
 from streamssl.streams.kafka_assignment import REQUEST_TIMEOUT_MS, KafkaPosition, PartitionAssignment, _rebalance_listener
-from streamssl.streams.kafka_produce import check_resolvable, kafka_module, parse_kafka_url
+from streamssl.streams.kafka_produce import check_resolvable, jittered, kafka_module, parse_kafka_url
 from streamssl.streams.records import Record, RejectFn, SourceError, sniff
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class KafkaSource(PartitionAssignment):
         poll_timeout_ms: Longest wait in one poll; also how soon a `close()` from another thread is noticed.
         session_timeout_ms: Group session timeout (heartbeats every third of it).
         auto_offset_reset: Where a partition with neither a checkpointed nor a committed offset starts.
-        retry_backoff_seconds: First wait after a failed broker call; doubles on each failure in a row.
+        retry_backoff_seconds: First wait after a failed broker call; doubles on each failure in a row (each
+            wait is drawn from [half of it, all of it], so that the members of a group don't retry in step).
         max_backoff_seconds: Cap of that wait.
         split: (worker, workers): read the partitions p with p % workers == worker, assigned by this source
             rather than by the group (see the module docstring); offsets are still committed for the group.
@@ -310,7 +311,7 @@ class KafkaSource(PartitionAssignment):
     # --- broker calls on the iterating thread ----------------------------------------------------
     def _failed(self, action: str, err: Exception) -> float:
         """Counts and logs a failed broker call; returns how long to back off before the next try."""
-        delay = self._backoff
+        delay = jittered(self._backoff)
         self._backoff = min(self._backoff * 2, self._max_backoff)
         with self._lock:
             self._counts["broker_retries"] += 1

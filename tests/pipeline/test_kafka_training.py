@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -184,3 +185,62 @@ def test_broker_killed_and_restarted_mid_run(durable_kafka_broker, small_lake: P
     trained = _trained(run_dir)
     assert set(trained) == set(keys)
     assert sum(trained.values()) == 10 * BATCH
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _wait(condition, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(300)
+def test_dead_letters_during_a_broker_outage_neither_stop_nor_slow_training(durable_kafka_broker, small_lake: Path,
+                                                                            tmp_path: Path) -> None:
+    broker, topic, dlq, group = durable_kafka_broker, "outage-in", "outage-dlq", "g-outage"
+    create_topic(broker.bootstrap, topic, partitions=1)
+    good = list(lake_records(str(small_lake)))[:10 * BATCH]
+    garbage = [(f"garbage-{index}", b"definitely not an image", []) for index in range(5)]
+    # The consumer's first fetch takes all of these (a partition's fetch is up to 1 MiB): the trainer has data for
+    # 8 steps while the broker is down, and meets the garbage after step 5.
+    assert produce(broker.bootstrap, topic, good[:5 * BATCH] + garbage + good[5 * BATCH:8 * BATCH]) == 8 * BATCH + 5
+    run_dir = tmp_path / "run"
+    broker.kill()
+    started = time.monotonic()
+    trainer = Trainer(tiny_config(run_dir, broker.url(topic), *KAFKA_SETS, f"kafka.group={group}",
+                                  f"kafka.dead_letter_topic={dlq}", "train.max_steps=10"))
+    assert time.monotonic() - started < 10  # it starts with the broker down (it used to fail: "cannot reach Kafka")
+    thread = threading.Thread(target=trainer.run, daemon=True)
+    thread.start()
+    audit, letters = run_dir / "trained-keys.jsonl", run_dir / "dead-letter.jsonl"
+    try:
+        broker.restart()
+        # Created after the run started, the dead-letter topic is one the run's producer has no metadata for when the
+        # broker goes down, like a topic whose metadata expired (after 5 min): the old one blocked 60 s per dead letter.
+        create_topic(broker.bootstrap, dlq, partitions=1)
+        _wait(lambda: _lines(audit) >= 1, 60, "the first step")
+        broker.kill()
+        killed = time.time()
+        _wait(lambda: _lines(audit) >= 8, 60, "steps 2-8 with the broker down")  # was 60 s per dead letter
+        entries = [json.loads(line) for line in letters.read_text().splitlines()]
+        assert [entry["key"] for entry in entries] == [key for key, _, _ in garbage]
+        assert all(entry["time"] > killed for entry in entries)  # rejected while the broker was down
+        broker.restart()
+        assert produce(broker.bootstrap, topic, good[8 * BATCH:]) == 2 * BATCH
+        thread.join(timeout=180)
+        assert not thread.is_alive()
+    finally:
+        trainer.stop.set()
+        thread.join(timeout=30)
+    assert trainer.state.step == 10
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, consumer_timeout_ms=5000)
+    consumer.assign([TopicPartition(dlq, 0)])
+    consumer.seek_to_beginning()
+    dead = list(consumer)
+    consumer.close()
+    assert [(m.key.decode(), m.value, dict(m.headers)["reason"]) for m in dead] == [
+        (key, value, b"corrupt_image") for key, value, _ in garbage]
