@@ -29,6 +29,7 @@ from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.checkpointing import Checkpointer
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError, to_dict
+from streamssl.pipeline.loading.commits import CommitJournal
 from streamssl.pipeline.loading.deadletter import DeadLetters
 from streamssl.pipeline.loading.messages import End, Failure, Message, Reject
 from streamssl.pipeline.loading.positions import Position, position_from_dict, position_to_dict
@@ -93,6 +94,7 @@ class Loop:
 
         self.dead_letters = DeadLetters(self.paths.dead_letters, self.metrics, None if topic is None else forward)
         self.checkpointer = checkpointer or Checkpointer(self.paths.checkpoints, keep=cfg.checkpoint.keep)
+        self.commits = CommitJournal(self.paths.root, self.collective)  # what Kafka commits say, and the last ones
         self.publisher = Publisher(self.paths.published)
         self.state = RunState()
         self.metrics_port = 0
@@ -165,10 +167,12 @@ class Loop:
     def save_checkpoint(self) -> None:
         started = time.perf_counter()
         self.state.checkpoints_written += 1
+        self.state.position = self.commits.checkpointed(self.state.position, self.state.step)
         self.checkpointer.save(self.checkpoint_state(), self.state.step)
         self._checkpointed = (self.state.step, self.state.position)
         self.metrics.observe_checkpoint(time.perf_counter() - started)
         if self.feed is not None:  # durable now: Kafka may move the group's committed offsets up to it
+            self.commits.committing(self.state.position)
             self.feed.commit(self.state.position)
 
     # --- eval and publishing: rank 0 ---------------------------------------------------------------
@@ -306,7 +310,7 @@ class Loop:
             self.serve_metrics()
             self.resume()
             self.plan_horizon()
-            feed = self.feed = self.task.open(self.state.position)
+            feed = self.feed = self.task.open(self.commits.resumed(self.state.position))
             self._train(feed)
         finally:
             if self.feed is not None:

@@ -28,7 +28,13 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from streamssl.streams.kafka_assignment import REQUEST_TIMEOUT_MS, KafkaPosition, PartitionAssignment, _rebalance_listener
+from streamssl.streams.kafka_assignment import (
+    REQUEST_TIMEOUT_MS,
+    KafkaPosition,
+    PartitionAssignment,
+    _rebalance_listener,
+    commit_metadata,
+)
 from streamssl.streams.kafka_produce import check_resolvable, jittered, kafka_module, parse_kafka_url
 from streamssl.streams.records import Record, RejectFn, SourceError, sniff
 
@@ -102,7 +108,8 @@ class KafkaSource(PartitionAssignment):
         self._lock = threading.Lock()  # guards the dicts below against state_dict/stats/commit from other threads
         self._closed = threading.Event()
         self._offsets: dict[int, int] = {}  # the position: next offset per partition (read, or from the checkpoint)
-        self._pending: dict[int, int] = {}  # requested commits not yet performed
+        self._resumed: KafkaPosition | None = None
+        self._pending: dict[int, tuple[int, str]] = {}  # requested commits not yet performed: offset, metadata
         self._assigned: frozenset[int] = frozenset()
         # Assigned but not yet moved to their start: paused, and nothing of theirs is handed out.
         self._unpositioned: frozenset[int] = frozenset()
@@ -124,7 +131,7 @@ class KafkaSource(PartitionAssignment):
     def position(self) -> KafkaPosition:
         """The next offset of every partition read so far (or loaded), right after the last record yielded."""
         with self._lock:
-            return KafkaPosition(self.topic, dict(self._offsets))
+            return KafkaPosition(self.topic, dict(self._offsets), self._resumed.lineage if self._resumed else "")
 
     def state_dict(self) -> dict[str, Any]:
         """`position()` as plain data: {"kind": "kafka", "topic": T, "offsets": {"PARTITION": next offset}}."""
@@ -134,7 +141,8 @@ class KafkaSource(PartitionAssignment):
         """Continue after `state` (call before iterating); an empty state is a new run that starts where the group is.
 
         On assignment each partition starts at the later of this checkpoint's offset and the group's
-        committed offset, and at `auto_offset_reset` when it has neither.
+        committed offset, and at `auto_offset_reset` when it has neither; but not at a commit this run dir made
+        for a newer checkpoint than this one (see `start_offset`).
         """
         if not state:
             return
@@ -143,6 +151,7 @@ class KafkaSource(PartitionAssignment):
             raise SourceError(f"saved Kafka position is for topic {position.topic}, not {self.topic}")
         with self._lock:
             self._offsets = dict(position.offsets)
+            self._resumed = position
 
     def commit(self, state: dict[str, Any]) -> None:
         """Asks for the offsets of `state` (a `state_dict()`) to be committed for the group; returns at once.
@@ -161,8 +170,9 @@ class KafkaSource(PartitionAssignment):
         if position.topic != self.topic:
             log.warning("ignored a commit request for topic %s (this source reads %s)", position.topic, self.topic)
             return
+        metadata = commit_metadata(position)
         with self._lock:
-            self._pending.update(position.offsets)
+            self._pending.update({partition: (offset, metadata) for partition, offset in position.offsets.items()})
 
     def stats(self) -> dict[str, float]:
         """Counters and lag, exported as `streamssl_source_position{field=...}` gauges.
@@ -331,12 +341,12 @@ class KafkaSource(PartitionAssignment):
         held = {tp.partition for tp in consumer.assignment()}
         self._commit(consumer, {partition: offset for partition, offset in pending.items() if partition in held}, pending)
 
-    def _commit(self, consumer: Any, offsets: dict[int, int], pending: dict[int, int]) -> bool:
+    def _commit(self, consumer: Any, offsets: dict[int, tuple[int, str]], pending: dict[int, tuple[int, str]]) -> bool:
         kafka = self._kafka
         if not offsets:
             return True
-        request = {kafka.TopicPartition(self.topic, partition): kafka.OffsetAndMetadata(offset, "", -1)
-                   for partition, offset in offsets.items()}
+        request = {kafka.TopicPartition(self.topic, partition): kafka.OffsetAndMetadata(offset, metadata, -1)
+                   for partition, (offset, metadata) in offsets.items()}
         try:
             consumer.commit(request, timeout_ms=REQUEST_TIMEOUT_MS)
         except kafka.errors.CommitFailedError as err:
@@ -344,14 +354,14 @@ class KafkaSource(PartitionAssignment):
             with self._lock:
                 self._counts["commit_failures"] += 1
             log.warning("Kafka %s: commit of %s refused (%s); the next checkpoint commits again", self.topic,
-                        offsets, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                        _offsets_only(offsets), str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
             return False
         except kafka.errors.KafkaError as err:
             with self._lock:
                 self._counts["commit_failures"] += 1
                 for partition, offset in pending.items():
                     self._pending.setdefault(partition, offset)  # a newer request, if any, wins
-            self._next_commit = time.monotonic() + self._failed(f"commit of {offsets}", err)
+            self._next_commit = time.monotonic() + self._failed(f"commit of {_offsets_only(offsets)}", err)
             return False
         self._succeeded()
         with self._lock:
@@ -387,7 +397,8 @@ class KafkaSource(PartitionAssignment):
         except kafka.errors.KafkaError as err:
             with self._lock:
                 self._counts["commit_failures"] += 1
-            log.warning("Kafka %s: final commit of %s failed: %s", self.topic, offsets, type(err).__name__)
+            log.warning("Kafka %s: final commit of %s failed: %s", self.topic, _offsets_only(offsets),
+                        type(err).__name__)
             return
         try:
             self._commit(consumer, offsets, {})
@@ -422,3 +433,8 @@ class KafkaSource(PartitionAssignment):
             consumer.resume(*ready)
 
     # --- rebalance listener (kafka-python's I/O thread) ------------------------------------------
+
+
+def _offsets_only(offsets: dict[int, tuple[int, str]]) -> dict[int, int]:
+    """Requested commits as {partition: offset}, for log lines."""
+    return {partition: offset for partition, (offset, _) in offsets.items()}

@@ -92,6 +92,30 @@ def test_resume_from_committed_offsets_loses_nothing(kafka_broker, small_lake: P
     assert _committed(kafka_broker, topic, group) == RECORDS
 
 
+def test_a_corrupt_newest_checkpoint_trains_its_interval_again(kafka_broker, small_lake: Path, tmp_path: Path) -> None:
+    topic, group, run_dir = "corrupt-newest", "g-corrupt", tmp_path / "run"
+    keys = _fill(kafka_broker, topic, small_lake)
+    sets = (*KAFKA_SETS, f"kafka.group={group}")
+    Trainer(tiny_config(run_dir, kafka_broker.url(topic), *sets, "train.max_steps=6")).run()
+    assert _committed(kafka_broker, topic, group) == 6 * BATCH  # the group is at ckpt-6's offsets
+    newest = run_dir / "checkpoints" / "ckpt-000000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated: the resume falls back to ckpt-4
+    first = [json.loads(line) for line in (run_dir / "trained-keys.jsonl").read_text().splitlines()]
+    lost = {key for line in first if line["step"] > 4 for key in line["keys"]}
+    assert len(lost) == 2 * BATCH
+    # From ckpt-4 to the end of the topic is 6 steps; starting at the group's (ckpt-6's) offsets there would be 4,
+    # and the run would stop at its time budget instead.
+    last = Trainer(tiny_config(run_dir, kafka_broker.url(topic), *sets, "train.max_steps=10", "train.max_minutes=1"))
+    assert last.run().step == 10
+    second = [json.loads(line) for line in (run_dir / "trained-keys.jsonl").read_text().splitlines()][len(first):]
+    assert [line["step"] for line in second] == [5, 6, 7, 8, 9, 10]
+    trained = _trained(run_dir)
+    assert set(trained) == set(keys)  # nothing skipped
+    assert {key for key, count in trained.items() if count == 2} == lost  # the lost interval, trained again
+    assert max(trained.values()) == 2
+    assert _committed(kafka_broker, topic, group) == RECORDS
+
+
 def test_kill_9_at_a_random_step_then_restart(kafka_broker, small_lake: Path, tmp_path: Path) -> None:
     topic, group = "kill-trainer", "g-kill"
     keys = _fill(kafka_broker, topic, small_lake)

@@ -216,6 +216,55 @@ def test_resume_from_checkpoint_and_from_committed_offsets(kafka_broker: Tansu) 
     fourth.close()
 
 
+LINEAGE, OTHER = "a" * 32, "b" * 32
+
+
+@pytest.mark.parametrize(("mine", "committed", "metadata", "start"), [
+    (10, 30, f"streamssl lineage={LINEAGE} step=6", (10, True)),  # our commit of a newer, lost checkpoint
+    (None, 30, f"streamssl lineage={LINEAGE} step=6", (None, True)),  # not in the checkpoint: auto_offset_reset
+    (10, 30, f"streamssl lineage={LINEAGE} step=4", (30, False)),  # not newer than the checkpoint resumed from
+    (10, 30, f"streamssl lineage={OTHER} step=9", (30, False)),  # another run dir moved the partition on
+    (10, 30, "", (30, False)), (10, 30, None, (30, False)),  # someone else's commit, without our metadata
+    (10, 25, None, (10, True)),  # no metadata (Tansu drops it), but an offset this run dir committed for step 6
+    (10, 25, f"streamssl lineage={OTHER} step=9", (25, False)),  # the same offset, by another run dir
+    (40, 30, f"streamssl lineage={LINEAGE} step=6", (40, False)), (10, None, None, (10, False)),
+])
+def test_start_offset_sets_aside_only_this_run_dirs_commits_of_newer_checkpoints(
+        mine: int | None, committed: int | None, metadata: str | None, start: tuple[int | None, bool]) -> None:
+    from streamssl.streams.kafka_assignment import KafkaPosition, start_offset
+
+    resumed = KafkaPosition("t", {0: 10}, LINEAGE, 4, newer_commits={0: (25,)})
+    assert start_offset(resumed, 0, mine, committed, metadata) == start
+    # A source that resumed from no checkpoint, or from one written before lineages, keeps the later of the two.
+    for plain in (None, KafkaPosition("t", {0: 10})):
+        assert start_offset(plain, 0, mine, committed, metadata)[0] == max(o for o in (mine, committed) if o is not None)
+
+
+def test_a_resumed_source_does_not_start_at_its_own_commit_of_a_lost_checkpoint(kafka_broker: Tansu) -> None:
+    topic = new_topic(kafka_broker, partitions=1)
+    produce([kafka_broker.bootstrap], topic, ((f"k{index}", b"v", []) for index in range(60)))
+    group = f"g-{topic}"
+    first = source(kafka_broker, topic, group)
+    take(first, 20)
+    checkpoint = {**first.state_dict(), "lineage": LINEAGE, "step": 4}  # as the loop checkpoints it
+    take(first, 20)
+    first.commit({**first.state_dict(), "lineage": LINEAGE, "step": 6})  # then that checkpoint turns out unreadable
+    first.close()
+    assert first.committed_offsets() == {0: 40}
+
+    def first_offset(state: dict[str, object]) -> int:
+        stream = source(kafka_broker, topic, group)
+        stream.load_state_dict(state)
+        records = take(stream, 1)
+        stream.close()
+        return records[0].index
+
+    # Journaled as this run dir's commit for step 6 (Tansu keeps no commit metadata): the checkpoint's offset wins.
+    assert first_offset({**checkpoint, "newer_commits": {"0": [40]}}) == 20
+    # Not known as ours: the later of the two, as another member (or run dir) may have moved the partition on.
+    assert first_offset(checkpoint) == 40
+
+
 def test_two_sources_split_partitions_and_a_late_joiner_loses_nothing(kafka_broker: Tansu) -> None:
     topic, total = new_topic(kafka_broker), 200
     produce([kafka_broker.bootstrap], topic, ((f"k{index}", b"v", []) for index in range(total)))
@@ -473,3 +522,26 @@ def test_a_back_pressured_member_still_hands_partitions_to_a_joiner(kafka_broker
     assert len(first) == 10
     # the joiner has its share, not everything: the holder still owns part of the topic
     assert 0 < len({record.source for record in joiner.records}) < 4
+
+
+class RecordingConsumer(RefusingConsumer):
+    """Stands in for the consumer at commit time: Tansu keeps no commit metadata (it answers None for it), so what a
+    commit sends is read here."""
+
+    def __init__(self, held: Iterable[int]) -> None:
+        super().__init__(RuntimeError("unused"), held)
+        self.requests: list[dict[object, object]] = []
+
+    def commit(self, offsets: object, timeout_ms: int) -> None:
+        self.requests.append(offsets)  # type: ignore[arg-type]
+
+
+def test_a_commit_names_its_checkpoint_in_the_offset_metadata() -> None:
+    stream = KafkaSource("kafka://127.0.0.1:9092/t")
+    stream.commit({"kind": "kafka", "topic": "t", "offsets": {"0": 5, "1": 8}, "lineage": LINEAGE, "step": 6})
+    consumer = RecordingConsumer(held=[0, 1])
+    stream._perform_commits(consumer, force=True)
+    (request,) = consumer.requests
+    assert {tp.partition: (meta.offset, meta.metadata) for tp, meta in request.items()} == {  # type: ignore[attr-defined]
+        0: (5, f"streamssl lineage={LINEAGE} step=6"), 1: (8, f"streamssl lineage={LINEAGE} step=6")}
+    stream.close()
