@@ -238,7 +238,31 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
+    """Every value, secrets included: what is written anywhere goes through `redacted`."""
     return dataclasses.asdict(cfg)
+
+
+# Never written anywhere (config.yaml, checkpoints, Ray's run state, `streamssl config`): kept in memory only.
+SECRETS = (("kafka", "sasl_plain_password"),)
+
+
+def redacted(cfg: Config) -> dict[str, Any]:
+    """`to_dict(cfg)` with every secret emptied (a run started from it reads the password from the environment)."""
+    values = to_dict(cfg)
+    for section, key in SECRETS:
+        values[section][key] = ""
+    return values
+
+
+def secrets_of(cfg: Config) -> dict[str, str]:
+    """The secrets `redacted` leaves out, {"section.key": value}, to hand to another process in memory."""
+    return {f"{section}.{key}": getattr(getattr(cfg, section), key) for section, key in SECRETS}
+
+
+def restore_secrets(cfg: Config, secrets: dict[str, str]) -> None:
+    """Puts `secrets_of`'s values back into a config loaded from its redacted form."""
+    for section, key in SECRETS:
+        setattr(getattr(cfg, section), key, secrets.get(f"{section}.{key}", ""))
 
 
 # --- the one validator --------------------------------------------------------------------------

@@ -28,16 +28,16 @@ import yaml
 from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.checkpointing import Checkpointer
 from streamssl.pipeline.collective import Collective
-from streamssl.pipeline.config import Config, ConfigError, to_dict
+from streamssl.pipeline.config import Config, ConfigError, redacted
 from streamssl.pipeline.loading.commits import CommitJournal
-from streamssl.pipeline.loading.deadletter import DeadLetters
+from streamssl.pipeline.loading.deadletter import DeadLetters, private
 from streamssl.pipeline.loading.messages import End, Failure, Message, Reject
 from streamssl.pipeline.loading.positions import Position, position_from_dict, position_to_dict
 from streamssl.pipeline.loading.sources import dead_letter_topic
 from streamssl.pipeline.publishing import Publisher
 from streamssl.pipeline.schedule import HorizonEstimate
 from streamssl.pipeline.task import Feed, Task
-from streamssl.streams.files import RunPaths
+from streamssl.streams.files import RunPaths, atomic_write
 from streamssl.streams.records import SourceError
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,10 @@ class Loop:
         self.stop = stop or threading.Event()
         self.collective = collective or Collective()
         self.paths = RunPaths(Path(cfg.run_dir))
-        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds record bytes and keys
         if self.collective.rank == 0:
-            self.paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            with atomic_write(self.paths.config) as handle:  # 0600, and without the secrets
+                handle.write(yaml.safe_dump(redacted(cfg), sort_keys=False).encode())
         self.metrics = Metrics(cfg.method)
         self.dead_letter_topic = topic = dead_letter_topic(cfg.data, cfg.kafka, self.paths.root, self.collective.rank)
 
@@ -117,7 +118,7 @@ class Loop:
             # the LR is a pure function of step and horizon
             "schedule": {**own.get("schedule", {}), "step": st.step, "horizon_steps": st.horizon_steps,
                          "cycle_start": st.cycle_start},
-            "eval_metrics": st.eval_metrics, "eval_step": st.eval_step, "config": to_dict(self.cfg),
+            "eval_metrics": st.eval_metrics, "eval_step": st.eval_step, "config": redacted(self.cfg),
         }
         if self.collective.world_size > 1:  # every worker's own stream position and RNG, in rank order
             ranks = self.collective.gather({"position": state["source"], "rng": own.get("rng", {})})
@@ -200,7 +201,7 @@ class Loop:
     def audit_keys(self, keys: list[str]) -> None:
         """Lineage: which records went into which step. Lines after the last checkpoint are replayed after a crash,
         so a key may appear twice; at-least-once delivery means every acknowledged key appears at least once."""
-        with open(self.paths.trained_keys, "a", encoding="utf-8") as handle:
+        with open(self.paths.trained_keys, "a", encoding="utf-8", opener=private) as handle:
             handle.write(json.dumps({"step": self.state.step, "keys": keys}) + "\n")
 
     # --- the schedule horizon ----------------------------------------------------------------------

@@ -47,7 +47,7 @@ class KafkaConfig:
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"  # how to reach the brokers
     sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = ""  # "" = no SASL
     sasl_plain_username: str = ""  # SASL PLAIN / SCRAM user
-    sasl_plain_password: str = ""  # prefer the STREAMSSL_KAFKA_PASSWORD environment variable
+    sasl_plain_password: str = ""  # never written to the run dir; prefer the STREAMSSL_KAFKA_PASSWORD environment variable
     ssl_cafile: str = ""  # CA bundle that signed the brokers' certificates
     ssl_certfile: str = ""  # client certificate (mutual TLS)
     ssl_keyfile: str = ""  # client key (mutual TLS)
