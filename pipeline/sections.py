@@ -195,6 +195,8 @@ class SeriesConfig:
     decomposition_seed: int = 0  # EEMD noise seed; fixed across training seeds so one decomposition serves all
     # The continuous job (`streamssl run --method forecast|cpc`, pipeline/series/job.py):
     series_column: str = ""  # Parquet/CSV column naming each row's series ("" = one series)
+    # series kept at once (windows, warm-up, statistics, pending forecasts): a new one drops the one updated longest ago
+    max_series: int = 1000
     warmup_points: int = 512  # first points of each series: frozen normalisation (and the grouping); >= window
     batch_size: int = 64  # examples (forecast) or windows (cpc) per step; train.batch_size is for images
     lr: float = 1e-3  # Adam learning rate

@@ -198,6 +198,26 @@ def test_each_series_has_its_own_warm_up_statistics_windows_and_forecasts(tmp_pa
     assert set(manifest["input"]["series"]) == {"s", "l"}
 
 
+def test_series_state_is_bounded_by_max_series_however_many_ids_the_stream_brings(tmp_path: Path) -> None:
+    # a producer bug that makes every point a new series (here: 400 ids) once grew the windows, warm-ups,
+    # statistics, checkpoints and the manifest without bound
+    data = tmp_path / "data"
+    data.mkdir()
+    steady = _series(150)
+    rows = [(float(t), float(steady[t]), "steady") for t in range(150)]
+    rows[60:60] = [(float(t), 1.0, f"noise-{t}") for t in range(400)]
+    times, values, ids = zip(*rows, strict=True)
+    write_series_file(data / "part-000.parquet", times, values, ids)
+    job = SeriesJob(_config(tmp_path / "run", data, "forecast", "series.series_column=series_id", "series.max_series=8"))
+    job.run()
+    task = job.task
+    assert len(task.windows.series_ids()) <= 8 and len(task.warmup) + len(task.norm) <= 8 and len(task.pending) <= 8
+    # 402 series began (steady, 400 noise ids, steady again after it was dropped during the burst); 8 are kept
+    assert task.series_dropped == 402 - 8
+    assert task.windows.count("steady") == 150 - 60  # afresh: its first 60 points were dropped with it
+    assert len(job.checkpoint_state()["windows"]["series"]) <= 8
+
+
 def test_a_growing_directory_is_followed_until_stop_then_checkpointed_and_published(tmp_path: Path) -> None:
     values = _series(200)
     data = _lake(tmp_path / "data", values[:100], rows_per_file=100)
