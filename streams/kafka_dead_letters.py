@@ -154,6 +154,9 @@ class DeadLetterTopic:
             start, end = self._cursor, min(self._size, self._cursor + BATCH_BYTES)
             self._file.seek(start)
             data = self._file.read(end - start)
+            while b"\n" not in data and end < self._size:  # one entry longer than a batch: read it whole
+                more = self._file.read(BATCH_BYTES)
+                data, end = data + more, end + len(more)
         if self._synced < end:  # durable before it is forwarded; fsync here, never on the training thread
             os.fsync(self._file.fileno())
             self._synced = end

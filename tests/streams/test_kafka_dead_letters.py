@@ -80,3 +80,18 @@ def test_the_outbox_is_bounded_and_a_half_written_line_is_cut(tmp_path: Path) ->
     lines = outbox.read_bytes().splitlines()
     assert json.loads(lines[0])["key"] == "old" and len(lines) == 1 + 20 - dead_letters.dropped
     assert all(json.loads(line)["key"].startswith("k") for line in lines[1:])
+
+
+def test_a_dead_letter_larger_than_a_read_batch_is_forwarded_whole(kafka_broker: Tansu, tmp_path: Path) -> None:
+    from streamssl.streams import kafka_dead_letters
+
+    topic = f"dlt-{uuid.uuid4().hex[:12]}"
+    create_topic([kafka_broker.bootstrap], topic, partitions=1)
+    big = bytes(range(256)) * 4000  # ~1 MB as base64: longer than the outbox's read batch
+    assert len(big) * 4 // 3 > kafka_dead_letters.BATCH_BYTES
+    dead_letters = DeadLetterTopic([kafka_broker.bootstrap], topic, outbox_path(tmp_path),
+                                   {"max_request_size": 4 * 2**20})
+    dead_letters.send("big", big, "corrupt_image")
+    dead_letters.send("small", b"x", "corrupt_image")
+    dead_letters.close(timeout=30)
+    assert [(m.key, m.value) for m in read_topic(kafka_broker, topic, 2)] == [(b"big", big), (b"small", b"x")]
