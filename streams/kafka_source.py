@@ -5,13 +5,16 @@ the loader after each batch and checkpointed with the model. Offsets go to the b
 `commit(state)`, which the trainer calls once the checkpoint holding `state` is durable: at-least-once,
 and a partition that changes hands is re-read from the last durable checkpoint, so duplicates stay
 within one checkpoint interval. On every assignment a partition starts at the later of the
-checkpoint's offset and the group's committed offset: both mean "trained on and durably saved".
+checkpoint's offset and the group's committed offset: both mean "trained on and durably saved";
+unless the commit is this run dir's own for a newer checkpoint than the one resumed from, which can
+no longer be read (`start_offset` in streams/kafka_assignment.py). Each commit names its checkpoint
+(run dir lineage and step) in the offset metadata.
 
 kafka-python consumers are not thread-safe, so everything that talks to the broker happens on the
 thread that iterates: `commit` only queues a request, `close` only raises a flag, and the rebalance
 listener (which kafka-python 3 runs on its own I/O thread) only pauses new partitions until the
-iterating thread has positioned them. Broker outages are retried with exponential backoff and counted;
-they never end the iteration.
+iterating thread has positioned them. Broker outages are retried with jittered exponential backoff and
+counted; they never end the iteration, and neither does a record kafka-python cannot parse (rejected).
 
 With `split=(worker, workers)` the source does not join the group: it assigns itself the partitions p
 with p % workers == worker and uses the group only to store offsets, as Flink's and Spark's Kafka
