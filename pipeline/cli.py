@@ -147,14 +147,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from streamssl.pipeline.config import job_of, to_dict
+    from streamssl.pipeline.config import job_of, redacted
     from streamssl.pipeline.config_show import describe
 
     cfg = load_config(args.config, {"method": args.method}, args.set, job="forecast" if args.job == "forecast" else None)
     if args.show:
         print("\n".join(describe(cfg.method, "forecast" if args.job == "forecast" else job_of(cfg))))
     else:
-        print(json.dumps(to_dict(cfg)))
+        print(json.dumps(redacted(cfg)))
     return 0
 
 

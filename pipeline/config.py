@@ -69,7 +69,7 @@ _LOOP = ("method", "run_dir", "checkpoint", "metrics", "train.max_steps", "train
 _OFFLINE_ONLY = ("series.points", "series.train_fraction", "series.val_fraction", "series.patience", "series.cache_dir",
                  "series.weight_decay")
 _CONTINUOUS_ONLY = ("series.series_column", "series.warmup_points", "series.history", "series.points_per_step",
-                    "series.eval_points", "series.processes")
+                    "series.eval_points", "series.processes", "series.max_series")
 APPLIES: dict[Job, tuple[str, ...]] = {
     "images": ("method", "run_dir", "data", "kafka", "model", "augment", "optim", "train", "checkpoint", "eval",
                "metrics", "aux", "replay", "distill"),
@@ -238,7 +238,31 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
+    """Every value, secrets included: what is written anywhere goes through `redacted`."""
     return dataclasses.asdict(cfg)
+
+
+# Never written anywhere (config.yaml, checkpoints, Ray's run state, `streamssl config`): kept in memory only.
+SECRETS = (("kafka", "sasl_plain_password"),)
+
+
+def redacted(cfg: Config) -> dict[str, Any]:
+    """`to_dict(cfg)` with every secret emptied (a run started from it reads the password from the environment)."""
+    values = to_dict(cfg)
+    for section, key in SECRETS:
+        values[section][key] = ""
+    return values
+
+
+def secrets_of(cfg: Config) -> dict[str, str]:
+    """The secrets `redacted` leaves out, {"section.key": value}, to hand to another process in memory."""
+    return {f"{section}.{key}": getattr(getattr(cfg, section), key) for section, key in SECRETS}
+
+
+def restore_secrets(cfg: Config, secrets: dict[str, str]) -> None:
+    """Puts `secrets_of`'s values back into a config loaded from its redacted form."""
+    for section, key in SECRETS:
+        setattr(getattr(cfg, section), key, secrets.get(f"{section}.{key}", ""))
 
 
 # --- the one validator --------------------------------------------------------------------------
@@ -334,7 +358,7 @@ def _validate_series(cfg: Config, job: Job, at_least_one: dict[str, float], at_l
             raise ConfigError("`streamssl forecast` checks validation by steps only: eval.every_steps >= 1 and "
                               "eval.every_seconds 0")
         return
-    at_least_one["series.points_per_step"] = s.points_per_step
+    at_least_one.update({"series.points_per_step": s.points_per_step, "series.max_series": s.max_series})
     if s.eval_points < 2:
         raise ConfigError(f"series.eval_points must be at least 2, got {s.eval_points}")
     if not s.window <= s.warmup_points:

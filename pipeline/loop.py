@@ -32,8 +32,9 @@ import yaml
 from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.checkpointing import Checkpointer, NoReadableCheckpoint
 from streamssl.pipeline.collective import Collective
-from streamssl.pipeline.config import Config, ConfigError, to_dict
-from streamssl.pipeline.loading.deadletter import DeadLetters
+from streamssl.pipeline.config import Config, ConfigError, redacted
+from streamssl.pipeline.loading.commits import CommitJournal
+from streamssl.pipeline.loading.deadletter import DeadLetters, private
 from streamssl.pipeline.loading.messages import End, Failure, Message, Reject
 from streamssl.pipeline.loading.positions import Position, position_from_dict, position_to_dict
 from streamssl.pipeline.loading.sources import dead_letter_topic
@@ -41,7 +42,7 @@ from streamssl.pipeline.publishing import OlderThanLatest, Publisher
 from streamssl.pipeline.rundir import RunDirError, RunDirLock
 from streamssl.pipeline.schedule import HorizonEstimate
 from streamssl.pipeline.task import Feed, Task
-from streamssl.streams.files import RunPaths, remove_stale_temps
+from streamssl.streams.files import RunPaths, atomic_write, remove_stale_temps
 from streamssl.streams.records import SourceError
 
 log = logging.getLogger(__name__)
@@ -90,18 +91,19 @@ class Loop:
         self.collective = collective or Collective()
         self.paths = RunPaths(Path(cfg.run_dir))
         try:
-            self.paths.root.mkdir(parents=True, exist_ok=True)
+            self.paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds record bytes and keys
         except OSError as err:
             raise RunDirError(f"cannot create run dir {self.paths.root} ({err.strerror})") from None
         self.lock = RunDirLock(self.paths.lock)  # taken by run(): nothing is written into the run dir before
         self.metrics = Metrics(cfg.method)
-        self.dead_letter_topic = topic = dead_letter_topic(cfg.data, cfg.kafka)
+        self.dead_letter_topic = topic = dead_letter_topic(cfg.data, cfg.kafka, self.paths.root, self.collective.rank)
 
         def forward(source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
             topic.send(key, payload, reason, detail, source)
 
         self.dead_letters = DeadLetters(self.paths.dead_letters, self.metrics, None if topic is None else forward)
         self.checkpointer = checkpointer or Checkpointer(self.paths.checkpoints, keep=cfg.checkpoint.keep)
+        self.commits = CommitJournal(self.paths.root, self.collective)  # what Kafka commits say, and the last ones
         self.publisher = Publisher(self.paths.published)
         self.state = RunState()
         self.metrics_port = 0
@@ -124,7 +126,7 @@ class Loop:
             # the LR is a pure function of step and horizon
             "schedule": {**own.get("schedule", {}), "step": st.step, "horizon_steps": st.horizon_steps,
                          "cycle_start": st.cycle_start},
-            "eval_metrics": st.eval_metrics, "eval_step": st.eval_step, "config": to_dict(self.cfg),
+            "eval_metrics": st.eval_metrics, "eval_step": st.eval_step, "config": redacted(self.cfg),
         }
         if self.collective.world_size > 1:  # every worker's own stream position and RNG, in rank order
             ranks = self.collective.gather({"position": state["source"], "rng": own.get("rng", {})})
@@ -187,6 +189,7 @@ class Loop:
     def save_checkpoint(self) -> None:
         started = time.perf_counter()
         self.state.checkpoints_written += 1
+        self.state.position = self.commits.checkpointed(self.state.position, self.state.step)
         try:
             self.checkpointer.save(self.checkpoint_state(), self.state.step)
         except OSError as err:  # a full disk, a read-only mount: stop, with nothing committed past the last one
@@ -197,6 +200,7 @@ class Loop:
         self._checkpointed = (self.state.step, self.state.position)
         self.metrics.observe_checkpoint(time.perf_counter() - started)
         if self.feed is not None:  # durable now: Kafka may move the group's committed offsets up to it
+            self.commits.committing(self.state.position)
             self.feed.commit(self.state.position)
 
     def _save_if_new(self) -> None:
@@ -235,7 +239,7 @@ class Loop:
     def audit_keys(self, keys: list[str]) -> None:
         """Lineage: which records went into which step. Lines after the last checkpoint are replayed after a crash,
         so a key may appear twice; at-least-once delivery means every acknowledged key appears at least once."""
-        with open(self.paths.trained_keys, "a", encoding="utf-8") as handle:
+        with open(self.paths.trained_keys, "a", encoding="utf-8", opener=private) as handle:
             handle.write(json.dumps({"step": self.state.step, "keys": keys}) + "\n")
 
     # --- the schedule horizon ----------------------------------------------------------------------
@@ -346,7 +350,8 @@ class Loop:
             for folder in (self.paths.root, self.paths.checkpoints, self.paths.published):
                 for name in remove_stale_temps(folder):
                     log.info("removed %s, left behind by an interrupted write", folder / name)
-            self.paths.config.write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            with atomic_write(self.paths.config) as handle:  # 0600, and without the secrets
+                handle.write(yaml.safe_dump(redacted(self.cfg), sort_keys=False).encode())
         except OSError as err:
             raise RunDirError(f"run dir {self.paths.root} is not writable ({err.strerror})") from None
 
@@ -358,7 +363,7 @@ class Loop:
             self.serve_metrics()
             self.resume()
             self.plan_horizon()
-            feed = self.feed = self.task.open(self.state.position)
+            feed = self.feed = self.task.open(self.commits.resumed(self.state.position))
             self._train(feed)
         finally:
             if self.feed is not None:

@@ -49,7 +49,7 @@ class KafkaConfig:
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"  # how to reach the brokers
     sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = ""  # "" = no SASL
     sasl_plain_username: str = ""  # SASL PLAIN / SCRAM user
-    sasl_plain_password: str = ""  # prefer the STREAMSSL_KAFKA_PASSWORD environment variable
+    sasl_plain_password: str = ""  # never written to the run dir; prefer the STREAMSSL_KAFKA_PASSWORD environment variable
     ssl_cafile: str = ""  # CA bundle that signed the brokers' certificates
     ssl_certfile: str = ""  # client certificate (mutual TLS)
     ssl_keyfile: str = ""  # client key (mutual TLS)
@@ -200,6 +200,8 @@ class SeriesConfig:
     decomposition_seed: int = 0  # EEMD noise seed; fixed across training seeds so one decomposition serves all
     # The continuous job (`streamssl run --method forecast|cpc`, pipeline/series/job.py):
     series_column: str = ""  # Parquet/CSV column naming each row's series ("" = one series)
+    # series kept at once (windows, warm-up, statistics, pending forecasts): a new one drops the one updated longest ago
+    max_series: int = 1000
     warmup_points: int = 512  # first points of each series: frozen normalisation (and the grouping); >= window
     batch_size: int = 64  # examples (forecast) or windows (cpc) per step; train.batch_size is for images
     lr: float = 1e-3  # Adam learning rate

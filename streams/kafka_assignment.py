@@ -8,13 +8,17 @@ source's position, `KafkaPosition`, with the merge of a group's positions.
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamssl.streams.records import SourceError
+
+log = logging.getLogger(__name__)
 
 LAG_REFRESH_SECONDS = 5.0
 PARTITIONS_REFRESH_SECONDS = 30.0  # a split source looks this often for partitions added to the topic
@@ -29,15 +33,29 @@ class KafkaPosition:
 
     Partitions keep their entry after being revoked (a rebalance usually hands them straight back), and
     entries loaded from a checkpoint stay until they are read past.
+
+    A checkpointed position also names its checkpoint: `lineage` (the run dir's, kept by every checkpoint) and
+    `step`; a commit of its offsets carries both (`commit_metadata`). A resumed one may hold `newer_commits`: the
+    offsets this run dir committed for checkpoints newer than this one, which cannot be read any more.
     """
 
     topic: str
     offsets: dict[int, int]  # partition -> next offset
+    lineage: str = ""
+    step: int = -1
+    newer_commits: dict[int, tuple[int, ...]] = field(default_factory=dict)  # partition -> offsets committed
 
     def to_dict(self) -> dict[str, Any]:
-        """{"kind": "kafka", "topic": T, "offsets": {"PARTITION": next offset}}, as checkpoints hold it."""
-        return {"kind": "kafka", "topic": self.topic,
-                "offsets": {str(partition): offset for partition, offset in sorted(self.offsets.items())}}
+        """{"kind": "kafka", "topic": T, "offsets": {"PARTITION": next offset}} (+ "lineage", "step" once checkpointed,
+        + "newer_commits" {"PARTITION": [offsets]} when resumed), as checkpoints hold it."""
+        state: dict[str, Any] = {"kind": "kafka", "topic": self.topic,
+                                 "offsets": {str(partition): offset for partition, offset in sorted(self.offsets.items())}}
+        if self.lineage:
+            state.update(lineage=self.lineage, step=self.step)
+        if self.newer_commits:
+            state["newer_commits"] = {str(partition): list(offsets) for partition, offsets in
+                                      sorted(self.newer_commits.items())}
+        return state
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> KafkaPosition:
@@ -46,11 +64,14 @@ class KafkaPosition:
             raise SourceError(f"saved stream position is not a Kafka position (another data source?): {sorted(state)}")
         try:
             topic, offsets = str(state["topic"]), {int(part): int(offset) for part, offset in state["offsets"].items()}
+            lineage, step = str(state.get("lineage", "")), int(state.get("step", -1))
+            newer = {int(part): tuple(int(offset) for offset in committed)
+                     for part, committed in state.get("newer_commits", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise SourceError(f"saved stream position is not a KafkaSource position: {err!r}") from None
         if any(partition < 0 or offset < 0 for partition, offset in offsets.items()):
             raise SourceError(f"saved Kafka position has negative partitions or offsets: {state['offsets']}")
-        return cls(topic, offsets)
+        return cls(topic, offsets, lineage, step, newer)
 
     @classmethod
     def merge(cls, positions: Sequence[KafkaPosition | None], worker: int = 0) -> KafkaPosition | None:
@@ -61,11 +82,47 @@ class KafkaPosition:
         None if no worker had read anything yet.
         """
         known = [position for position in positions if position is not None]
+        if not known:
+            return None
         offsets: dict[int, int] = {}
+        newer: dict[int, set[int]] = {}
         for position in known:
             for partition, offset in position.offsets.items():
                 offsets[partition] = max(offsets.get(partition, 0), offset)
-        return cls(known[0].topic, offsets) if known else None
+            for partition, committed in position.newer_commits.items():
+                newer.setdefault(partition, set()).update(committed)
+        lineage = next((position.lineage for position in known if position.lineage), "")
+        return cls(known[0].topic, offsets, lineage, max(position.step for position in known),
+                   {partition: tuple(sorted(committed)) for partition, committed in newer.items()})
+
+
+_METADATA = re.compile(r"streamssl lineage=(\w+) step=(\d+)")
+
+
+def commit_metadata(position: KafkaPosition) -> str:
+    """What a commit of `position`'s offsets says about them (Kafka's offset metadata): its run dir and step."""
+    return f"streamssl lineage={position.lineage} step={position.step}" if position.lineage else ""
+
+
+def start_offset(resumed: KafkaPosition | None, partition: int, mine: int | None, committed: int | None,
+                 metadata: str | None) -> tuple[int | None, bool]:
+    """Where an assigned partition starts: (offset or None for auto_offset_reset, whether the committed one was set
+    aside as this run dir's own, from a checkpoint newer than the one it resumed from).
+
+    The rule is the later of `mine` (the checkpoint's offset, or the last one read) and the group's committed
+    offset: both mean "trained on and durably saved", and another member may have moved the partition on. Except
+    that a commit this run dir made for a checkpoint newer than `resumed` is about one that can no longer be read
+    (the newest checkpoint corrupt): the interval after `resumed` would be skipped, so `mine` wins. Such a commit
+    is known by its metadata (this lineage, a later step), or, with a broker that drops commit metadata (Tansu),
+    by its offset being one this run dir committed then (`resumed.newer_commits`).
+    """
+    known = [offset for offset in (mine, committed) if offset is not None]
+    if resumed is None or not resumed.lineage or committed is None or (mine is not None and committed <= mine):
+        return (max(known) if known else None), False
+    named = _METADATA.fullmatch(metadata or "")
+    own = (named.group(1) == resumed.lineage and int(named.group(2)) > resumed.step if named
+           else committed in resumed.newer_commits.get(partition, ()))
+    return (mine, True) if own else (committed, False)
 
 
 class PartitionAssignment:
@@ -85,6 +142,7 @@ class PartitionAssignment:
     _assigned: frozenset[int]
     _unpositioned: frozenset[int]
     _lag: dict[int, int]
+    _resumed: KafkaPosition | None  # the checkpoint's position the source was loaded with
     _counts: dict[str, int]
     _next_probe: float
     _next_position: float
@@ -136,7 +194,7 @@ class PartitionAssignment:
             self._on_assigned(tps)  # every one is sought again: to its own offset, or to the group's committed one
 
     def _position_assigned(self, consumer: Any) -> None:
-        """Seeks newly assigned partitions to max(checkpoint or last read, committed) and lets them be fetched."""
+        """Seeks newly assigned partitions to their start (`start_offset`) and lets them be fetched."""
         with self._lock:
             todo, assignments = self._unpositioned, self._counts["rebalances"]
         if not todo or time.monotonic() < self._next_position:
@@ -144,18 +202,29 @@ class PartitionAssignment:
         kafka = self._kafka
         partitions = [kafka.TopicPartition(self.topic, partition) for partition in sorted(todo)]
         try:
-            committed = {tp.partition: consumer.committed(tp, timeout_ms=REQUEST_TIMEOUT_MS) for tp in partitions}
+            committed = {tp.partition: consumer.committed(tp, metadata=True, timeout_ms=REQUEST_TIMEOUT_MS)
+                         for tp in partitions}
         except kafka.errors.KafkaError as err:
             self._next_position = time.monotonic() + self._failed("reading committed offsets", err)
             return  # they stay paused: never read from a start that may be wrong
         self._succeeded()
         for tp in partitions:
-            known = [offset for offset in (self._offsets.get(tp.partition), committed[tp.partition]) if offset is not None]
+            mine, theirs = self._offsets.get(tp.partition), committed[tp.partition]
+            start, set_aside = start_offset(self._resumed, tp.partition, mine, getattr(theirs, "offset", None),
+                                            getattr(theirs, "metadata", None))
+            if set_aside:
+                log.warning("Kafka %s partition %d: the committed offset %d is this run dir's, from a checkpoint newer "
+                            "than step %d that cannot be read; starting at %s instead", self.topic, tp.partition,
+                            theirs.offset, self._resumed.step if self._resumed else -1,
+                            start if start is not None else self._config["auto_offset_reset"])
             try:
-                if known:
-                    consumer.seek(tp, max(known))
+                if start is not None:
+                    consumer.seek(tp, start)
                     with self._lock:
-                        self._offsets[tp.partition] = max(known)
+                        self._offsets[tp.partition] = start
+                elif set_aside:  # kafka-python would start at the committed offset
+                    (consumer.seek_to_beginning if self._config["auto_offset_reset"] == "earliest"
+                     else consumer.seek_to_end)(tp)
                 # else: kafka-python starts it at auto_offset_reset
                 consumer.resume(tp)
             except (ValueError, KeyError):  # revoked again meanwhile; the next assignment positions it

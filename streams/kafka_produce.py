@@ -1,8 +1,8 @@
-"""Writing to Kafka: the `kafka://` spec parser, topic creation, a rate-limited producer and the dead-letter topic.
+"""Writing to Kafka: the `kafka://` spec parser, topic creation, a rate-limited producer, and retry backoff.
 
 `streamssl produce` publishes a WebDataset lake to a topic with these (`produce(bootstrap, topic,
-lake_records(lake))`); tests and demos use them to fill topics; a Kafka run hands records it could not
-decode to a `DeadLetterTopic`. Every client is a kafka-python one built with acks="all" and the
+lake_records(lake))`); tests and demos use them to fill topics (the dead-letter topic's producer is
+streams/kafka_dead_letters.py). Every client is a kafka-python one built with acks="all" and the
 caller's `client_options` (security_protocol, sasl_*, ssl_*, client_id, ...) passed through.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import socket
 import time
@@ -70,6 +71,11 @@ def parse_kafka_url(spec: str) -> tuple[list[str], str, dict[str, str]]:
     if parts.fragment:
         raise SourceError(f"Kafka spec has a fragment ('#{parts.fragment}'): {spec}")
     return servers, topic, {name: values[0] for name, values in query.items()}
+
+
+def jittered(delay: float) -> float:
+    """A backoff `delay` drawn from [delay/2, delay]: clients that failed together don't all retry together."""
+    return delay * random.uniform(0.5, 1.0)
 
 
 def _servers(bootstrap: list[str] | str) -> list[str]:
@@ -217,52 +223,3 @@ def lake_records(path_or_spec: str) -> Iterator[Message]:
             continue
         label = _label(record.fields)
         yield record.key, image, [] if label is None else [("label", label)]
-
-
-class DeadLetterTopic:
-    """Produces records the pipeline could not use to a Kafka topic, with why in the headers.
-
-    Each message keeps the record's key and bytes; headers "reason", "detail" and "source" say what
-    was wrong and where it came from, so it can be inspected or replayed. Sending never raises: a
-    dead-letter topic that is down must not stop training (the dead-letter file still has every entry);
-    failures are logged and counted in `failed`.
-    """
-
-    def __init__(self, bootstrap: list[str] | str, topic: str, client_options: dict[str, Any] | None = None) -> None:
-        check_resolvable(bootstrap)
-        self.topic = topic
-        self.sent = 0
-        self._kafka = kafka_module()
-        self._acks = _Acknowledgements()
-        try:
-            self._producer = self._kafka.KafkaProducer(bootstrap_servers=bootstrap, acks="all", **(client_options or {}))
-        except self._kafka.errors.KafkaError as err:
-            raise _kafka_error("cannot reach Kafka for the dead-letter topic", bootstrap, err) from None
-
-    @property
-    def failed(self) -> int:
-        return self._acks.failed
-
-    def send(self, key: str, value: bytes, reason: str, detail: str = "", source: str = "") -> None:
-        headers = [("reason", reason.encode()), ("detail", detail.encode()), ("source", source.encode())]
-        try:
-            future = self._producer.send(self.topic, key=key.encode(), value=value, headers=headers)
-        except self._kafka.errors.KafkaError as err:  # e.g. the send buffer stayed full while the broker was down
-            self._acks.failure(err)
-            log.warning("dead-letter topic %s: could not send %s: %s", self.topic, key, err)
-            return
-        future.add_errback(self._acks.failure)
-        self.sent += 1
-
-    def flush(self, timeout: float | None = 10) -> None:
-        try:
-            self._producer.flush(timeout=timeout)
-        except self._kafka.errors.KafkaError as err:
-            log.warning("dead-letter topic %s: flush failed: %s", self.topic, err)
-
-    def close(self) -> None:
-        self.flush()
-        self._producer.close(timeout=10)
-        if self._acks.failed:
-            log.warning("dead-letter topic %s: %d of %d messages were not acknowledged (first: %s)", self.topic,
-                        self._acks.failed, self.sent, self._acks.first_error)

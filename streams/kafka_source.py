@@ -5,13 +5,16 @@ the loader after each batch and checkpointed with the model. Offsets go to the b
 `commit(state)`, which the trainer calls once the checkpoint holding `state` is durable: at-least-once,
 and a partition that changes hands is re-read from the last durable checkpoint, so duplicates stay
 within one checkpoint interval. On every assignment a partition starts at the later of the
-checkpoint's offset and the group's committed offset: both mean "trained on and durably saved".
+checkpoint's offset and the group's committed offset: both mean "trained on and durably saved";
+unless the commit is this run dir's own for a newer checkpoint than the one resumed from, which can
+no longer be read (`start_offset` in streams/kafka_assignment.py). Each commit names its checkpoint
+(run dir lineage and step) in the offset metadata.
 
 kafka-python consumers are not thread-safe, so everything that talks to the broker happens on the
 thread that iterates: `commit` only queues a request, `close` only raises a flag, and the rebalance
 listener (which kafka-python 3 runs on its own I/O thread) only pauses new partitions until the
-iterating thread has positioned them. Broker outages are retried with exponential backoff and counted;
-they never end the iteration.
+iterating thread has positioned them. Broker outages are retried with jittered exponential backoff and
+counted; they never end the iteration, and neither does a record kafka-python cannot parse (rejected).
 
 With `split=(worker, workers)` the source does not join the group: it assigns itself the partitions p
 with p % workers == worker and uses the group only to store offsets, as Flink's and Spark's Kafka
@@ -28,8 +31,14 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from streamssl.streams.kafka_assignment import REQUEST_TIMEOUT_MS, KafkaPosition, PartitionAssignment, _rebalance_listener
-from streamssl.streams.kafka_produce import check_resolvable, kafka_module, parse_kafka_url
+from streamssl.streams.kafka_assignment import (
+    REQUEST_TIMEOUT_MS,
+    KafkaPosition,
+    PartitionAssignment,
+    _rebalance_listener,
+    commit_metadata,
+)
+from streamssl.streams.kafka_produce import check_resolvable, jittered, kafka_module, parse_kafka_url
 from streamssl.streams.records import Record, RejectFn, SourceError, sniff
 
 log = logging.getLogger(__name__)
@@ -43,16 +52,18 @@ class KafkaSource(PartitionAssignment):
 
     Args:
         spec: `kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?group=G]`.
-        on_reject: Called with (source, key, reason) for a message that cannot be read at all (reason
-            "empty_value": a null value / tombstone or zero bytes); logged when None. Values that are
-            merely undecodable are passed on: the loader decodes and dead-letters them.
+        on_reject: Called with (source, key, reason[, detail]) for a message that cannot be read at all (reason
+            "empty_value": a null value / tombstone or zero bytes; "unreadable_record": kafka-python cannot
+            parse it, key "TOPIC/PARTITION/OFFSET"); logged when None. Values that are merely undecodable are
+            passed on: the loader decodes and dead-letters them.
         group: Consumer group when the spec has no `?group=`; default "streamssl".
         client_options: Passed to kafka-python's KafkaConsumer (security_protocol, sasl_*, ssl_*, client_id,
             fetch sizes, ...); they override the settings below.
         poll_timeout_ms: Longest wait in one poll; also how soon a `close()` from another thread is noticed.
         session_timeout_ms: Group session timeout (heartbeats every third of it).
         auto_offset_reset: Where a partition with neither a checkpointed nor a committed offset starts.
-        retry_backoff_seconds: First wait after a failed broker call; doubles on each failure in a row.
+        retry_backoff_seconds: First wait after a failed broker call; doubles on each failure in a row (each
+            wait is drawn from [half of it, all of it], so that the members of a group don't retry in step).
         max_backoff_seconds: Cap of that wait.
         split: (worker, workers): read the partitions p with p % workers == worker, assigned by this source
             rather than by the group (see the module docstring); offsets are still committed for the group.
@@ -100,7 +111,8 @@ class KafkaSource(PartitionAssignment):
         self._lock = threading.Lock()  # guards the dicts below against state_dict/stats/commit from other threads
         self._closed = threading.Event()
         self._offsets: dict[int, int] = {}  # the position: next offset per partition (read, or from the checkpoint)
-        self._pending: dict[int, int] = {}  # requested commits not yet performed
+        self._resumed: KafkaPosition | None = None
+        self._pending: dict[int, tuple[int, str]] = {}  # requested commits not yet performed: offset, metadata
         self._assigned: frozenset[int] = frozenset()
         # Assigned but not yet moved to their start: paused, and nothing of theirs is handed out.
         self._unpositioned: frozenset[int] = frozenset()
@@ -122,7 +134,7 @@ class KafkaSource(PartitionAssignment):
     def position(self) -> KafkaPosition:
         """The next offset of every partition read so far (or loaded), right after the last record yielded."""
         with self._lock:
-            return KafkaPosition(self.topic, dict(self._offsets))
+            return KafkaPosition(self.topic, dict(self._offsets), self._resumed.lineage if self._resumed else "")
 
     def state_dict(self) -> dict[str, Any]:
         """`position()` as plain data: {"kind": "kafka", "topic": T, "offsets": {"PARTITION": next offset}}."""
@@ -132,7 +144,8 @@ class KafkaSource(PartitionAssignment):
         """Continue after `state` (call before iterating); an empty state is a new run that starts where the group is.
 
         On assignment each partition starts at the later of this checkpoint's offset and the group's
-        committed offset, and at `auto_offset_reset` when it has neither.
+        committed offset, and at `auto_offset_reset` when it has neither; but not at a commit this run dir made
+        for a newer checkpoint than this one (see `start_offset`).
         """
         if not state:
             return
@@ -141,6 +154,7 @@ class KafkaSource(PartitionAssignment):
             raise SourceError(f"saved Kafka position is for topic {position.topic}, not {self.topic}")
         with self._lock:
             self._offsets = dict(position.offsets)
+            self._resumed = position
 
     def commit(self, state: dict[str, Any]) -> None:
         """Asks for the offsets of `state` (a `state_dict()`) to be committed for the group; returns at once.
@@ -159,8 +173,9 @@ class KafkaSource(PartitionAssignment):
         if position.topic != self.topic:
             log.warning("ignored a commit request for topic %s (this source reads %s)", position.topic, self.topic)
             return
+        metadata = commit_metadata(position)
         with self._lock:
-            self._pending.update(position.offsets)
+            self._pending.update({partition: (offset, metadata) for partition, offset in position.offsets.items()})
 
     def stats(self) -> dict[str, float]:
         """Counters and lag, exported as `streamssl_source_position{field=...}` gauges.
@@ -246,9 +261,44 @@ class KafkaSource(PartitionAssignment):
         kafka = self._kafka
         try:
             return consumer.poll(timeout_ms=self._poll_timeout_ms)
+        except kafka.errors.CorruptRecordError as err:
+            self._skip_unreadable(consumer, err)
+            return {}
         except kafka.errors.KafkaError as err:
             self._closed.wait(self._failed("polling", err))
             return {}
+
+    def _skip_unreadable(self, consumer: Any, err: Exception) -> None:
+        """Rejects a record kafka-python cannot parse (a header name that is not UTF-8, a failed CRC) and seeks past it.
+
+        kafka-python raises CorruptRecordError without saying where, and every later poll spins on the records it
+        failed in: left alone, the source would never move again. Its fetcher holds those records, with their
+        partition and the offset it failed at (private state of kafka-python 3; where it is missing, the poll is
+        retried after a backoff as before). Records after a bad one in the same batch fail the same way (the
+        batch is parsed from its start), so each of them is rejected in turn.
+        """
+        failed = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
+        tp, offset = getattr(failed, "topic_partition", None), getattr(failed, "next_fetch_offset", None)
+        if tp is None or tp.topic != self.topic or not isinstance(offset, int):
+            self._closed.wait(self._failed("polling", err))
+            return
+        try:
+            consumer.seek(tp, offset + 1)
+        except ValueError:  # revoked meanwhile: its new owner meets the record
+            return
+        with self._lock:
+            self._offsets[tp.partition] = offset + 1
+        detail = (str(err).splitlines() or [type(err).__name__])[0].removeprefix("[Error 2] CorruptRecordError: ")
+        self._reject(f"kafka://{self.topic}/{tp.partition}", f"{self.topic}/{tp.partition}/{offset}",
+                     "unreadable_record", detail[:300])
+
+    def _reject(self, source: str, key: str, reason: str, detail: str = "") -> None:
+        with self._lock:
+            self._counts["rejected"] += 1
+        if self._on_reject is not None:
+            self._on_reject(source, key, reason, detail)
+        else:
+            log.warning("skipped %s %s: %s %s", source, key, reason, detail)
 
     def _record(self, message: Any) -> Record | None:
         """The message as a Record, or None after rejecting it; either way the position moves past it."""
@@ -265,11 +315,7 @@ class KafkaSource(PartitionAssignment):
             key = f"{self.topic}/{partition}/{offset}"
         value = message.value
         if not value:  # a tombstone or zero bytes: nothing the loader could decode or dead-letter
-            self._counts["rejected"] += 1
-            if self._on_reject is not None:
-                self._on_reject(source, key, "empty_value")
-            else:
-                log.warning("skipped %s offset %d (%s): empty_value", source, offset, key)
+            self._reject(source, key, "empty_value")
             return None
         self._counts["records"] += 1
         headers[sniff(value)] = value
@@ -278,7 +324,7 @@ class KafkaSource(PartitionAssignment):
     # --- broker calls on the iterating thread ----------------------------------------------------
     def _failed(self, action: str, err: Exception) -> float:
         """Counts and logs a failed broker call; returns how long to back off before the next try."""
-        delay = self._backoff
+        delay = jittered(self._backoff)
         self._backoff = min(self._backoff * 2, self._max_backoff)
         with self._lock:
             self._counts["broker_retries"] += 1
@@ -298,12 +344,12 @@ class KafkaSource(PartitionAssignment):
         held = {tp.partition for tp in consumer.assignment()}
         self._commit(consumer, {partition: offset for partition, offset in pending.items() if partition in held}, pending)
 
-    def _commit(self, consumer: Any, offsets: dict[int, int], pending: dict[int, int]) -> bool:
+    def _commit(self, consumer: Any, offsets: dict[int, tuple[int, str]], pending: dict[int, tuple[int, str]]) -> bool:
         kafka = self._kafka
         if not offsets:
             return True
-        request = {kafka.TopicPartition(self.topic, partition): kafka.OffsetAndMetadata(offset, "", -1)
-                   for partition, offset in offsets.items()}
+        request = {kafka.TopicPartition(self.topic, partition): kafka.OffsetAndMetadata(offset, metadata, -1)
+                   for partition, (offset, metadata) in offsets.items()}
         try:
             consumer.commit(request, timeout_ms=REQUEST_TIMEOUT_MS)
         except kafka.errors.CommitFailedError as err:
@@ -311,14 +357,14 @@ class KafkaSource(PartitionAssignment):
             with self._lock:
                 self._counts["commit_failures"] += 1
             log.warning("Kafka %s: commit of %s refused (%s); the next checkpoint commits again", self.topic,
-                        offsets, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                        _offsets_only(offsets), str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
             return False
         except kafka.errors.KafkaError as err:
             with self._lock:
                 self._counts["commit_failures"] += 1
                 for partition, offset in pending.items():
                     self._pending.setdefault(partition, offset)  # a newer request, if any, wins
-            self._next_commit = time.monotonic() + self._failed(f"commit of {offsets}", err)
+            self._next_commit = time.monotonic() + self._failed(f"commit of {_offsets_only(offsets)}", err)
             return False
         self._succeeded()
         with self._lock:
@@ -354,7 +400,8 @@ class KafkaSource(PartitionAssignment):
         except kafka.errors.KafkaError as err:
             with self._lock:
                 self._counts["commit_failures"] += 1
-            log.warning("Kafka %s: final commit of %s failed: %s", self.topic, offsets, type(err).__name__)
+            log.warning("Kafka %s: final commit of %s failed: %s", self.topic, _offsets_only(offsets),
+                        type(err).__name__)
             return
         try:
             self._commit(consumer, offsets, {})
@@ -389,3 +436,8 @@ class KafkaSource(PartitionAssignment):
             consumer.resume(*ready)
 
     # --- rebalance listener (kafka-python's I/O thread) ------------------------------------------
+
+
+def _offsets_only(offsets: dict[int, tuple[int, str]]) -> dict[int, int]:
+    """Requested commits as {partition: offset}, for log lines."""
+    return {partition: offset for partition, (offset, _) in offsets.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from streamssl.monitoring.metrics import Metrics
 from streamssl.streams.records import RejectFn
 
 log = logging.getLogger(__name__)
+
+
+def private(path: str | os.PathLike[str], flags: int) -> int:
+    """An `open(..., opener=private)` that creates the file 0600: run-dir files hold record keys and bytes."""
+    return os.open(path, flags, 0o600)
 
 
 class DeadLetters:
@@ -31,7 +37,7 @@ class DeadLetters:
     def reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
         entry = {"time": time.time(), "source": source, "key": key, "reason": reason, "detail": detail[:500]}
         self.counts[reason] = self.counts.get(reason, 0) + 1
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with open(self.path, "a", encoding="utf-8", opener=private) as handle:
             handle.write(json.dumps(entry) + "\n")
         if self.metrics is not None:
             self.metrics.rejected.labels(reason=reason).inc()

@@ -107,14 +107,16 @@ def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None)
     return make_source
 
 
-def dead_letter_topic(cfg: DataConfig, kafka: KafkaConfig) -> Any:
-    """The Kafka dead-letter topic for a Kafka run with `kafka.dead_letter_topic` set, else None."""
+def dead_letter_topic(cfg: DataConfig, kafka: KafkaConfig, run_dir: Path, rank: int = 0) -> Any:
+    """The Kafka dead-letter topic for a Kafka run with `kafka.dead_letter_topic` set, else None: worker `rank`'s,
+    forwarding through its outbox in `run_dir` (a broker that is down delays the forwarding, never the run)."""
     spec = source_spec(cfg)
     if not (kafka.dead_letter_topic and spec.kind == "kafka"):
         return None
-    from streamssl.streams.kafka_produce import DeadLetterTopic
+    from streamssl.streams.kafka_dead_letters import DeadLetterTopic, outbox_path
 
-    return DeadLetterTopic(list(spec.bootstrap), kafka.dead_letter_topic, kafka.client_options())
+    return DeadLetterTopic(list(spec.bootstrap), kafka.dead_letter_topic, outbox_path(run_dir, rank),
+                           kafka.client_options())
 
 
 def knn_sets(cfg: EvalConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from streamssl.pipeline.config import Config, ConfigError, load_config, to_dict
+from streamssl.pipeline.config import Config, ConfigError, load_config, redacted, restore_secrets, secrets_of
 from streamssl.pipeline.loading.sources import SourceSpec, resolve_mode, source_factory, source_spec
 from streamssl.pipeline.loop import TrainingDiverged
 from streamssl.pipeline.ray.cluster import cpus_per_worker, start_ray, stop_ray
@@ -38,11 +38,16 @@ _EXPECTED_ERRORS = (ConfigError, SourceError, TrainingDiverged, RunDirError)
 
 
 class _RunControl:
-    """Shared by the driver and the workers (as a Ray actor): the stop request, and an error a restart would repeat."""
+    """Shared by the driver and the workers (as a Ray actor): the stop request, an error a restart would repeat, and
+    the config's secrets (in memory: the config that Ray stores with the run has them emptied)."""
 
-    def __init__(self) -> None:
+    def __init__(self, secrets: dict[str, str] | None = None) -> None:
         self._stop = False
         self._error: tuple[str, str] | None = None
+        self._secrets = dict(secrets or {})
+
+    def secrets(self) -> dict[str, str]:
+        return self._secrets
 
     def request_stop(self) -> None:
         self._stop = True
@@ -80,6 +85,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         return  # a restart after an error that would only repeat: the driver reports it
     logging.getLogger("streamssl").setLevel(logging.INFO)  # resumes, checkpoints, publishes (Ray's level is higher)
     cfg = load_config(overrides=config["config"])
+    restore_secrets(cfg, ray.get(control.secrets.remote()))
     if torch.cuda.is_available() and cfg.train.device != "cpu":
         torch.cuda.set_device(ray.train.torch.get_device())  # "cuda" then means this worker's GPU
     iterator = ray.train.get_dataset_shard("train") if source_spec(cfg.data).kind == "ray" else None
@@ -146,8 +152,8 @@ def fit_on_ray(cfg: Config, workers: int, stop: threading.Event, train_loop: Cal
                loop_config: dict[str, Any] | None = None, cpus_per_worker: int = 1) -> None:
     """One Ray Train run of `train_loop` (default: a WorkerTrainer per worker) on `workers` workers; Ray must be up.
 
-    `train_loop` gets {"config": the config as a dict, "control": the run's control actor, **loop_config}
-    (benchmarks pass their own loop).
+    `train_loop` gets {"config": the config as a dict without its secrets (`control.secrets` has them), "control":
+    the run's control actor, **loop_config} (benchmarks pass their own loop).
     """
     import ray
     from ray.data import ExecutionOptions
@@ -158,10 +164,10 @@ def fit_on_ray(cfg: Config, workers: int, stop: threading.Event, train_loop: Cal
     device = cfg.train.device
     use_gpu = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) >= workers)
     # Any, like the handle `_raise_worker_error` takes: Ray types an actor's methods only where they are @ray.method.
-    control: Any = ray.remote(num_cpus=0)(_RunControl).remote()
+    control: Any = ray.remote(num_cpus=0)(_RunControl).remote(secrets_of(cfg))
     ingest = ExecutionOptions(preserve_order=True)  # deterministic split and order: resuming by row count needs it
     trainer = TorchTrainer(
-        train_loop or _train_worker, train_loop_config={"config": to_dict(cfg), "control": control, **(loop_config or {})},
+        train_loop or _train_worker, train_loop_config={"config": redacted(cfg), "control": control, **(loop_config or {})},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),

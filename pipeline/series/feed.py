@@ -46,7 +46,8 @@ class PointReader:
 
     Each position is the source's `position()` right after that item, so a consumer that checkpoints the
     position of the last message it handled resumes exactly there, however far the thread has read ahead.
-    Garbage becomes a reject carrying its bytes.
+    Garbage becomes a reject carrying its bytes: a record `parse_point` refuses with its reason, one it fails on in
+    any other way as "unreadable_record".
 
     Args:
         make_source: `make_source(on_reject=…)` builds the source.
@@ -73,6 +74,10 @@ class PointReader:
             except queue.Full:
                 continue
 
+    def _reject_record(self, record: Record, reason: str, detail: str = "") -> None:
+        self._on_reject(record.source, record.key, reason, detail[:500],
+                        record.fields.get("json", record.fields.get("bin", b"")))
+
     def _run(self) -> None:
         try:
             for count, item in enumerate(self.source):
@@ -82,9 +87,10 @@ class PointReader:
                     try:
                         item = parse_point(item)
                     except ValueError as err:
-                        reason, _, detail = str(err).partition(": ")
-                        self._on_reject(item.source, item.key, reason, detail,
-                                        item.fields.get("json", item.fields.get("bin", b"")))
+                        self._reject_record(item, *str(err).split(": ", 1))
+                        continue
+                    except Exception as err:  # one bad record is that record's reject, never the job's end
+                        self._reject_record(item, "unreadable_record", f"{type(err).__name__}: {err}")
                         continue
                 self._put(PointMessage(item, self.source.position()))
                 if count % 256 == 0:

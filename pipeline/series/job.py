@@ -90,7 +90,9 @@ class SeriesTask:
             self.eemd = RollingEEMD(method=self.spec.method, trials=self.spec.trials, noise_width=self.spec.noise_width,
                                     max_imfs=self.spec.max_imfs, processes=s.processes, seed=self.spec.seed,
                                     backend=self.spec.backend)
-        self.windows = SeriesWindows(s.window if self.forecasting else s.history, self._reject)
+        self.windows = SeriesWindows(s.window if self.forecasting else s.history, self._reject, s.max_series,
+                                     self._forget)
+        self.series_dropped = 0
         self.sampler = torch.Generator().manual_seed(cfg.train.seed)  # cpc: which windows a step trains on
         self.loop: Loop  # set by attach(), which the loop calls before anything else
         self.points_seen, self._logged_points = 0, 0
@@ -122,6 +124,16 @@ class SeriesTask:
 
     def _reject(self, source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
         self.loop.dead_letters.reject(source, key, reason, detail, payload)
+
+    def _forget(self, sid: str) -> None:
+        """Drops what is kept of a series the windows let go (`series.max_series`): it starts afresh if it returns."""
+        self.warmup.pop(sid, None)
+        self.norm.pop(sid, None)
+        self.pending.pop(sid, None)
+        self.series_dropped += 1
+        if self.series_dropped == 1 or self.series_dropped % 1000 == 0:
+            log.warning("series.max_series (%d) reached: dropped series %r, the one updated longest ago (%d dropped "
+                        "so far)", self.cfg.series.max_series, sid, self.series_dropped)
 
     def open(self, position: Position | None) -> Feed:
         threads = self.cfg.series.threads

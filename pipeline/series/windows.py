@@ -8,7 +8,9 @@ The rule for points that don't extend a series (each is skipped, dead-lettered a
   right is unknowable here; the first one stays);
 * a timestamp older than the newest accepted one of its series: "out_of_order".
 
-So each series only ever grows forward in time, and a window is the last W accepted points. Why no
+So each series only ever grows forward in time, and a window is the last W accepted points. At most
+`max_series` series are kept: a point of a new one beyond that drops the series updated longest ago
+(`on_evict` hears which), which starts afresh if it comes back. Why no
 reorder buffer: a buffer of lateness D delays every point, and therefore every forecast and its scoring,
 by D for all series, to save the few points that arrive late; here late points cost nothing but their
 dead letter, from which they can be replayed. Duplicates are recognised among the last `capacity`
@@ -23,6 +25,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -47,14 +50,17 @@ class SeriesWindows:
     Args:
         capacity: points kept per series (at least the longest window that will be asked for).
         on_reject: called as (source, key, reason, detail) for every point that is skipped.
+        max_series: series kept at once (0 = no bound).
+        on_evict: called with the id of a series dropped to make room for a new one.
     """
 
-    def __init__(self, capacity: int, on_reject: RejectFn | None = None) -> None:
-        if capacity < 1:
-            raise ValueError(f"SeriesWindows: capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self.on_reject = on_reject
-        self._series: dict[str, _Series] = {}
+    def __init__(self, capacity: int, on_reject: RejectFn | None = None, max_series: int = 0,
+                 on_evict: Callable[[str], None] | None = None) -> None:
+        if capacity < 1 or max_series < 0:
+            raise ValueError(f"SeriesWindows: need capacity >= 1 and max_series >= 0, got {capacity}, {max_series}")
+        self.capacity, self.max_series = capacity, max_series
+        self.on_reject, self.on_evict = on_reject, on_evict
+        self._series: dict[str, _Series] = {}  # least recently updated first
 
     def add(self, point: Point) -> int | None:
         """Applies the rule above; returns the point's index in its series (0, 1, …), or None if it was skipped."""
@@ -63,9 +69,15 @@ class SeriesWindows:
             if self.on_reject is not None:
                 self.on_reject(point.source, point.key, reason, f"series {point.series_id!r}: {detail}")
             return None
-        series = self._series.get(point.series_id)
+        series = self._series.pop(point.series_id, None)  # and back in at the end: the most recently updated
         if series is None:
-            series = self._series[point.series_id] = _Series(self.capacity)
+            series = _Series(self.capacity)
+            if self.max_series and len(self._series) >= self.max_series:
+                oldest = next(iter(self._series))
+                del self._series[oldest]
+                if self.on_evict is not None:
+                    self.on_evict(oldest)
+        self._series[point.series_id] = series
         series.timestamps.append(point.timestamp)
         series.values.append(point.value)
         series.count += 1
@@ -89,7 +101,7 @@ class SeriesWindows:
 
     def copy(self) -> SeriesWindows:
         """An independent copy without `on_reject`: for looking ahead at the windows coming points will make."""
-        twin = SeriesWindows(self.capacity)
+        twin = SeriesWindows(self.capacity, max_series=self.max_series)
         for sid, series in self._series.items():
             kept = twin._series[sid] = _Series(self.capacity)
             kept.timestamps.extend(series.timestamps)

@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -88,6 +89,30 @@ def test_resume_from_committed_offsets_loses_nothing(kafka_broker, small_lake: P
     first_keys, second_keys = _trained(tmp_path / "a"), _trained(tmp_path / "b")
     assert not set(first_keys) & set(second_keys)  # nothing trained twice
     assert sorted(first_keys + second_keys) == sorted(keys)  # and nothing lost
+    assert _committed(kafka_broker, topic, group) == RECORDS
+
+
+def test_a_corrupt_newest_checkpoint_trains_its_interval_again(kafka_broker, small_lake: Path, tmp_path: Path) -> None:
+    topic, group, run_dir = "corrupt-newest", "g-corrupt", tmp_path / "run"
+    keys = _fill(kafka_broker, topic, small_lake)
+    sets = (*KAFKA_SETS, f"kafka.group={group}")
+    Trainer(tiny_config(run_dir, kafka_broker.url(topic), *sets, "train.max_steps=6")).run()
+    assert _committed(kafka_broker, topic, group) == 6 * BATCH  # the group is at ckpt-6's offsets
+    newest = run_dir / "checkpoints" / "ckpt-000000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated: the resume falls back to ckpt-4
+    first = [json.loads(line) for line in (run_dir / "trained-keys.jsonl").read_text().splitlines()]
+    lost = {key for line in first if line["step"] > 4 for key in line["keys"]}
+    assert len(lost) == 2 * BATCH
+    # From ckpt-4 to the end of the topic is 6 steps; starting at the group's (ckpt-6's) offsets there would be 4,
+    # and the run would stop at its time budget instead.
+    last = Trainer(tiny_config(run_dir, kafka_broker.url(topic), *sets, "train.max_steps=10", "train.max_minutes=1"))
+    assert last.run().step == 10
+    second = [json.loads(line) for line in (run_dir / "trained-keys.jsonl").read_text().splitlines()][len(first):]
+    assert [line["step"] for line in second] == [5, 6, 7, 8, 9, 10]
+    trained = _trained(run_dir)
+    assert set(trained) == set(keys)  # nothing skipped
+    assert {key for key, count in trained.items() if count == 2} == lost  # the lost interval, trained again
+    assert max(trained.values()) == 2
     assert _committed(kafka_broker, topic, group) == RECORDS
 
 
@@ -184,3 +209,62 @@ def test_broker_killed_and_restarted_mid_run(durable_kafka_broker, small_lake: P
     trained = _trained(run_dir)
     assert set(trained) == set(keys)
     assert sum(trained.values()) == 10 * BATCH
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _wait(condition, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(300)
+def test_dead_letters_during_a_broker_outage_neither_stop_nor_slow_training(durable_kafka_broker, small_lake: Path,
+                                                                            tmp_path: Path) -> None:
+    broker, topic, dlq, group = durable_kafka_broker, "outage-in", "outage-dlq", "g-outage"
+    create_topic(broker.bootstrap, topic, partitions=1)
+    good = list(lake_records(str(small_lake)))[:10 * BATCH]
+    garbage = [(f"garbage-{index}", b"definitely not an image", []) for index in range(5)]
+    # The consumer's first fetch takes all of these (a partition's fetch is up to 1 MiB): the trainer has data for
+    # 8 steps while the broker is down, and meets the garbage after step 5.
+    assert produce(broker.bootstrap, topic, good[:5 * BATCH] + garbage + good[5 * BATCH:8 * BATCH]) == 8 * BATCH + 5
+    run_dir = tmp_path / "run"
+    broker.kill()
+    started = time.monotonic()
+    trainer = Trainer(tiny_config(run_dir, broker.url(topic), *KAFKA_SETS, f"kafka.group={group}",
+                                  f"kafka.dead_letter_topic={dlq}", "train.max_steps=10"))
+    assert time.monotonic() - started < 10  # it starts with the broker down (it used to fail: "cannot reach Kafka")
+    thread = threading.Thread(target=trainer.run, daemon=True)
+    thread.start()
+    audit, letters = run_dir / "trained-keys.jsonl", run_dir / "dead-letter.jsonl"
+    try:
+        broker.restart()
+        # Created after the run started, the dead-letter topic is one the run's producer has no metadata for when the
+        # broker goes down, like a topic whose metadata expired (after 5 min): the old one blocked 60 s per dead letter.
+        create_topic(broker.bootstrap, dlq, partitions=1)
+        _wait(lambda: _lines(audit) >= 1, 60, "the first step")
+        broker.kill()
+        killed = time.time()
+        _wait(lambda: _lines(audit) >= 8, 60, "steps 2-8 with the broker down")  # was 60 s per dead letter
+        entries = [json.loads(line) for line in letters.read_text().splitlines()]
+        assert [entry["key"] for entry in entries] == [key for key, _, _ in garbage]
+        assert all(entry["time"] > killed for entry in entries)  # rejected while the broker was down
+        broker.restart()
+        assert produce(broker.bootstrap, topic, good[8 * BATCH:]) == 2 * BATCH
+        thread.join(timeout=180)
+        assert not thread.is_alive()
+    finally:
+        trainer.stop.set()
+        thread.join(timeout=30)
+    assert trainer.state.step == 10
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, consumer_timeout_ms=5000)
+    consumer.assign([TopicPartition(dlq, 0)])
+    consumer.seek_to_beginning()
+    dead = list(consumer)
+    consumer.close()
+    assert [(m.key.decode(), m.value, dict(m.headers)["reason"]) for m in dead] == [
+        (key, value, b"corrupt_image") for key, value, _ in garbage]

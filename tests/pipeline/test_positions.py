@@ -26,6 +26,9 @@ def test_two_kafka_workers_positions_merge_to_the_newest_offset_of_every_partiti
     assert merge_positions([first, second], 0) == merge_positions([first, second], 1) == merged
     assert merge_positions([None, second], 0) == second  # a worker that had read nothing yet
     assert merge_positions([None, None], 1) is None
+    # Checkpointed positions name their run dir and step; a resumed one keeps every worker's newer commits.
+    named = KafkaPosition.merge([KafkaPosition("t", {0: 7}, "L", 4, {0: (9,)}), KafkaPosition("t", {1: 3}, "L", 4, {1: (5,)})])
+    assert (named.lineage, named.step, named.newer_commits) == ("L", 4, {0: (9,), 1: (5,)})
 
 
 def test_shard_and_ray_positions_stay_each_workers_own() -> None:
@@ -37,9 +40,12 @@ def test_shard_and_ray_positions_stay_each_workers_own() -> None:
 def test_positions_round_trip_through_their_checkpoint_form() -> None:
     kafka = KafkaPosition("t", {2: 4, 0: 7})
     assert kafka.to_dict() == {"kind": "kafka", "topic": "t", "offsets": {"0": 7, "2": 4}}
+    checkpointed = KafkaPosition("t", {0: 7}, "a" * 32, 12, {0: (9, 11)})
+    assert checkpointed.to_dict() == {"kind": "kafka", "topic": "t", "offsets": {"0": 7}, "lineage": "a" * 32,
+                                      "step": 12, "newer_commits": {"0": [9, 11]}}
     ray = RayPosition(1, 32)
     assert ray.to_dict() == {"kind": "ray", "pass": 1, "rows": 32}
-    for position in (kafka, ray, SeriesFilePosition("part-001.parquet", 100, 1, 100),
+    for position in (kafka, checkpointed, ray, SeriesFilePosition("part-001.parquet", 100, 1, 100),
                      ShardPosition("cycle", 2, ("a.tar", "b.tar"), 1, "b.tar", 7, (("k", {"png": b"x"}, "a.tar", 3),),
                                    (3, (1, 2, 3), None))):
         assert position_from_dict(position_to_dict(position)) == position

@@ -1,4 +1,4 @@
-"""kafka_produce against a real broker (Tansu): spec parsing, topics, rate and limit, lake records, dead-letter topic."""
+"""kafka_produce against a real broker (Tansu): spec parsing, topics, rate and limit, lake records, backoff."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from streamssl.streams.kafka_produce import (
-    DeadLetterTopic,
     create_topic,
     kafka_module,
     lake_records,
@@ -111,21 +110,6 @@ def test_lake_records_carry_png_and_label(small_lake: Path, kafka_broker: Tansu)
     assert all(dict(message.headers)["label"].isdigit() for message in messages)
 
 
-def test_dead_letter_topic_keeps_record_and_reason(kafka_broker: Tansu) -> None:
-    topic = f"dlt-{uuid.uuid4().hex[:12]}"
-    create_topic([kafka_broker.bootstrap], topic, partitions=1)
-    dead_letters = DeadLetterTopic([kafka_broker.bootstrap], topic)
-    dead_letters.send("k1", b"\x00not an image", "corrupt_image", "cannot identify image file", "kafka://in/2")
-    dead_letters.send("k2", b"", "missing_image")
-    dead_letters.close()
-    assert (dead_letters.sent, dead_letters.failed) == (2, 0)
-    messages = read_topic(kafka_broker, topic, 2)
-    assert [(message.key, message.value, dict(message.headers)) for message in messages] == [
-        (b"k1", b"\x00not an image",
-         {"reason": b"corrupt_image", "detail": b"cannot identify image file", "source": b"kafka://in/2"}),
-        (b"k2", b"", {"reason": b"missing_image", "detail": b"", "source": b""})]
-
-
 def test_unreachable_broker_is_a_source_error() -> None:
     quick = {"bootstrap_timeout_ms": 300}
     with pytest.raises(SourceError, match="cannot reach Kafka"):
@@ -136,3 +120,11 @@ def test_unreachable_broker_is_a_source_error() -> None:
         produce(["no-such-host.invalid:9092"], "t", numbered("x"), limit=1)
     with pytest.raises(SourceError):
         produce(["127.0.0.1:9092"], "t", numbered("x"), rate=-1)
+
+
+def test_backoff_is_jittered_within_half_and_all_of_the_delay() -> None:
+    from streamssl.streams.kafka_produce import jittered
+
+    waits = [jittered(4.0) for _ in range(200)]
+    assert all(2.0 <= wait <= 4.0 for wait in waits)
+    assert len(set(waits)) > 100  # group members that failed together do not retry together

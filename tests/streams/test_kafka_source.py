@@ -140,7 +140,7 @@ def test_empty_values_are_rejected_and_passed_over(kafka_broker: Tansu) -> None:
     producer.flush()
     producer.close()
     rejected: list[tuple[str, str, str]] = []
-    stream = source(kafka_broker, topic, f"g-{topic}", on_reject=lambda *why: rejected.append(why))
+    stream = source(kafka_broker, topic, f"g-{topic}", on_reject=lambda *why: rejected.append(why[:3]))
     records = take(stream, 2)
     stream.close()
     assert rejected == [(f"kafka://{topic}/0", "tombstone", "empty_value"), (f"kafka://{topic}/0", "empty", "empty_value")]
@@ -148,6 +148,39 @@ def test_empty_values_are_rejected_and_passed_over(kafka_broker: Tansu) -> None:
         ("garbage", {"bin": b"\x13\x37"}, 2), (f"{topic}/0/3", {"json": b'{"a": 1}'}, 3)]
     assert stream.state_dict()["offsets"] == {"0": 4}
     assert stream.stats()["rejected"] == 2
+
+
+class _RawHeaderName(str):
+    """A header name whose bytes on the wire are not UTF-8: kafka-python's producer writes `name.encode()`, and other
+    clients (librdkafka's C strings) can send any bytes; the broker stores them as they are."""
+
+    def encode(self, *args: object, **kwargs: object) -> bytes:
+        return b"\xff\xfename"
+
+
+@pytest.mark.timeout(60)  # before the fix kafka-python's poll spun for ever on the bad record
+def test_a_record_kafka_python_cannot_parse_is_rejected_and_reading_goes_on(kafka_broker: Tansu) -> None:
+    topic = new_topic(kafka_broker, partitions=1)
+    producer = kafka_module().KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    producer.send(topic, key=b"good-0", value=b"v").get(timeout=10)
+    producer.send(topic, key=b"bad-1", value=b"v", headers=[(_RawHeaderName("x"), b"1")]).get(timeout=10)
+    producer.send(topic, key=b"good-2", value=b"v").get(timeout=10)
+    # one batch: the bad record first, so the two after it cannot be parsed either (kafka-python reads a batch from
+    # its start); the record in the next batch is read again
+    for key, headers in ((b"bad-3", [(_RawHeaderName("x"), b"1")]), (b"lost-4", []), (b"lost-5", [])):
+        producer.send(topic, key=key, value=b"v", headers=headers)
+    producer.flush()
+    producer.send(topic, key=b"good-6", value=b"v").get(timeout=10)
+    producer.close()
+    rejected: list[tuple[str, ...]] = []
+    stream = source(kafka_broker, topic, f"g-{topic}", on_reject=lambda *why: rejected.append(why))
+    records = take(stream, 3)
+    stream.close()
+    assert [(record.key, record.index) for record in records] == [("good-0", 0), ("good-2", 2), ("good-6", 6)]
+    assert [(key, reason) for _, key, reason, _ in rejected] == [(f"{topic}/0/{offset}", "unreadable_record")
+                                                                 for offset in (1, 3, 4, 5)]
+    assert "UnicodeDecodeError" in rejected[0][3]
+    assert stream.state_dict()["offsets"] == {"0": 7} and stream.stats()["rejected"] == 4
 
 
 def test_resume_from_checkpoint_and_from_committed_offsets(kafka_broker: Tansu) -> None:
@@ -181,6 +214,55 @@ def test_resume_from_checkpoint_and_from_committed_offsets(kafka_broker: Tansu) 
     fourth.load_state_dict(checkpoint)
     assert Counter(offsets(take(fourth, total - 90))) == Counter(offsets(read_third))
     fourth.close()
+
+
+LINEAGE, OTHER = "a" * 32, "b" * 32
+
+
+@pytest.mark.parametrize(("mine", "committed", "metadata", "start"), [
+    (10, 30, f"streamssl lineage={LINEAGE} step=6", (10, True)),  # our commit of a newer, lost checkpoint
+    (None, 30, f"streamssl lineage={LINEAGE} step=6", (None, True)),  # not in the checkpoint: auto_offset_reset
+    (10, 30, f"streamssl lineage={LINEAGE} step=4", (30, False)),  # not newer than the checkpoint resumed from
+    (10, 30, f"streamssl lineage={OTHER} step=9", (30, False)),  # another run dir moved the partition on
+    (10, 30, "", (30, False)), (10, 30, None, (30, False)),  # someone else's commit, without our metadata
+    (10, 25, None, (10, True)),  # no metadata (Tansu drops it), but an offset this run dir committed for step 6
+    (10, 25, f"streamssl lineage={OTHER} step=9", (25, False)),  # the same offset, by another run dir
+    (40, 30, f"streamssl lineage={LINEAGE} step=6", (40, False)), (10, None, None, (10, False)),
+])
+def test_start_offset_sets_aside_only_this_run_dirs_commits_of_newer_checkpoints(
+        mine: int | None, committed: int | None, metadata: str | None, start: tuple[int | None, bool]) -> None:
+    from streamssl.streams.kafka_assignment import KafkaPosition, start_offset
+
+    resumed = KafkaPosition("t", {0: 10}, LINEAGE, 4, newer_commits={0: (25,)})
+    assert start_offset(resumed, 0, mine, committed, metadata) == start
+    # A source that resumed from no checkpoint, or from one written before lineages, keeps the later of the two.
+    for plain in (None, KafkaPosition("t", {0: 10})):
+        assert start_offset(plain, 0, mine, committed, metadata)[0] == max(o for o in (mine, committed) if o is not None)
+
+
+def test_a_resumed_source_does_not_start_at_its_own_commit_of_a_lost_checkpoint(kafka_broker: Tansu) -> None:
+    topic = new_topic(kafka_broker, partitions=1)
+    produce([kafka_broker.bootstrap], topic, ((f"k{index}", b"v", []) for index in range(60)))
+    group = f"g-{topic}"
+    first = source(kafka_broker, topic, group)
+    take(first, 20)
+    checkpoint = {**first.state_dict(), "lineage": LINEAGE, "step": 4}  # as the loop checkpoints it
+    take(first, 20)
+    first.commit({**first.state_dict(), "lineage": LINEAGE, "step": 6})  # then that checkpoint turns out unreadable
+    first.close()
+    assert first.committed_offsets() == {0: 40}
+
+    def first_offset(state: dict[str, object]) -> int:
+        stream = source(kafka_broker, topic, group)
+        stream.load_state_dict(state)
+        records = take(stream, 1)
+        stream.close()
+        return records[0].index
+
+    # Journaled as this run dir's commit for step 6 (Tansu keeps no commit metadata): the checkpoint's offset wins.
+    assert first_offset({**checkpoint, "newer_commits": {"0": [40]}}) == 20
+    # Not known as ours: the later of the two, as another member (or run dir) may have moved the partition on.
+    assert first_offset(checkpoint) == 40
 
 
 def test_two_sources_split_partitions_and_a_late_joiner_loses_nothing(kafka_broker: Tansu) -> None:
@@ -440,3 +522,26 @@ def test_a_back_pressured_member_still_hands_partitions_to_a_joiner(kafka_broker
     assert len(first) == 10
     # the joiner has its share, not everything: the holder still owns part of the topic
     assert 0 < len({record.source for record in joiner.records}) < 4
+
+
+class RecordingConsumer(RefusingConsumer):
+    """Stands in for the consumer at commit time: Tansu keeps no commit metadata (it answers None for it), so what a
+    commit sends is read here."""
+
+    def __init__(self, held: Iterable[int]) -> None:
+        super().__init__(RuntimeError("unused"), held)
+        self.requests: list[dict[object, object]] = []
+
+    def commit(self, offsets: object, timeout_ms: int) -> None:
+        self.requests.append(offsets)  # type: ignore[arg-type]
+
+
+def test_a_commit_names_its_checkpoint_in_the_offset_metadata() -> None:
+    stream = KafkaSource("kafka://127.0.0.1:9092/t")
+    stream.commit({"kind": "kafka", "topic": "t", "offsets": {"0": 5, "1": 8}, "lineage": LINEAGE, "step": 6})
+    consumer = RecordingConsumer(held=[0, 1])
+    stream._perform_commits(consumer, force=True)
+    (request,) = consumer.requests
+    assert {tp.partition: (meta.offset, meta.metadata) for tp, meta in request.items()} == {  # type: ignore[attr-defined]
+        0: (5, f"streamssl lineage={LINEAGE} step=6"), 1: (8, f"streamssl lineage={LINEAGE} step=6")}
+    stream.close()

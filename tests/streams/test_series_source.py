@@ -189,6 +189,26 @@ def test_parse_point_reads_kafka_json_records() -> None:
     (b'{"series_id": "a", "timestamp": 1, "value": [1]}', "non_numeric_value"),
     (b'{"series_id": "a", "timestamp": "soon", "value": 1}', "bad_timestamp"),
     (b'{"series_id": null, "timestamp": 1, "value": 1}', "missing_field"),
+    # each of these raised something other than ValueError once (OverflowError, RecursionError), or let through a
+    # series name no UTF-8 writer takes
+    (b'{"series_id": "a", "timestamp": ' + b"1" * 400 + b', "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "a", "timestamp": -' + b"1" * 400 + b', "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "a", "timestamp": "' + b"1" * 400 + b'", "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "a", "timestamp": 1e400, "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "a", "timestamp": true, "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "a", "timestamp": {"t": 1}, "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "a", "timestamp": "0000-01-01", "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "a", "timestamp": 1, "value": ' + b"1" * 400 + b"}", "non_numeric_value"),
+    (b'{"series_id": "a", "timestamp": 1, "value": 1e400}', "non_finite_value"),
+    (b'{"series_id": "a", "timestamp": 1, "value": true}', "non_numeric_value"),
+    (b'{"series_id": "a", "timestamp": 1, "value": ' + b"1" * 5000 + b"}", "not_json"),
+    (b'{"series_id": "\\ud800", "timestamp": 1, "value": 1}', "missing_field"),
+    (b'{"series_id": "a\\nb", "timestamp": 1, "value": 1}', "missing_field"),
+    (b'{"series_id": "' + b"x" * 300 + b'", "timestamp": 1, "value": 1}', "missing_field"),
+    (b'{"series_id": 1.5, "timestamp": 1, "value": 1}', "missing_field"),
+    (b'{"series_id": "a", "timestamp": 1, "value": 1', "not_json"),
+    (b"{" + b'"a": [' * 100000, "not_json"),
+    (b"\x80\x81{", "not_json"),
 ])
 def test_parse_point_rejects_garbage_with_a_reason(payload: bytes, reason: str) -> None:
     with pytest.raises(ValueError, match=f"^{reason}"):

@@ -59,3 +59,16 @@ def test_the_reader_hands_out_positions_with_rejects_and_is_never_stuck_behind_a
     started = time.monotonic()
     reader.close()  # the source is waiting 30 s for new files; closing ends that wait
     assert time.monotonic() - started < 2 and reader.messages.empty()
+
+
+def test_a_record_that_parsing_fails_on_unexpectedly_is_that_records_reject_and_reading_goes_on() -> None:
+    # parse_point refuses every payload a real source yields with a ValueError and its reason (test_series_source.py);
+    # a field that is not bytes at all cannot come from one, so it stands in for a parser bug: still one reject.
+    payloads: list[Any] = [b'{"series_id": "a", "timestamp": 1, "value": 2.5}', 12345,
+                           b'{"series_id": "a", "timestamp": 2, "value": 3}']
+    reader = PointReader(lambda on_reject: _RecordSource(payloads, on_reject), None)
+    messages = [reader.messages.get(timeout=5) for _ in range(4)]
+    reader.close()
+    assert [type(m) for m in messages] == [PointMessage, Reject, PointMessage, End]
+    assert (messages[1].key, messages[1].reason, messages[1].position) == ("k2", "unreadable_record", {"offset": 2})
+    assert messages[1].detail.startswith("TypeError")

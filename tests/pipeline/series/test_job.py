@@ -198,6 +198,26 @@ def test_each_series_has_its_own_warm_up_statistics_windows_and_forecasts(tmp_pa
     assert set(manifest["input"]["series"]) == {"s", "l"}
 
 
+def test_series_state_is_bounded_by_max_series_however_many_ids_the_stream_brings(tmp_path: Path) -> None:
+    # a producer bug that makes every point a new series (here: 400 ids) once grew the windows, warm-ups,
+    # statistics, checkpoints and the manifest without bound
+    data = tmp_path / "data"
+    data.mkdir()
+    steady = _series(150)
+    rows = [(float(t), float(steady[t]), "steady") for t in range(150)]
+    rows[60:60] = [(float(t), 1.0, f"noise-{t}") for t in range(400)]
+    times, values, ids = zip(*rows, strict=True)
+    write_series_file(data / "part-000.parquet", times, values, ids)
+    job = SeriesJob(_config(tmp_path / "run", data, "forecast", "series.series_column=series_id", "series.max_series=8"))
+    job.run()
+    task = job.task
+    assert len(task.windows.series_ids()) <= 8 and len(task.warmup) + len(task.norm) <= 8 and len(task.pending) <= 8
+    # 402 series began (steady, 400 noise ids, steady again after it was dropped during the burst); 8 are kept
+    assert task.series_dropped == 402 - 8
+    assert task.windows.count("steady") == 150 - 60  # afresh: its first 60 points were dropped with it
+    assert len(job.checkpoint_state()["windows"]["series"]) <= 8
+
+
 def test_a_growing_directory_is_followed_until_stop_then_checkpointed_and_published(tmp_path: Path) -> None:
     values = _series(200)
     data = _lake(tmp_path / "data", values[:100], rows_per_file=100)
@@ -285,6 +305,40 @@ def test_points_from_a_kafka_topic_train_resume_and_dead_letter(kafka_broker: An
     # the group's committed offset is the last checkpoint's: every point (and both bad ones) is acknowledged
     assert second.checkpoint_state()["source"]["offsets"] == {"0": len(points)}
     assert KafkaSource(url).committed_offsets() == {0: len(points)}
+
+
+# Records that once ended the job (the 400-digit timestamp: OverflowError, exit 2 on every restart) or could:
+# each must be that record's dead letter, under its reason, and the job goes on.
+POISON = [
+    (b'{"series_id": "m1", "timestamp": ' + b"9" * 400 + b', "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "m1", "timestamp": "' + b"9" * 400 + b'", "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "m1", "timestamp": 1e999, "value": 1}', "bad_timestamp"),
+    (b'{"series_id": "m1", "timestamp": 5, "value": ' + b"9" * 400 + b"}", "non_numeric_value"),
+    (b'{"series_id": "m1", "timestamp": 5, "value": ' + b"9" * 5000 + b"}", "not_json"),
+    (b'{"series_id": {"a": 1}, "timestamp": 5, "value": 1}', "missing_field"),
+    (b'{"series_id": "\\ud800", "timestamp": 5, "value": 1}', "missing_field"),
+    (b"{" + b'"a": {' * 50000 + b"}", "not_json"),
+    (b"\xff\xfe\x00{", "not_json"),
+]
+
+
+def test_poison_records_on_kafka_are_dead_lettered_and_the_series_job_goes_on(kafka_broker: Any, tmp_path: Path) -> None:
+    topic = "series-poison"
+    values = _series(160)
+    points = [(f"p{t}", json.dumps({"series_id": "m1", "timestamp": t, "value": float(v)}).encode(), [])
+              for t, v in enumerate(values)]
+    points[100:100] = [(f"poison-{index}", payload, []) for index, (payload, _) in enumerate(POISON)]
+    create_topic(kafka_broker.bootstrap, topic, partitions=1)
+    assert produce(kafka_broker.bootstrap, topic, points) == len(points)
+    job = SeriesJob(_config(tmp_path / "run", f"{kafka_broker.url(topic)}?group=poison-g", "forecast",
+                            f"train.max_steps={(160 - WARMUP) // BATCH}", "kafka.session_timeout_ms=6000"))
+    state = job.run()
+    assert state.step == (160 - WARMUP) // BATCH and job.task.points_seen == 160  # every good point, after them too
+    letters = [json.loads(line) for line in (tmp_path / "run" / "dead-letter.jsonl").read_text().splitlines()]
+    assert [(letter["key"], letter["reason"]) for letter in letters] == [
+        (f"poison-{index}", reason) for index, (_, reason) in enumerate(POISON)]
+    rejected = job.metrics.registry.get_sample_value("streamssl_records_rejected_total", {"reason": "bad_timestamp"})
+    assert rejected == 3
 
 
 def test_a_reject_from_the_feed_is_dead_lettered_by_the_loop_which_moves_past_it(tmp_path: Path) -> None:

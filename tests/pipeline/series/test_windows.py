@@ -87,3 +87,18 @@ def test_state_round_trip_continues_exactly(tmp_path: Path) -> None:
         np.testing.assert_array_equal(resumed.values(series), straight.values(series))
     with pytest.raises(ValueError, match="keep 8 points"):
         SeriesWindows(4).load_state_dict(first.state_dict())
+
+
+def test_at_most_max_series_are_kept_and_the_one_updated_longest_ago_goes(tmp_path: Path) -> None:
+    dropped: list[str] = []
+    windows = SeriesWindows(4, max_series=2, on_evict=dropped.append)
+    for t, series in enumerate("abac"):  # c is new with a and b kept: b was updated longest ago
+        windows.add(_point(float(t), 1.0, series))
+    assert dropped == ["b"] and windows.series_ids() == ["a", "c"] and windows.count("a") == 2
+    # the order of updates is state: a resumed copy drops the same series next
+    path = tmp_path / "windows.pt"
+    torch.save(windows.state_dict(), path)
+    resumed = SeriesWindows(4, max_series=2, on_evict=dropped.append)
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    assert windows.add(_point(9.0, 1.0, "b")) == 0 and resumed.add(_point(9.0, 1.0, "b")) == 0  # b starts afresh
+    assert dropped == ["b", "a", "a"] and windows.series_ids() == resumed.series_ids() == ["b", "c"]
