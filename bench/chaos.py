@@ -10,7 +10,7 @@ port and storage. After the last kill the run is left to reach its step target, 
 no record was skipped. Then the run dir and the broker are checked (bench/chaos_checks.py) and one table
 per source prints each measured value next to its goal. Exit status 1 if any check failed.
 
-    PYTHONPATH=. .venv/bin/python bench/chaos.py [--seed 0] [--kills 20] [--sources shards,kafka,series]
+    .venv/bin/python bench/chaos.py [--seed 0] [--kills 20] [--sources shards,kafka,series]
 """
 
 from __future__ import annotations
@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {json.dumps(machine())}; load average {os.getloadavg()[0]:.1f} at the start; "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="streamssl-chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
     outcomes = []
     try:
         with ExitStack() as stack:
