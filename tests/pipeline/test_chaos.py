@@ -23,7 +23,7 @@ SHARDS_PLAN = ["trainer:checkpoint-write", "loader", "trainer:publish", "trainer
 KAFKA_PLAN = ["trainer:checkpoint-renamed", "broker", "loader"]
 STEPS_PER_KILL = 3
 # Stale temp files: a kill -9 inside atomic_write (streams/files.py, used by pipeline/checkpointing.py) leaves its
-# `.ckpt-*.pt.*.tmp`, and no later start removes it: every such kill adds a full-size checkpoint's worth of disk.
+# `.ckpt-*.pt.*.tmp`, and no later start removes it: each such kill leaves up to a checkpoint's size on disk.
 STALE_TEMP_DEFECT = "stale temp files: a checkpoint's temp file left by kill -9 inside atomic_write is never removed"
 
 
