@@ -24,7 +24,6 @@ KAFKA_PLAN = ["trainer:checkpoint-renamed", "broker", "loader"]
 STEPS_PER_KILL = 3
 # Stale temp files: a kill -9 inside atomic_write (streams/files.py, used by pipeline/checkpointing.py) leaves its
 # `.ckpt-*.pt.*.tmp`, and no later start removes it: each such kill leaves up to a checkpoint's size on disk.
-STALE_TEMP_DEFECT = "stale temp files: a checkpoint's temp file left by kill -9 inside atomic_write is never removed"
 
 
 # --- the checks catch what they are for -----------------------------------------------------------------------
@@ -89,14 +88,13 @@ def _report(outcome: Outcome) -> str:
 def test_after_kill_9s_nothing_acknowledged_is_lost_and_nothing_is_stuck(name: str, request: pytest.FixtureRequest) -> None:
     outcome: Outcome = request.getfixturevalue(name)
     print(_report(outcome))
-    failed = [c for c in outcome.checks if not c.ok and c.name != "stale temp files"]  # that one: the test below
+    failed = [c for c in outcome.checks if not c.ok]
     assert not failed, _report(outcome)
     assert not outcome.notes, outcome.notes
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(strict=False, reason=STALE_TEMP_DEFECT)
 @pytest.mark.parametrize("name", ["shards", "kafka"])
 def test_no_temp_file_from_before_the_last_start_is_left(name: str, request: pytest.FixtureRequest) -> None:
     outcome: Outcome = request.getfixturevalue(name)
