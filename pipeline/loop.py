@@ -17,32 +17,30 @@ anything there and refuses, as a RunDirError, a run dir whose checkpoints all fa
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
-
-import yaml
 
 from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.checkpointing import Checkpointer, NoReadableCheckpoint
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError, redacted
 from streamssl.pipeline.loading.commits import CommitJournal
-from streamssl.pipeline.loading.deadletter import DeadLetters, private
+from streamssl.pipeline.loading.deadletter import DeadLetters
 from streamssl.pipeline.loading.messages import End, Failure, Message, Reject
-from streamssl.pipeline.loading.positions import Position, position_from_dict, position_to_dict
+from streamssl.pipeline.loading.positions import position_from_dict, position_to_dict
 from streamssl.pipeline.loading.sources import dead_letter_topic
 from streamssl.pipeline.publishing import OlderThanLatest, Publisher
-from streamssl.pipeline.rundir import RunDirError, RunDirLock
-from streamssl.pipeline.schedule import HorizonEstimate
+from streamssl.pipeline.run_state import RunState
+from streamssl.pipeline.rundir import RunDirError, RunDirLock, append_audit, create_run_dir, prepare_run_dir
+from streamssl.pipeline.schedule import HorizonEstimate, is_due
 from streamssl.pipeline.task import Feed, Task
-from streamssl.streams.files import RunPaths, atomic_write, remove_stale_temps
+from streamssl.streams.files import RunPaths
 from streamssl.streams.records import SourceError
 
 log = logging.getLogger(__name__)
@@ -50,23 +48,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(Exception):
     """The loss stayed non-finite after every allowed rollback; the CLI prints it as one line."""
-
-
-@dataclass
-class RunState:
-    """Counters that go into every checkpoint next to the task's own state."""
-
-    step: int = 0
-    samples_seen: int = 0
-    checkpoints_written: int = 0
-    position: Position | None = None  # the stream right after the last message handled; None before the first
-    eval_metrics: dict[str, float] = field(default_factory=dict)
-    published_step: int = -1
-    # The schedule: the step the LR anneals to (0 = none) and where the current cycle began (a time-bounded
-    # invocation that resumes a finished schedule starts a new cycle: a warm restart).
-    horizon_steps: int = 0
-    cycle_start: int = 0
-    eval_step: int = -1  # the step `eval_metrics` were measured at
 
 
 class Loop:
@@ -90,10 +71,7 @@ class Loop:
         self.stop = stop or threading.Event()
         self.collective = collective or Collective()
         self.paths = RunPaths(Path(cfg.run_dir))
-        try:
-            self.paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds record bytes and keys
-        except OSError as err:
-            raise RunDirError(f"cannot create run dir {self.paths.root} ({err.strerror})") from None
+        create_run_dir(self.paths.root)
         self.lock = RunDirLock(self.paths.lock)  # taken by run(): nothing is written into the run dir before
         self.metrics = Metrics(cfg.method)
         self.dead_letter_topic = topic = dead_letter_topic(cfg.data, cfg.kafka, self.paths.root, self.collective.rank)
@@ -236,12 +214,6 @@ class Loop:
         self.metrics.observe_publish(version)
         log.info("published %s", folder)
 
-    def audit_keys(self, keys: list[str]) -> None:
-        """Lineage: which records went into which step. Lines after the last checkpoint are replayed after a crash,
-        so a key may appear twice; at-least-once delivery means every acknowledged key appears at least once."""
-        with open(self.paths.trained_keys, "a", encoding="utf-8", opener=private) as handle:
-            handle.write(json.dumps({"step": self.state.step, "keys": keys}) + "\n")
-
     # --- the schedule horizon ----------------------------------------------------------------------
     def plan_horizon(self) -> None:
         """The horizon of this invocation (see pipeline/schedule.py): the step budget, a stored time-based
@@ -321,16 +293,10 @@ class Loop:
 
     def checkpoint_due(self, seconds_since_checkpoint: float) -> bool:
         cfg = self.cfg.checkpoint
-        due = bool((cfg.every_steps and self.state.step % cfg.every_steps == 0)
-                   or (cfg.every_seconds and seconds_since_checkpoint >= cfg.every_seconds))
+        due = is_due(cfg.every_steps, cfg.every_seconds, self.state.step, seconds_since_checkpoint)
         if self.collective.world_size > 1 and cfg.every_seconds:  # by steps alone, every worker decides the same
             due = self.collective.any(due)[0]
         return due
-
-    def eval_due(self, seconds_since_eval: float) -> bool:
-        cfg = self.cfg.eval
-        return bool((cfg.every_steps and self.state.step % cfg.every_steps == 0)
-                    or (cfg.every_seconds and seconds_since_eval >= cfg.every_seconds))
 
     def serve_metrics(self) -> None:
         cfg = self.cfg.metrics
@@ -344,22 +310,11 @@ class Loop:
         log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
 
     # --- the loop ----------------------------------------------------------------------------------
-    def prepare_run_dir(self) -> None:
-        """Rank 0, holding the lock: removes what killed writers left behind, records the config."""
-        try:
-            for folder in (self.paths.root, self.paths.checkpoints, self.paths.published):
-                for name in remove_stale_temps(folder):
-                    log.info("removed %s, left behind by an interrupted write", folder / name)
-            with atomic_write(self.paths.config) as handle:  # 0600, and without the secrets
-                handle.write(yaml.safe_dump(redacted(self.cfg), sort_keys=False).encode())
-        except OSError as err:
-            raise RunDirError(f"run dir {self.paths.root} is not writable ({err.strerror})") from None
-
     def run(self) -> RunState:
         try:
             if self.collective.rank == 0:  # the workers of one run share its run dir; rank 0 writes it
                 self.lock.acquire(self.lock_wait_seconds)
-                self.prepare_run_dir()
+                prepare_run_dir(self.paths, self.cfg)
             self.serve_metrics()
             self.resume()
             self.plan_horizon()
@@ -406,14 +361,14 @@ class Loop:
             last_loss, logs = result.loss, result.logs
             state.step += 1
             if cfg.train.audit_keys and hasattr(message, "keys"):
-                self.audit_keys(message.keys)
+                append_audit(self.paths.trained_keys, state.step, message.keys)
             state.samples_seen += result.samples * self.collective.world_size
             self.metrics.observe_step(result.samples, time.perf_counter() - step_started, result.lr)
             self.metrics.observe_logs({"loss": last_loss, **logs})
 
             now = time.monotonic()
             self.update_horizon(now - started)
-            if self.eval_due(now - last_eval_time):
+            if is_due(cfg.eval.every_steps, cfg.eval.every_seconds, state.step, now - last_eval_time):
                 self.evaluate()
                 last_eval_time = now = time.monotonic()
             if now - last_log_time >= cfg.train.log_every_seconds:

@@ -1,4 +1,5 @@
-"""One run per run dir: an exclusive lock on RUN_DIR/run.lock, held from the start of a run to its end.
+"""One run per run dir: an exclusive lock on RUN_DIR/run.lock, held from the start of a run to its end; and what
+the holder writes there first (the config, removing stale temp files) and along the way (the audit trail).
 
 Two trainers on one run dir would resume from each other's checkpoints, prune each other's files and publish
 over each other. The lock is `flock`: the kernel drops it when the last descriptor of the open file closes,
@@ -11,10 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import logging
 import os
 import socket
 import time
 from pathlib import Path
+
+import yaml
+
+from streamssl.pipeline.config import Config, redacted
+from streamssl.pipeline.loading.deadletter import private
+from streamssl.streams.files import RunPaths, atomic_write, remove_stale_temps
+
+log = logging.getLogger(__name__)
 
 
 class RunDirError(Exception):
@@ -81,3 +92,29 @@ class RunDirLock:
         _HELD.discard(self._fd)
         os.close(self._fd)
         self._fd = None
+
+
+def create_run_dir(root: Path) -> None:
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds record bytes and keys
+    except OSError as err:
+        raise RunDirError(f"cannot create run dir {root} ({err.strerror})") from None
+
+
+def prepare_run_dir(paths: RunPaths, cfg: Config) -> None:
+    """Rank 0, holding the lock: removes what killed writers left behind, records the config."""
+    try:
+        for folder in (paths.root, paths.checkpoints, paths.published):
+            for name in remove_stale_temps(folder):
+                log.info("removed %s, left behind by an interrupted write", folder / name)
+        with atomic_write(paths.config) as handle:  # 0600, and without the secrets
+            handle.write(yaml.safe_dump(redacted(cfg), sort_keys=False).encode())
+    except OSError as err:
+        raise RunDirError(f"run dir {paths.root} is not writable ({err.strerror})") from None
+
+
+def append_audit(path: Path, step: int, keys: list[str]) -> None:
+    """Lineage: which records went into which step. Lines after the last checkpoint are replayed after a crash,
+    so a key may appear twice; at-least-once delivery means every acknowledged key appears at least once."""
+    with open(path, "a", encoding="utf-8", opener=private) as handle:
+        handle.write(json.dumps({"step": step, "keys": keys}) + "\n")

@@ -71,3 +71,8 @@ class HorizonEstimate:
         if not self.horizon:  # nothing timed yet: a provisional guess, only the warm-up's first steps use it
             self.horizon = step + 1000
         return self.horizon
+
+
+def is_due(every_steps: int, every_seconds: float, step: int, seconds_since: float) -> bool:
+    """A cadence by steps and/or time (0 = off for that part): due at every N-th step or after T seconds."""
+    return bool((every_steps and step % every_steps == 0) or (every_seconds and seconds_since >= every_seconds))

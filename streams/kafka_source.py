@@ -38,6 +38,7 @@ from streamssl.streams.kafka_assignment import (
     _rebalance_listener,
     commit_metadata,
 )
+from streamssl.streams.kafka_commits import OffsetCommits
 from streamssl.streams.kafka_produce import check_resolvable, jittered, kafka_module, parse_kafka_url
 from streamssl.streams.records import Record, RejectFn, SourceError, sniff
 
@@ -47,7 +48,7 @@ OFFSET_RESETS = ("earliest", "latest")
 # How long creating the consumer waits for a first broker before it counts as a retry (kafka-python: 30 s).
 BOOTSTRAP_TIMEOUT_MS = 5000
 
-class KafkaSource(PartitionAssignment):
+class KafkaSource(PartitionAssignment, OffsetCommits):
     """Yields `Record`s from a Kafka topic as a member of a consumer group, with an exact resumable position.
 
     Args:
@@ -335,42 +336,6 @@ class KafkaSource(PartitionAssignment):
     def _succeeded(self) -> None:
         self._backoff = self._retry_backoff
 
-    def _perform_commits(self, consumer: Any, force: bool = False) -> None:
-        """Commits what was requested, for the partitions held now; broker errors keep it queued for a retry."""
-        if not self._pending or (not force and time.monotonic() < self._next_commit):
-            return
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        held = {tp.partition for tp in consumer.assignment()}
-        self._commit(consumer, {partition: offset for partition, offset in pending.items() if partition in held}, pending)
-
-    def _commit(self, consumer: Any, offsets: dict[int, tuple[int, str]], pending: dict[int, tuple[int, str]]) -> bool:
-        kafka = self._kafka
-        if not offsets:
-            return True
-        request = {kafka.TopicPartition(self.topic, partition): kafka.OffsetAndMetadata(offset, metadata, -1)
-                   for partition, (offset, metadata) in offsets.items()}
-        try:
-            consumer.commit(request, timeout_ms=REQUEST_TIMEOUT_MS)
-        except kafka.errors.CommitFailedError as err:
-            # Real Kafka, after a rebalance: these partitions may be someone else's now; the next checkpoint commits.
-            with self._lock:
-                self._counts["commit_failures"] += 1
-            log.warning("Kafka %s: commit of %s refused (%s); the next checkpoint commits again", self.topic,
-                        _offsets_only(offsets), str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
-            return False
-        except kafka.errors.KafkaError as err:
-            with self._lock:
-                self._counts["commit_failures"] += 1
-                for partition, offset in pending.items():
-                    self._pending.setdefault(partition, offset)  # a newer request, if any, wins
-            self._next_commit = time.monotonic() + self._failed(f"commit of {_offsets_only(offsets)}", err)
-            return False
-        self._succeeded()
-        with self._lock:
-            self._counts["commits"] += 1
-        return True
-
     def _shutdown(self, consumer: Any) -> None:
         """Performs the requested commits once more, then leaves the group and closes the consumer."""
         try:
@@ -382,31 +347,6 @@ class KafkaSource(PartitionAssignment):
             consumer.close(autocommit=False, timeout_ms=REQUEST_TIMEOUT_MS)
             self._consumer = None
             self._finished = True
-
-    def _commit_after_close(self) -> None:
-        """A commit requested after the consumer closed (e.g. the final checkpoint's), for the partitions it held last.
-
-        Committed by a client outside the group, which real Kafka accepts only while the group has no
-        members; otherwise those partitions belong to someone else now and the refusal is counted.
-        """
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        offsets = {partition: offset for partition, offset in pending.items() if partition in self._last_assigned}
-        if not offsets:
-            return
-        kafka = self._kafka
-        try:
-            consumer = kafka.KafkaConsumer(**{**self._config, "bootstrap_timeout_ms": REQUEST_TIMEOUT_MS})
-        except kafka.errors.KafkaError as err:
-            with self._lock:
-                self._counts["commit_failures"] += 1
-            log.warning("Kafka %s: final commit of %s failed: %s", self.topic, _offsets_only(offsets),
-                        type(err).__name__)
-            return
-        try:
-            self._commit(consumer, offsets, {})
-        finally:
-            consumer.close(autocommit=False, timeout_ms=REQUEST_TIMEOUT_MS)
 
     def keep_alive(self) -> None:
         """Takes part in group rebalances without taking records; the reader calls it while back-pressured.
@@ -437,7 +377,3 @@ class KafkaSource(PartitionAssignment):
 
     # --- rebalance listener (kafka-python's I/O thread) ------------------------------------------
 
-
-def _offsets_only(offsets: dict[int, tuple[int, str]]) -> dict[int, int]:
-    """Requested commits as {partition: offset}, for log lines."""
-    return {partition: offset for partition, (offset, _) in offsets.items()}

@@ -64,3 +64,13 @@ MODEL_FILE_LINES = 220  # a method file reads as its paper's training step; the 
 def test_a_models_file_stays_small(path: Path) -> None:
     lines = len(path.read_text().splitlines())
     assert lines <= MODEL_FILE_LINES, f"{path.relative_to(ROOT)} has {lines} lines, more than {MODEL_FILE_LINES}: split it"
+
+
+SOURCE_FILE_LINES = 400  # a file a newcomer reads in one sitting; past it, split by concern
+
+
+@pytest.mark.parametrize("path", sorted(p for package in ("pipeline", "streams", "models", "monitoring")
+                                        for p in (ROOT / package).rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_source_file_stays_under_400_lines(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= SOURCE_FILE_LINES, f"{path.relative_to(ROOT)} has {lines} lines, more than {SOURCE_FILE_LINES}: split it"

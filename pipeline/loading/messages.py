@@ -15,7 +15,7 @@ from torch import Tensor
 from streamssl.pipeline.loading.positions import Position
 
 if TYPE_CHECKING:
-    from streamssl.streams.series_source import Point
+    from streamssl.streams.series_points import Point
 
 
 @dataclass

@@ -41,8 +41,8 @@ from streamssl.pipeline.device import resolve_device
 from streamssl.pipeline.images import Trainer
 from streamssl.pipeline.loading.positions import merge_positions, position_from_dict, position_to_dict
 from streamssl.pipeline.loading.sources import resolve_mode, source_factory, source_spec
-from streamssl.pipeline.loop import RunState
 from streamssl.pipeline.ray.feed import RayDataFeed
+from streamssl.pipeline.run_state import RunState
 from streamssl.streams.files import RunPaths
 from streamssl.streams.webdataset_source import list_complete_shards
 

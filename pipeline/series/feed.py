@@ -20,7 +20,8 @@ from streamssl.pipeline.loading.messages import End, Failure, Message, PointMess
 from streamssl.pipeline.loading.positions import Position, position_to_dict
 from streamssl.pipeline.loading.sources import source_factory, source_spec
 from streamssl.streams.records import Record, SourceError
-from streamssl.streams.series_source import ParquetSeriesSource, demo_series, parse_point
+from streamssl.streams.series_points import parse_point
+from streamssl.streams.series_source import ParquetSeriesSource, demo_series
 
 LOOKAHEAD = 256  # messages taken at once, so that their windows are decomposed in one batched call
 

@@ -29,7 +29,6 @@ publish cadence, metrics) is the one every job uses: pipeline/loop.py.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -46,10 +45,12 @@ from streamssl.pipeline.config import Config, ConfigError
 from streamssl.pipeline.device import resolve_device
 from streamssl.pipeline.loading.messages import Message, PointMessage
 from streamssl.pipeline.loading.positions import Position
-from streamssl.pipeline.loop import Loop, RunState
-from streamssl.pipeline.series.examples import NRMSE_DEFINITION, USES_AUX, USES_VIEWS, Groups, decide_groups, forecast_errors
+from streamssl.pipeline.loop import Loop
+from streamssl.pipeline.run_state import RunState
+from streamssl.pipeline.series.examples import USES_AUX, USES_VIEWS, Groups, decide_groups, forecast_errors
 from streamssl.pipeline.series.feed import PointReader, SeriesFeed, series_source_factory
 from streamssl.pipeline.series.forecast import decomposition_of
+from streamssl.pipeline.series.manifest import series_manifest
 from streamssl.pipeline.series.windows import SeriesWindows
 from streamssl.pipeline.task import Feed, Step
 
@@ -360,24 +361,7 @@ class SeriesTask:
         return self.model.encoder()
 
     def manifest(self) -> Manifest:
-        """What a consumer needs to feed the encoder: the window, each series' normalisation, the views; the
-        latest training logs join the eval metrics."""
-        s = self.cfg.series
-        inputs: dict[str, Any] = {
-            "channels": 1, "window": s.window, "warmup_points": s.warmup_points,
-            "normalisation": "z-score per series with the mean/std of its first warmup_points points",
-            "series": {sid: {"mean": mean, "std": std} for sid, (mean, std) in sorted(self.norm.items())}}
-        if not self.forecasting:
-            return Manifest(backbone="series-conv", input=inputs, embedding_dim=self.model.feature_dim,
-                            metrics=dict(self.last_logs))
-        names = self.spec.component_names()
-        channels = ["series"] + ([names[k] for k in self.decided_groups.views] if self.uses_views else [])
-        inputs.update(channels=len(channels), channel_names=channels, lag=s.lag, horizon=s.horizon)
-        return Manifest(backbone=f"forecaster-{self.options.get('trunk', 'cnn')}", input=inputs,
-                        embedding_dim=self.options.get("hidden", 64), metrics=dict(self.last_logs),
-                        extra={"mode": self.mode, "nrmse_definition": NRMSE_DEFINITION,
-                               "groups": None if self.groups is None else self.groups.as_dict(),
-                               "decomposition": dataclasses.asdict(self.spec) if self.eemd is not None else None})
+        return series_manifest(self)
 
     # --- what the loop prints --------------------------------------------------------------------------
     def progress(self, samples_rate: float, seconds: float, loss: float, logs: dict[str, float]) -> str:

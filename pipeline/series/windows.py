@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from streamssl.streams.records import RejectFn
-from streamssl.streams.series_source import Point
+from streamssl.streams.series_points import Point
 
 
 class _Series:

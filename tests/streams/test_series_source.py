@@ -14,13 +14,8 @@ import pyarrow.feather as feather
 import pytest
 
 from streamssl.streams.records import Record, SourceError
-from streamssl.streams.series_source import (
-    DEFAULT_SERIES,
-    ParquetSeriesSource,
-    Point,
-    parse_point,
-    write_series_file,
-)
+from streamssl.streams.series_points import Point, parse_point
+from streamssl.streams.series_source import DEFAULT_SERIES, ParquetSeriesSource, write_series_file
 
 
 class Rejects(list):

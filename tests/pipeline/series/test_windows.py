@@ -13,7 +13,7 @@ import torch
 from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.loading.deadletter import DeadLetters
 from streamssl.pipeline.series.windows import SeriesWindows
-from streamssl.streams.series_source import Point
+from streamssl.streams.series_points import Point
 
 
 def _point(timestamp: float, value: float, series: str = "a", index: int = 0) -> Point:
