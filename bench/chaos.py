@@ -25,8 +25,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from bench.runs import machine
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.kafka_produce import create_topic, lake_records, produce
 from streamssl.streams.lake import build_lake
-from tests.kafka_broker import MotoServer, Tansu
+from tests.kafka_broker import Tansu, durable_broker
 
 BATCH = 32
 CHECKPOINT_EVERY = 2
@@ -182,20 +182,6 @@ def shards_source(work: Path, kills: int, steps_per_kill: int) -> Source:
     return Source("shards", what, work / "run", str(lake), steps, records, (*TRAINER_KILLS, "loader"),
                   (*COMMON_SETS, *IMAGE_SETS, "data.mode=follow", "data.poll_seconds=0.2"),
                   acknowledged=acknowledged, during=start_feeder)
-
-
-@contextmanager
-def durable_broker(work: Path) -> Iterator[Tansu]:
-    """Tansu on S3 storage (a local moto server): what it acknowledged survives its kill -9."""
-    moto = MotoServer("tansu", work / "moto.log")
-    try:
-        broker = Tansu(f"s3://{moto.bucket}/", work / "tansu.log", env=moto.env)
-        try:
-            yield broker.start()
-        finally:
-            broker.stop()
-    finally:
-        moto.stop()
 
 
 def committed(broker: Tansu, topic: str, group: str, partitions: int) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from streamssl.pipeline.config import Config, load_config
 from streamssl.pipeline.loading.messages import End, Message
@@ -61,3 +63,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models step many times faster on one torch thread than on two that share busy cores with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -174,15 +175,21 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
         broker.stop()
 
 
-@pytest.fixture
-def durable_kafka_broker(tmp_path: Path) -> Iterator[Tansu]:
+@contextmanager
+def durable_broker(work: Path) -> Iterator[Tansu]:
     """A Tansu broker storing to S3 on a local moto server: what it acknowledged survives `kill()` + `restart()`."""
-    moto = MotoServer("tansu", tmp_path / "moto.log")
+    moto = MotoServer("tansu", work / "moto.log")
     try:
-        broker = Tansu(f"s3://{moto.bucket}/", tmp_path / "tansu.log", env=moto.env)
+        broker = Tansu(f"s3://{moto.bucket}/", work / "tansu.log", env=moto.env)
         try:
             yield broker.start()
         finally:
             broker.stop()
     finally:
         moto.stop()
+
+
+@pytest.fixture
+def durable_kafka_broker(tmp_path: Path) -> Iterator[Tansu]:
+    with durable_broker(tmp_path) as broker:
+        yield broker

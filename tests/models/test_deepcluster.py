@@ -1,7 +1,6 @@
 """Online DeepCluster: staged ring writes, the horizon schedule, the per-id label memory, the classifier reset,
 the weighted cosine loss, the warm-up, resume, and that a few steps learn."""
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,13 +16,7 @@ LOG_KEYS = {"embedding_std", "clustered", "fixed_label_share", "nmi", "cluster_s
             "cluster_size_min_share", "empty_reassigned", "pseudo_label_accuracy_of_head"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tiny models step ~20x faster on one thread than on two that share busy cores with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is many times faster on busy cores
 
 
 def _tiny_deepcluster(**options: object) -> DeepCluster:

@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,7 @@ IMAGE_MANIFEST = Manifest(backbone="convnet", embedding_dim=256, method="moco", 
                           input={"channels": 1, "height": 28, "width": 28, "mean": [0.286], "std": [0.353]})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models on two threads that share busy cores with other jobs run many times slower than on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is many times faster on busy cores
 
 
 def publish(root: Path) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,7 @@ VALUES: list[Any] = [
 NAMES = ["backbone", "input", "embedding_dim", "feature_dim", "eval", "metrics", "files", "channels", "lag",
          "mean", "std", "series", "channel_names", "height", "encoder.safetensors", "../x", "extra"]
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models on two threads that share busy cores with other jobs run many times slower than on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is many times faster on busy cores
 
 
 SERIES = Manifest(backbone="forecaster-cnn", embedding_dim=16, method="forecast", step=40,

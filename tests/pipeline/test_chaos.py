@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.chaos import Outcome, durable_broker, kafka_source, plan_kills, run_session, shards_source, table
+from bench.chaos import Outcome, kafka_source, plan_kills, run_session, shards_source, table
 from bench.chaos_checks import check_checkpoints, check_exits, check_published, check_records, check_temp_files
+from tests.kafka_broker import durable_broker
 
 SHARDS_PLAN = ["trainer:checkpoint-write", "loader", "trainer:publish", "trainer:random", "trainer:checkpoint-renamed"]
 KAFKA_PLAN = ["trainer:checkpoint-renamed", "broker", "loader"]
