@@ -5,7 +5,7 @@ A job is a `Task` (pipeline/task.py: images in pipeline/images.py, continuous se
 what several workers must agree on goes through the injected `Collective`.
 
 Stopping (SIGINT/SIGTERM via `stop`, max_steps, max_minutes, the end of a finite stream, the task's own end)
-always ends the same way: the current step finishes, then eval, checkpoint, publish. Resuming from the run
+always ends the same way: the step finishes, then eval, checkpoint, publish (a signal: checkpoint first). Resuming from the run
 dir restores the task (model, optimizer, method state, RNGs) and the stream position, so N steps in one go
 and N/2 + N/2 across a restart train on the same samples in the same way.
 

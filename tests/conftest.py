@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 from streamssl.pipeline.config import Config, load_config
-from streamssl.pipeline.loading.messages import End, Message
+from streamssl.pipeline.loading.messages import End, Failure, Message
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import build_lake
 
@@ -54,6 +57,21 @@ def read_to_end(feed: Any, timeout: float) -> list[Message]:
     try:
         while not messages or not isinstance(messages[-1], End):
             messages.append(feed.next(timeout=timeout))
+    finally:
+        feed.close()
+    return messages
+
+
+def drain(feed: Any, timeout: float) -> list[Message]:
+    """Every message up to `End` or `Failure`, polling through quiet spells (a restarted loader process is one);
+    fails if that takes longer than `timeout` seconds. The feed is closed after."""
+    messages: list[Message] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while not messages or not isinstance(messages[-1], End | Failure):
+            assert time.monotonic() < deadline, "the feed hung"
+            with contextlib.suppress(queue.Empty):
+                messages.append(feed.next(timeout=1))
     finally:
         feed.close()
     return messages

@@ -3,12 +3,9 @@ each exactly once, and the stream always reaches its end (bench/decode_fuzz.py r
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
-import queue
 import struct
-import time
 import zlib
 from functools import partial
 from pathlib import Path
@@ -17,25 +14,14 @@ import numpy as np
 from PIL import Image
 
 from streamssl.pipeline.loading.loader import BatchLoader
-from streamssl.pipeline.loading.messages import Batch, End, Failure, Message, Reject
+from streamssl.pipeline.loading.messages import Batch, End, Reject
 from streamssl.streams.lake import write_shard
 from streamssl.streams.webdataset_source import WebDatasetSource
+from tests.conftest import drain
 from tests.fuzzing import mutated_images
 
 BATCH = 16
 
-
-def _drain(loader: BatchLoader, timeout: float = 120) -> list[Message]:
-    messages: list[Message] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while not messages or not isinstance(messages[-1], End | Failure):
-            assert time.monotonic() < deadline, "the loader hung"
-            with contextlib.suppress(queue.Empty):
-                messages.append(loader.next(timeout=1))
-    finally:
-        loader.close()
-    return messages
 
 
 def _bomb_png(width: int, height: int) -> bytes:
@@ -60,7 +46,7 @@ def test_mutated_images_are_each_trained_or_rejected_once_and_the_stream_ends(tm
     write_shard(lake / "shard-000000.tar", records)
 
     loader = BatchLoader(partial(WebDatasetSource, str(lake), mode="once"), None, BATCH, "png", 1, 28)
-    messages = _drain(loader)
+    messages = drain(loader, 120)
     assert isinstance(messages[-1], End)
     trained = [key for m in messages if isinstance(m, Batch) for key in m.keys]
     rejected = {m.key: m.reason for m in messages if isinstance(m, Reject)}

@@ -3,12 +3,10 @@ restart at the last position handed out, never a hung or dead run, and no record
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import io
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from streamssl.pipeline.loading.messages import Batch, End, Failure, Message, Re
 from streamssl.streams.lake import write_shard
 from streamssl.streams.records import Record
 from streamssl.streams.webdataset_source import WebDatasetSource
+from tests.conftest import drain
 
 CRASHER = Path(__file__).parents[1] / "fixtures" / "corpus" / "png-crashes-libpng-decoder.png"
 
@@ -45,18 +44,6 @@ def _lake(tmp_path: Path, records: list[tuple[str, dict[str, bytes]]]) -> Path:
     write_shard(lake / "shard-000000.tar", records)
     return lake
 
-
-def _drain(loader: BatchLoader, timeout: float = 30) -> list[Message]:
-    messages: list[Message] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while not messages or not isinstance(messages[-1], End | Failure):
-            assert time.monotonic() < deadline, "the loader hung"
-            with contextlib.suppress(queue.Empty):  # nothing yet, or the process was just restarted
-                messages.append(loader.next(timeout=1))
-    finally:
-        loader.close()
-    return messages
 
 
 def _keys(messages: list[Message]) -> list[str]:
@@ -83,7 +70,7 @@ def test_a_decoder_that_segfaults_costs_one_restart_and_a_decoder_crash_dead_let
     # The loader process is forked, so it decodes with the crashing decoder too (the fault is real, its choice is ours).
     monkeypatch.setattr(loader_worker, "decode_record", _libpng_decode)
     loader = BatchLoader(partial(WebDatasetSource, str(lake), mode="once"), None, 16, "png", 1, 28)
-    messages = _drain(loader)
+    messages = drain(loader, 30)
     assert isinstance(messages[-1], End)
     assert loader.restarts == 1
     rejects = [m for m in messages if isinstance(m, Reject)]
@@ -101,7 +88,7 @@ def test_the_loader_killed_mid_message_is_restarted_and_nothing_is_lost_or_repea
     first = loader.next(timeout=30)
     time.sleep(1.0)
     os.kill(loader._process.pid, signal.SIGKILL)
-    messages = [first, *_drain(loader)]
+    messages = [first, *drain(loader, 30)]
     assert isinstance(messages[-1], End)
     assert loader.restarts == 1
     assert _keys(messages) == [key for key, _ in good]
@@ -112,7 +99,7 @@ def test_a_loader_that_keeps_dying_at_one_position_ends_with_one_line() -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # dies before it reads anything, every time
         raise AssertionError
 
-    messages = _drain(BatchLoader(doomed, None, 16, "png", 1, 28))
+    messages = drain(BatchLoader(doomed, None, 16, "png", 1, 28), 30)
     assert isinstance(messages[-1], Failure)
     assert "died 3 times in a row" in messages[-1].message and "\n" not in messages[-1].message
 
