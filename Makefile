@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data run test test-slow lint typecheck bench clean
+.PHONY: setup data tools run test test-slow lint typecheck bench clean
 
 setup: $(VENV)/.installed data
 
@@ -26,17 +26,25 @@ data:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else echo "no apt-get: Fashion-MNIST will be downloaded by torchvision on first use"; fi
 
+# The tests' real Prometheus and promtool (Debian's prometheus package; the service is not started by it here).
+tools:
+	@if command -v promtool >/dev/null 2>&1; then true; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else echo "no apt-get: install Prometheus (promtool) by hand; the Prometheus tests are skipped without it"; fi
+
 run: setup
 	$(BIN)/streamssl run $(ARGS)
 
 # The default suite; the end-to-end system tests (Ray and Kafka training, every method trained, chaos) are
 # marked slow and run by `make test-slow`. CI runs both (.ci/run).
-test: setup
+test: setup tools
 	$(BIN)/ruff check .
 	$(MAKE) --no-print-directory typecheck
 	$(BIN)/pytest -q -m "not slow" --durations=20
 
-test-slow: setup
+test-slow: setup tools
 	$(BIN)/pytest -q -m slow --durations=20
 
 lint: $(VENV)/.installed

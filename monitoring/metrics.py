@@ -74,6 +74,21 @@ class Metrics:
             "streamssl_last_publish_timestamp_seconds", "Unix time of the last published encoder.", registry=r
         )
         self.published_version = Gauge("streamssl_published_version", "Last published encoder version.", registry=r)
+        self.publish_failures = Counter(
+            "streamssl_publish_failures", "Publishes that failed to write (a full disk, a read-only mount).", registry=r
+        )
+        self.publish_refused = Counter(
+            "streamssl_publish_refused", "Encoders not published, by reason (older lineage, collapsed, regressed).",
+            ["reason"], registry=r,
+        )
+        self.eval_seconds = Histogram(
+            "streamssl_eval_duration_seconds", "Wall time of one in-run eval (the kNN monitor).",
+            buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
+        )
+        self.embedding_drift = Gauge(
+            "streamssl_embedding_drift", "Drift of recent stream embeddings from the reference window (0.5 = none).",
+            registry=r,
+        )
         self.rejected = Counter(
             "streamssl_records_rejected", "Records or shards skipped as bad input, by reason.", ["reason"], registry=r
         )

@@ -22,7 +22,6 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,12 +29,14 @@ from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.checkpointing import Checkpointer, NoReadableCheckpoint
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError, redacted
+from streamssl.pipeline.history import History
 from streamssl.pipeline.loading.commits import CommitJournal
 from streamssl.pipeline.loading.deadletter import DeadLetters
 from streamssl.pipeline.loading.messages import End, Failure, Message, Reject
 from streamssl.pipeline.loading.positions import position_from_dict, position_to_dict
 from streamssl.pipeline.loading.sources import dead_letter_topic
-from streamssl.pipeline.publishing import OlderThanLatest, Publisher
+from streamssl.pipeline.publishing import Publisher
+from streamssl.pipeline.release import Release
 from streamssl.pipeline.run_state import RunState
 from streamssl.pipeline.rundir import RunDirError, RunDirLock, append_audit, create_run_dir, prepare_run_dir
 from streamssl.pipeline.schedule import HorizonEstimate, is_due
@@ -83,6 +84,8 @@ class Loop:
         self.checkpointer = checkpointer or Checkpointer(self.paths.checkpoints, keep=cfg.checkpoint.keep)
         self.commits = CommitJournal(self.paths.root, self.collective)  # what Kafka commits say, and the last ones
         self.publisher = Publisher(self.paths.published)
+        self.history = History(self.paths.history, enabled=self.collective.rank == 0)
+        self.release = Release(self)
         self.state = RunState()
         self.metrics_port = 0
         self.loop_seconds = 0.0
@@ -101,6 +104,7 @@ class Loop:
         state = {
             "format": 1, "method_name": self.cfg.method, "step": st.step, "samples_seen": st.samples_seen,
             "checkpoints_written": st.checkpoints_written, **own, "source": position_to_dict(st.position),
+            "first_source": position_to_dict(st.first_position),
             # the LR is a pure function of step and horizon
             "schedule": {**own.get("schedule", {}), "step": st.step, "horizon_steps": st.horizon_steps,
                          "cycle_start": st.cycle_start},
@@ -138,7 +142,8 @@ class Loop:
         self.state = RunState(ckpt["step"], ckpt["samples_seen"], ckpt["checkpoints_written"],
                               position_from_dict(ckpt["source"]), metrics,
                               self.publisher.latest_step(), schedule.get("horizon_steps", 0), schedule.get("cycle_start", 0),
-                              ckpt.get("eval_step", int(metrics.get("knn_step", -1))))
+                              ckpt.get("eval_step", int(metrics.get("knn_step", -1))),
+                              position_from_dict(ckpt.get("first_source", {})))
         self._checkpointed = (self.state.step, self.state.position)
         log.info("resumed from %s at step %d (%d samples seen)", path.name, self.state.step, self.state.samples_seen)
         return True
@@ -185,34 +190,12 @@ class Loop:
         if self._checkpointed[0] != self.state.step or self._checkpointed[1] is not self.state.position:
             self.save_checkpoint()
 
-    # --- eval and publishing: rank 0 ---------------------------------------------------------------
+    # --- eval and publishing: rank 0 (pipeline/release.py) -------------------------------------------
     def evaluate(self) -> None:
-        if self.collective.rank == 0:
-            self.state.eval_metrics, self.state.eval_step = self.task.evaluate(), self.state.step
+        self.release.evaluate()
 
     def publish(self) -> None:
-        if self.collective.rank != 0:
-            self.state.published_step = self.state.step
-            return
-        if self.state.eval_step != self.state.step:
-            self.evaluate()  # the manifest carries the metrics of exactly the weights it publishes
-        encoder = self.task.encoder()
-        if encoder is None:
-            return
-        manifest = self.task.manifest()
-        manifest = replace(manifest, step=self.state.step, samples_seen=self.state.samples_seen, method=self.cfg.method,
-                           metrics={**self.state.eval_metrics, **manifest.metrics})
-        self.state.published_step = self.state.step
-        try:
-            version, folder = self.publisher.publish(encoder, manifest)
-        except OlderThanLatest as err:
-            log.warning("not published: %s (an older lineage never replaces a newer one)", err)
-            return
-        except OSError as err:
-            raise RunDirError(f"cannot publish to {self.publisher.directory} ({err.strerror}); "
-                              "`latest` still points at the version before") from None
-        self.metrics.observe_publish(version)
-        log.info("published %s", folder)
+        self.release.publish()
 
     # --- the schedule horizon ----------------------------------------------------------------------
     def plan_horizon(self) -> None:
@@ -347,6 +330,8 @@ class Loop:
             result = self.task.step(message)
             # A skipped step still consumed its message: the position moves on, the step count does not.
             state.position = message.position
+            if state.first_position is None:
+                state.first_position = message.position
             self.metrics.observe_source(getattr(message, "source_stats", None) or {})
             if result is None:
                 continue
@@ -374,6 +359,7 @@ class Loop:
             if now - last_log_time >= cfg.train.log_every_seconds:
                 rate = (state.samples_seen - last_log_samples) / (now - last_log_time)
                 self.metrics.samples_per_second.set(rate)
+                self.history.append("progress", state, {"samples_per_second": rate, "loss": last_loss, **logs})
                 if self.collective.rank == 0:
                     print(self.task.progress(rate, now - last_log_time, last_loss, logs), file=self.out, flush=True)
                 last_log_time, last_log_samples = now, state.samples_seen

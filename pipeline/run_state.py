@@ -22,3 +22,4 @@ class RunState:
     horizon_steps: int = 0
     cycle_start: int = 0
     eval_step: int = -1  # the step `eval_metrics` were measured at
+    first_position: Position | None = None  # the stream right after the first message trained on: the lineage's start

@@ -96,6 +96,10 @@ class RunPaths:
         return self.root / "dead-letter.jsonl"
 
     @property
+    def history(self) -> Path:
+        return self.root / "metrics.jsonl"  # progress, eval and publish lines (pipeline/history.py)
+
+    @property
     def trained_keys(self) -> Path:
         return self.root / "trained-keys.jsonl"  # train.audit_keys: which records went into which step
 
