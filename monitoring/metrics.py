@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import Metric
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from streamssl.monitoring.build_info import build_labels
+from streamssl.monitoring.kafka_metrics import KafkaMetrics
 
 # Not among the ports of the usual exporters (Prometheus 9090, Pushgateway 9091, Alertmanager
 # 9093, node 9100, mysqld 9104, blackbox 9115, OpenTelemetry 9464, Grafana 3000).
@@ -22,12 +30,36 @@ DEFAULT_METRICS_PORT = 9765
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class Metrics:
-    """All gauges, counters and histograms a run exports."""
+class Ranked:
+    """A registry's metrics with a `rank` label on every sample: one exporter per worker of a multi-worker run."""
 
-    def __init__(self, method: str = "") -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+    def __init__(self, registry: CollectorRegistry, rank: int) -> None:
+        self.inner, self.rank = registry, str(rank)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.inner.collect():
+            family.samples = [sample._replace(labels={**sample.labels, "rank": self.rank}) for sample in family.samples]
+            yield family
+
+
+class Metrics:
+    """All gauges, counters and histograms a run exports, and the process's own (memory, CPU, GC, Python).
+
+    Args:
+        method: The run's method (a label of `streamssl_run_info`).
+        rank: A worker's rank in a multi-worker run: every sample then carries it as the `rank` label.
+    """
+
+    def __init__(self, method: str = "", rank: int | None = None) -> None:
+        r = CollectorRegistry()
+        # A registry of its own has none of the global one's defaults unless they are added to it.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.registry = r
+        if rank is not None:
+            self.registry = CollectorRegistry()
+            self.registry.register(Ranked(r, rank))
         self.samples = Counter("streamssl_samples", "Samples trained on.", registry=r)
         self.steps = Counter("streamssl_steps", "Optimizer steps taken.", registry=r)
         self.skipped_steps = Counter(
@@ -98,6 +130,13 @@ class Metrics:
         )
         self.info = Gauge("streamssl_run_info", "Constant 1, labelled with the run's method.", ["method"], registry=r)
         self.info.labels(method=method).set(1)
+        self.build_info = Gauge("streamssl_build_info", "Constant 1, labelled with what the run was built from.",
+                                ["version", "git_sha", "torch"], registry=r)
+        self.build_info.labels(**build_labels()).set(1)
+        self.loader_queue = Gauge(
+            "streamssl_loader_queue_batches", "Decoded batches waiting for the trainer (prefetch queue depth).", registry=r
+        )
+        self.kafka = KafkaMetrics(r)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -123,9 +162,12 @@ class Metrics:
         self.last_publish.set(time.time())
         self.published_version.set(version)
 
-    def observe_source(self, stats: dict[str, float]) -> None:
-        for field, value in stats.items():
+    def observe_source(self, stats: dict[str, float], topic: str = "", queued_batches: int | None = None) -> None:
+        """A source's stats (a Kafka source's, with its `topic`, to the kafka metrics) and the loader's queue depth."""
+        for field, value in (self.kafka.observe(stats, topic) if topic else stats).items():
             self.source_position.labels(field=field).set(value)
+        if queued_batches is not None:
+            self.loader_queue.set(queued_batches)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the exporter in a daemon thread and returns the port it is bound to."""

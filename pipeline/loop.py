@@ -74,7 +74,7 @@ class Loop:
         self.paths = RunPaths(Path(cfg.run_dir))
         create_run_dir(self.paths.root)
         self.lock = RunDirLock(self.paths.lock)  # taken by run(): nothing is written into the run dir before
-        self.metrics = Metrics(cfg.method)
+        self.metrics = Metrics(cfg.method, self.collective.rank if self.collective.world_size > 1 else None)
         self.dead_letter_topic = topic = dead_letter_topic(cfg.data, cfg.kafka, self.paths.root, self.collective.rank)
 
         def forward(source: str, key: str, reason: str, detail: str = "", payload: bytes = b"") -> None:
@@ -283,10 +283,10 @@ class Loop:
 
     def serve_metrics(self) -> None:
         cfg = self.cfg.metrics
-        if not cfg.port or self.collective.rank != 0:
+        if not cfg.port:
             return
-        try:
-            self.metrics_port = self.metrics.serve(cfg.port, cfg.host)
+        try:  # every worker exports, on the port plus its rank
+            self.metrics_port = self.metrics.serve(cfg.port + self.collective.rank, cfg.host)
         except OSError as err:
             raise ConfigError(f"cannot serve metrics on {cfg.host}:{cfg.port} ({err.strerror}); "
                               "pick another --metrics-port or 0 for none") from None
@@ -332,7 +332,8 @@ class Loop:
             state.position = message.position
             if state.first_position is None:
                 state.first_position = message.position
-            self.metrics.observe_source(getattr(message, "source_stats", None) or {})
+            self.metrics.observe_source(getattr(message, "source_stats", None) or {}, getattr(message.position, "topic", ""),
+                                        getattr(feed, "queued_batches", None))
             if result is None:
                 continue
             if not result.finite:

@@ -67,9 +67,12 @@ class BatchLoader:
         # Lock-free shared values: a lock held by a process that dies would hang the other side.
         self._stop = context.Value("b", 0, lock=False)
         self._decoding = context.Value("q", -1, lock=False)
+        # Batches the process queued, written by it alone; minus those received here, the prefetch queue's depth.
+        self._produced = context.Value("q", 0, lock=False)
+        self._received = 0
         self._commits = context.Queue()
         self._process = context.Process(target=run_loader, name="streamssl-loader", daemon=True,
-                                        args=(self._job, writer, self._stop, self._decoding, self._commits))
+                                        args=(self._job, writer, self._stop, self._decoding, self._commits, self._produced))
         self._process.start()
         writer.close()  # the process holds the only write end now: its death is end-of-file here
         self._connection = reader
@@ -93,11 +96,17 @@ class BatchLoader:
                 self._rejected.add((message.source, message.key))
             elif isinstance(message, Decoded):
                 self._rejected.clear()
+                self._received += 1
             if isinstance(message, Decoded | Reject):
                 self._job = dataclasses.replace(self._job, position=message.position)
                 self._deaths = 0
             self._ended = isinstance(message, End)
             return message.batch() if isinstance(message, Decoded) else message
+
+    @property
+    def queued_batches(self) -> int:
+        """Decoded batches ready in the process's queue or the pipe, not handed out yet."""
+        return max(self._produced.value - self._received, 0)
 
     def _restart(self) -> Message:
         """The process died: start a new one at the last position handed out, past the record it crashed on."""

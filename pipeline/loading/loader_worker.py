@@ -64,8 +64,8 @@ class _Batcher:
     `Reject`), so that a checkpoint taken right after a reject never skips the records read before it.
     """
 
-    def __init__(self, job: LoaderJob, out: queue.Queue[Any], stop: Any, decoding: Any) -> None:
-        self.job, self.out, self.stop, self.decoding = job, out, stop, decoding
+    def __init__(self, job: LoaderJob, out: queue.Queue[Any], stop: Any, decoding: Any, produced: Any) -> None:
+        self.job, self.out, self.stop, self.decoding, self.produced = job, out, stop, decoding, produced
         self.source: Any = None
         self.images: list[np.ndarray] = []
         self.keys: list[str] = []
@@ -78,6 +78,7 @@ class _Batcher:
         while not self.stop.value:
             try:
                 self.out.put(message, timeout=0.1)
+                self.produced.value += isinstance(message, Decoded)  # the trainer reads it as its queue's depth
                 return True
             except queue.Full:
                 if idle is not None:
@@ -192,7 +193,7 @@ def _send(out: queue.Queue[Any], connection: Any) -> None:
             return
 
 
-def run_loader(job: LoaderJob, connection: Any, stop: Any, decoding: Any, commits: Any) -> None:
+def run_loader(job: LoaderJob, connection: Any, stop: Any, decoding: Any, commits: Any, produced: Any) -> None:
     """The loader process: source → decode → batches, until the stream ends or `stop` is set."""
     # Ctrl-C and SIGTERM reach the whole process group: the trainer decides when this process stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -200,7 +201,7 @@ def run_loader(job: LoaderJob, connection: Any, stop: Any, decoding: Any, commit
     out: queue.Queue[Any] = queue.Queue(maxsize=max(1, job.prefetch))
     sender = threading.Thread(target=_send, args=(out, connection), daemon=True)
     sender.start()
-    batcher = _Batcher(job, out, stop, decoding)
+    batcher = _Batcher(job, out, stop, decoding, produced)
     try:
         source = batcher.source = job.make_source(on_reject=batcher.on_reject)
         source.load_state_dict(position_to_dict(job.position))

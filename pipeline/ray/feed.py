@@ -92,6 +92,11 @@ class RayDataFeed:
     def waiting_for_pass(self) -> bool:
         return self._reader.waiting_for_pass
 
+    @property
+    def queued_batches(self) -> int:
+        """Batches read ahead and not handed out yet."""
+        return self._batches_queued
+
     def drain(self) -> None:
         """Read to the end of the current pass regardless of the prefetch bound (another worker waits there)."""
         with self._ready:
