@@ -1,5 +1,6 @@
 """What the exporter serves besides the training gauges: the process's own metrics, build info, Kafka counters and
-per-partition lag, the loader's queue depth, a worker's rank; and `promtool check metrics` finds nothing to lint."""
+per-partition lag (from a real source on a real broker), the loader's queue depth, a worker's rank; and
+`promtool check metrics` finds nothing to lint."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.images import Trainer
 from streamssl.pipeline.loading.loader import BatchLoader
+from streamssl.streams.kafka_produce import produce
 from streamssl.streams.webdataset_source import WebDatasetSource
 from tests.conftest import drain, free_port, tiny_config
+from tests.kafka_broker import Tansu
 from tests.monitoring.exposition import exposition, observed_metrics, served_names
+from tests.streams.test_kafka_source import Reader, image, new_topic, source, wait_for
 
 
 def _samples(metrics: Metrics) -> dict[str, float]:
@@ -117,3 +121,24 @@ def test_promtool_finds_nothing_to_lint_in_the_exporters_output() -> None:
         done = subprocess.run(["promtool", "check", "metrics"], input=exposition(metrics), capture_output=True,
                               text=True, timeout=30, check=False)
         assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done.stdout + done.stderr
+
+
+def test_a_real_kafka_sources_stats_map_to_counters_and_lag_of_every_assigned_partition(kafka_broker: Tansu) -> None:
+    topic = new_topic(kafka_broker, partitions=4)
+    assert produce([kafka_broker.bootstrap], topic, [(f"k{index}", image("PNG"), []) for index in range(100)]) == 100
+    reader = Reader(source(kafka_broker, topic, f"g-{topic}"))
+    try:  # once everything is read the source goes on polling, and refreshes its lag from the broker
+        wait_for(lambda: len(reader.records) == 100 and "lag_p3" in reader.stream.stats())
+        stats = reader.stream.stats()
+    finally:
+        reader.stop()
+    metrics = Metrics("moco")
+    metrics.observe_source(stats, topic)
+    values = _samples(metrics)
+    assert values[f"streamssl_kafka_records_total[('topic', '{topic}')]"] == 100
+    assert values[f"streamssl_kafka_assigned_partitions[('topic', '{topic}')]"] == 4
+    assert values[f"streamssl_kafka_rebalances_total[('topic', '{topic}')]"] >= 1
+    lagging = {key for key in values if key.startswith("streamssl_kafka_consumer_lag")}
+    assert lagging == {f"streamssl_kafka_consumer_lag[('partition', '{partition}'), ('topic', '{topic}')]"
+                       for partition in range(4)}
+    assert not any(key.startswith("streamssl_source_position") for key in values)  # every field was Kafka's own
