@@ -283,12 +283,13 @@ class Loop:
 
     def serve_metrics(self) -> None:
         cfg = self.cfg.metrics
+        port = cfg.port + self.collective.rank  # every worker exports, on the port plus its rank
         if not cfg.port:
             return
-        try:  # every worker exports, on the port plus its rank
-            self.metrics_port = self.metrics.serve(cfg.port + self.collective.rank, cfg.host)
+        try:
+            self.metrics_port = self.metrics.serve(port, cfg.host)
         except OSError as err:
-            raise ConfigError(f"cannot serve metrics on {cfg.host}:{cfg.port} ({err.strerror}); "
+            raise ConfigError(f"cannot serve metrics on {cfg.host}:{port} ({err.strerror}); "
                               "pick another --metrics-port or 0 for none") from None
         log.info("metrics on http://%s:%d/metrics", cfg.host, self.metrics_port)
 
