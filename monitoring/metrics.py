@@ -1,9 +1,10 @@
 """Prometheus metrics of a training run, and the HTTP exporter that serves them.
 
 Every run owns its own `CollectorRegistry`, so several runs (or tests) in one process never
-collide. Names follow Prometheus conventions: `streamssl_` prefix, base units (`_seconds`,
-ratios in 0..1), `_total` for counters. The trainer pushes values in; nothing here knows about
-models or streams.
+collide; the process, platform and GC collectors are added to it. Names follow Prometheus conventions:
+`streamssl_` prefix, base units (`_seconds`, ratios in 0..1), `_total` for counters (`promtool check
+metrics` finds nothing to lint). The trainer pushes values in; nothing here knows about models or streams.
+Each worker of a multi-worker run serves its own, every sample labelled with its `rank`.
 """
 
 from __future__ import annotations
