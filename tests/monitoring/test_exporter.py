@@ -20,7 +20,7 @@ from streamssl.monitoring.metrics import Metrics
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.images import Trainer
 from streamssl.pipeline.loading.loader import BatchLoader
-from streamssl.streams.kafka_produce import produce
+from streamssl.streams.kafka_produce import lake_records, produce
 from streamssl.streams.webdataset_source import WebDatasetSource
 from tests.conftest import drain, free_port, tiny_config
 from tests.kafka_broker import Tansu
@@ -140,3 +140,18 @@ def test_a_real_kafka_sources_stats_map_to_counters_and_lag_of_every_assigned_pa
     assert lagging == {f"streamssl_kafka_consumer_lag[('partition', '{partition}'), ('topic', '{topic}')]"
                        for partition in range(4)}
     assert not any(key.startswith("streamssl_source_position") for key in values)  # every field was Kafka's own
+
+
+@pytest.mark.slow  # ~1-2 min on 2 busy cores: a group join, a trainer and a checkpointed Kafka run
+def test_a_kafka_run_exports_its_topics_counters_through_the_loop(kafka_broker: Tansu, small_lake: Path,
+                                                                   tmp_path: Path) -> None:
+    topic = new_topic(kafka_broker, partitions=4)
+    records = list(lake_records(str(small_lake)))[:320]
+    assert produce([kafka_broker.bootstrap], topic, records) == 320
+    trainer = Trainer(tiny_config(tmp_path / "run", kafka_broker.url(topic), "kafka.session_timeout_ms=6000",
+                                  f"kafka.group=g-{topic}", "train.max_steps=3"))
+    trainer.run()
+    values = _samples(trainer.metrics)
+    assert values[f"streamssl_kafka_records_total[('topic', '{topic}')]"] >= 3 * 32
+    assert values[f"streamssl_kafka_assigned_partitions[('topic', '{topic}')]"] == 4
+    assert not any(key.startswith("streamssl_source_position") for key in values)
