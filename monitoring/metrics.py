@@ -96,6 +96,13 @@ class Metrics:
             "streamssl_source_position", "Stream position and lag as the source reports it, by field.", ["field"],
             registry=r,
         )
+        self.source_idle = Gauge(
+            "streamssl_source_idle_seconds",
+            "Seconds since the trainer last took a message from the stream (since start if none): grows while a "
+            "followed lake has nothing new or a topic is quiet.", registry=r,
+        )
+        self._last_message_time = time.monotonic()
+        self.source_idle.set_function(lambda: time.monotonic() - self._last_message_time)
         self.info = Gauge("streamssl_run_info", "Constant 1, labelled with the run's method.", ["method"], registry=r)
         self.info.labels(method=method).set(1)
         self._server: WSGIServer | None = None
@@ -124,6 +131,8 @@ class Metrics:
         self.published_version.set(version)
 
     def observe_source(self, stats: dict[str, float]) -> None:
+        """A message's source stats; called for every message the trainer takes."""
+        self._last_message_time = time.monotonic()
         for field, value in stats.items():
             self.source_position.labels(field=field).set(value)
 
