@@ -16,8 +16,9 @@ REPEAT_SECONDS = 300.0
 
 
 class WaitingNotice:
-    def __init__(self, what: str, directory: str, every_seconds: float = REPEAT_SECONDS) -> None:
-        self.what, self.directory, self.every_seconds = what, directory, every_seconds
+    def __init__(self, what: str, directory: str, every_seconds: float | None = None) -> None:
+        self.what, self.directory = what, directory
+        self.every_seconds = REPEAT_SECONDS if every_seconds is None else every_seconds
         self._since: float | None = None  # when the directory ran dry; None while there is something to read
         self._logged = 0.0
 
