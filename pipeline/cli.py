@@ -120,8 +120,6 @@ def _run(args: argparse.Namespace) -> int:
     }
     cfg = load_config(args.config, overrides, args.set)
     setup_logging(cfg.train.log_format)
-    if not (cfg.train.max_steps or cfg.train.max_minutes):
-        log.info("no step or time budget: training until stopped (Ctrl-C or SIGTERM: checkpoint, publish, exit)")
     from streamssl.pipeline.images import Trainer  # the training stack loads only for `run`
     from streamssl.pipeline.loading.sources import source_spec
     from streamssl.pipeline.loop import TrainingDiverged

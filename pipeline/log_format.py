@@ -20,6 +20,8 @@ from typing import Any, Literal, TextIO
 from streamssl.pipeline.run_state import RunState
 from streamssl.pipeline.sections import TrainConfig
 
+log = logging.getLogger(__name__)
+
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 
@@ -69,6 +71,8 @@ class ProgressLog:
     def start(self, step: int) -> None:
         """This invocation trains from `step` on, from now (the ETA's step rate is measured from here)."""
         self.started, self.start_step = time.monotonic(), step
+        if not (self.max_steps or self.max_seconds):
+            log.info("no step or time budget: training until stopped (a stop finishes the step, checkpoints, publishes)")
 
     def eta_seconds(self, step: int) -> float | None:
         """Seconds until the nearer bound (max_steps at this invocation's step rate, or the time budget); None

@@ -131,3 +131,13 @@ def test_cli_json_output_parses_line_by_line(tmp_path: Path, small_lake: Path) -
     assert all(entry["eta_seconds"] is not None and "loss" in entry for entry in out if entry["event"] == "progress")
     assert out[-1]["event"] == "done" and out[-1]["message"].startswith("done: reached max_steps 3; step 3")
     assert any(entry["message"].startswith("stopping: reached max_steps 3") for entry in logged)
+
+
+def test_an_unbounded_run_says_so_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="streamssl.pipeline.log_format"):
+        ProgressLog(io.StringIO(), TrainConfig(max_steps=10)).start(0)
+        ProgressLog(io.StringIO(), TrainConfig(max_minutes=1.0)).start(0)
+        assert not caplog.records
+        ProgressLog(io.StringIO(), TrainConfig()).start(0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "no step or time budget: training until stopped (a stop finishes the step, checkpoints, publishes)"]
