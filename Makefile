@@ -1,9 +1,9 @@
-# Quick start: `make run` (set up + train on the embedded Fashion-MNIST lake), `make test`.
-# `make run ARGS="--max-minutes 1 --set train.batch_size=128"` passes arguments to `streamssl run`.
+# Quick start: `make run` (set up + train on the embedded Fashion-MNIST lake for 5 minutes), `make test`.
+# `make run ARGS="--max-minutes 1 --set train.batch_size=128"` passes arguments to `streamssl run` (the last
+# --max-minutes wins: `ARGS="--max-minutes 0"` trains until stopped).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: setup data tools run test test-slow lint typecheck bench clean
 
@@ -18,9 +18,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 # Fashion-MNIST ships in Debian (dataset-fashion-mnist); without apt the code falls back to
-# torchvision's download on first use.
-data:
-	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then true; \
+# torchvision's download on first use. Which copy is used is streamssl.streams.fashion_mnist's decision
+# ($STREAMSSL_FASHION_MNIST first): apt runs only when it finds none.
+data: $(VENV)/.installed
+	@if $(BIN)/python -m streamssl.streams.fashion_mnist >/dev/null; then true; \
+	elif [ -n "$$STREAMSSL_FASHION_MNIST" ]; then exit 2; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
@@ -34,8 +36,9 @@ tools:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	else echo "no apt-get: install Prometheus (promtool) by hand; the Prometheus tests are skipped without it"; fi
 
+# The demo's own budget; a plain `streamssl run --data …` trains until it is stopped.
 run: setup
-	$(BIN)/streamssl run $(ARGS)
+	$(BIN)/streamssl run --max-minutes 5 $(ARGS)
 
 # The default suite; the end-to-end system tests (Ray and Kafka training, every method trained, chaos) are
 # marked slow and run by `make test-slow`. CI runs both (.ci/run).

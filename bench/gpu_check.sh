@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = prepare ]; then
   mkdir -p .gpu/fashion-mnist .gpu/wheels
-  cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/
+  cp "$(.venv/bin/python -m streamssl.streams.fashion_mnist)"/*.gz .gpu/fashion-mnist/  # the copy runs here read
   # Pure-Python wheels the GPU image does not ship (torch, numpy, pyyaml, safetensors, prometheus-client,
   # pillow, pytest are there).
   .venv/bin/pip download -q --no-deps -d .gpu/wheels webdataset==1.0.2 braceexpand==0.1.7

@@ -129,6 +129,13 @@ class Metrics:
             "streamssl_source_position", "Stream position and lag as the source reports it, by field.", ["field"],
             registry=r,
         )
+        self.source_idle = Gauge(
+            "streamssl_source_idle_seconds",
+            "Seconds since the trainer last took a message from the stream (since start if none): grows while a "
+            "followed lake has nothing new or a topic is quiet.", registry=r,
+        )
+        self._last_message_time = time.monotonic()
+        self.source_idle.set_function(lambda: time.monotonic() - self._last_message_time)
         self.info = Gauge("streamssl_run_info", "Constant 1, labelled with the run's method.", ["method"], registry=r)
         self.info.labels(method=method).set(1)
         self.build_info = Gauge("streamssl_build_info", "Constant 1, labelled with what the run was built from.",
@@ -164,7 +171,9 @@ class Metrics:
         self.published_version.set(version)
 
     def observe_source(self, stats: dict[str, float], topic: str = "", queued_batches: int | None = None) -> None:
-        """A source's stats (a Kafka source's, with its `topic`, to the kafka metrics) and the loader's queue depth."""
+        """A message's source stats (a Kafka source's, with its `topic`, to the kafka metrics) and the loader's queue
+        depth; called for every message the trainer takes."""
+        self._last_message_time = time.monotonic()
         for field, value in (self.kafka.observe(stats, topic) if topic else stats).items():
             self.source_position.labels(field=field).set(value)
         if queued_batches is not None:

@@ -28,6 +28,7 @@ from typing import Any
 from streamssl.models.encoder_folder import EncoderLoadError
 from streamssl.models.registry import SERIES_METHODS
 from streamssl.pipeline.config import ConfigError, load_config
+from streamssl.pipeline.log_format import LOG_FORMATS, setup_logging
 from streamssl.pipeline.rundir import RunDirError
 from streamssl.pipeline.series import forecast
 from streamssl.streams.orders import ORDERS
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int, help="total steps for the run dir; 0 = unlimited")
     run.add_argument("--max-minutes", type=float, help="wall-clock budget of this invocation; 0 = unlimited")
     run.add_argument("--metrics-port", type=int, help="Prometheus exporter port (default 9765; 0 = off)")
+    run.add_argument("--log-format", choices=LOG_FORMATS, help="text (default: ISO time first) or json (one object "
+                                                               "per line, for log aggregators) (train.log_format)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config value, e.g. --set train.batch_size=128 (repeatable)")
     run.add_argument("--workers", type=int, default=0,
@@ -113,8 +116,10 @@ def _run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         "method": args.method, "data.source": args.data, "run_dir": args.run_dir,
         "train.max_steps": args.max_steps, "train.max_minutes": args.max_minutes, "metrics.port": args.metrics_port,
+        "train.log_format": args.log_format,
     }
     cfg = load_config(args.config, overrides, args.set)
+    setup_logging(cfg.train.log_format)
     from streamssl.pipeline.images import Trainer  # the training stack loads only for `run`
     from streamssl.pipeline.loading.sources import source_spec
     from streamssl.pipeline.loop import TrainingDiverged
@@ -258,8 +263,7 @@ def _produce(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    setup_logging("json" if getattr(args, "log_format", None) == "json" else "text")
     try:
         return {"run": _run, "config": _config, "eval": _eval, "lake": _lake, "produce": _produce,
                 "forecast": forecast.run}[args.command](args)

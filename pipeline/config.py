@@ -53,18 +53,21 @@ class ConfigError(Exception):
     """A bad config key or value; the CLI prints it as one line."""
 
 
+DEMO_MINUTES = 5.0  # the budget of a run on the embedded demo data (and of `streamssl forecast`) that sets none
+
 # Defaults of a job where they differ from the tree's; like a method's recipe, they yield to anything set.
 JOB_DEFAULTS: dict[Job, dict[str, Any]] = {
     "series": {},
     "images": {},
     # offline: validation checks (and checkpoints) every 100 steps, only these; publish the best model at the end
-    "forecast": {"method": "forecast", "run_dir": "", "train.max_steps": 3000, "eval.every_steps": 100,
+    "forecast": {"method": "forecast", "run_dir": "", "train.max_steps": 3000, "train.max_minutes": DEMO_MINUTES,
+                 "eval.every_steps": 100,
                  "eval.every_seconds": 0.0, "checkpoint.every_steps": 100, "checkpoint.every_seconds": 0.0,
                  "checkpoint.publish_every": 0, "metrics.port": 0},
 }
 # The keys each job reads (a section name = all of it), besides the method's own section.
 _LOOP = ("method", "run_dir", "checkpoint", "metrics", "train.max_steps", "train.max_minutes", "train.device",
-         "train.seed", "train.deterministic", "train.log_every_seconds", "train.nan_rollback_after",
+         "train.seed", "train.deterministic", "train.log_every_seconds", "train.log_format", "train.nan_rollback_after",
          "train.max_rollbacks", "eval.every_steps", "eval.every_seconds")
 _OFFLINE_ONLY = ("series.points", "series.train_fraction", "series.val_fraction", "series.patience", "series.cache_dir",
                  "series.weight_decay")
@@ -180,6 +183,9 @@ def apply_defaults(cfg: Config, job: Job, explicit: set[str]) -> None:
     """The job's, then the method's own defaults (`Method.recipe`), for every key the user did not set."""
     _fill(cfg, JOB_DEFAULTS[job], explicit)
     _fill(cfg, getattr(ALL_METHODS.get(cfg.method), "recipe", {}), explicit)  # after the job's: it may set the method
+    if job != "forecast" and not cfg.data.source and not explicit & {"train.max_minutes", "train.max_steps"}:
+        # The demo lake cycles for ever: a try-out ends by itself. A run on the user's data goes on until stopped.
+        cfg.train.max_minutes = DEMO_MINUTES
 
 
 def _fill(cfg: Config, defaults: dict[str, Any], explicit: set[str]) -> None:

@@ -32,6 +32,7 @@ from streamssl.pipeline.loading.loader import BatchLoader
 from streamssl.pipeline.loading.messages import Batch
 from streamssl.pipeline.loading.positions import Position
 from streamssl.pipeline.loading.sources import knn_sets, source_factory
+from streamssl.pipeline.log_format import ProgressLine
 from streamssl.pipeline.loop import Loop
 from streamssl.pipeline.optim import build_optimizer, set_learning_rate
 from streamssl.pipeline.replay import ReplayBuffer
@@ -290,8 +291,9 @@ class ImageTask:
         metrics = self.loop.state.eval_metrics
         knn = f"{metrics['knn_top1']:.4f} @ {int(metrics['knn_step'])}" if "knn_top1" in metrics else "-"
         extra = " | ".join(f"{name} {value:.3f}" for name, value in logs.items())
-        return (f"step {self.loop.state.step} | {samples_rate:.0f} samples/s | loss {loss:.4f} | "
-                f"lr {self.optimizer.param_groups[0]['lr']:.4f} | knn {knn} | {extra}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        return ProgressLine(f"step {self.loop.state.step} | {samples_rate:.0f} samples/s | loss {loss:.4f} | "
+                            f"lr {lr:.4f} | knn {knn} | {extra}", lr=lr)
 
     def summary(self) -> str:
         state, eval_cfg = self.loop.state, self.cfg.eval

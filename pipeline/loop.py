@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from streamssl.monitoring.metrics import Metrics
+from streamssl.pipeline.callbacks import Callbacks
 from streamssl.pipeline.checkpointing import Checkpointer, NoReadableCheckpoint
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError, redacted
@@ -35,6 +36,7 @@ from streamssl.pipeline.loading.deadletter import DeadLetters
 from streamssl.pipeline.loading.messages import End, Failure, Message, Reject
 from streamssl.pipeline.loading.positions import position_from_dict, position_to_dict
 from streamssl.pipeline.loading.sources import dead_letter_topic
+from streamssl.pipeline.log_format import ProgressLog
 from streamssl.pipeline.publishing import Publisher
 from streamssl.pipeline.release import Release
 from streamssl.pipeline.run_state import RunState
@@ -61,14 +63,16 @@ class Loop:
         collective: What the workers agree on (default: this process alone).
         checkpointer: The run dir's checkpoints (default: this process's own; see pipeline/ray/worker.py).
         out: Where progress lines and the final `done: …` line go (`streamssl forecast` keeps stdout for its JSON).
+        callbacks: What a Python caller is told of steps, evals, checkpoints and publishes (pipeline/callbacks.py).
     """
 
     lock_wait_seconds = 0.0  # how long run() waits for the run dir's lock before refusing
 
     def __init__(self, cfg: Config, task: Task, stop: threading.Event | None = None, *,
                  collective: Collective | None = None, checkpointer: Checkpointer | None = None,
-                 out: TextIO = sys.stdout) -> None:
-        self.cfg, self.task, self.out = cfg, task, out
+                 out: TextIO = sys.stdout, callbacks: Callbacks | None = None) -> None:
+        self.cfg, self.task, self.out, self.callbacks = cfg, task, out, callbacks or Callbacks()
+        self.progress_log = ProgressLog(out, cfg.train)
         self.stop = stop or threading.Event()
         self.collective = collective or Collective()
         self.paths = RunPaths(Path(cfg.run_dir))
@@ -174,7 +178,7 @@ class Loop:
         self.state.checkpoints_written += 1
         self.state.position = self.commits.checkpointed(self.state.position, self.state.step)
         try:
-            self.checkpointer.save(self.checkpoint_state(), self.state.step)
+            path = self.checkpointer.save(self.checkpoint_state(), self.state.step)
         except OSError as err:  # a full disk, a read-only mount: stop, with nothing committed past the last one
             last = self._checkpointed[0]
             kept = f"the checkpoint of step {last} is intact" if last >= 0 else "no checkpoint was written"
@@ -182,6 +186,7 @@ class Loop:
                               f"stopped at step {self.state.step}, {kept}") from None
         self._checkpointed = (self.state.step, self.state.position)
         self.metrics.observe_checkpoint(time.perf_counter() - started)
+        self.callbacks.checkpoint(self.state.step, path)
         if self.feed is not None:  # durable now: Kafka may move the group's committed offsets up to it
             self.commits.committing(self.state.position)
             self.feed.commit(self.state.position)
@@ -319,6 +324,7 @@ class Loop:
         cfg, state = self.cfg, self.state
         started = time.monotonic()
         deadline = started + cfg.train.max_minutes * 60 if cfg.train.max_minutes else float("inf")
+        self.progress_log.start(state.step)
         last_checkpoint_time = last_eval_time = last_log_time = started
         last_log_samples, last_loss, logs = state.samples_seen, float("nan"), {}
         while True:
@@ -352,6 +358,7 @@ class Loop:
             state.samples_seen += result.samples * self.collective.world_size
             self.metrics.observe_step(result.samples, time.perf_counter() - step_started, result.lr)
             self.metrics.observe_logs({"loss": last_loss, **logs})
+            self.callbacks.step(state.step, last_loss, logs)
 
             now = time.monotonic()
             self.update_horizon(now - started)
@@ -361,9 +368,10 @@ class Loop:
             if now - last_log_time >= cfg.train.log_every_seconds:
                 rate = (state.samples_seen - last_log_samples) / (now - last_log_time)
                 self.metrics.samples_per_second.set(rate)
-                self.history.append("progress", state, {"samples_per_second": rate, "loss": last_loss, **logs})
+                fields = {"samples_per_second": rate, "loss": last_loss, **logs}
+                self.history.append("progress", state, fields)
                 if self.collective.rank == 0:
-                    print(self.task.progress(rate, now - last_log_time, last_loss, logs), file=self.out, flush=True)
+                    self.progress_log.progress(self.task.progress(rate, now - last_log_time, last_loss, logs), state, fields)
                 last_log_time, last_log_samples = now, state.samples_seen
             if self.checkpoint_due(now - last_checkpoint_time):
                 self.save_checkpoint()
@@ -384,4 +392,4 @@ class Loop:
         self._save_if_new()
         if state.published_step != state.step:
             self.publish()
-        print(f"done: {reason}; step {state.step}{self.task.summary()}", file=self.out, flush=True)
+        self.progress_log.done(f"done: {reason}; step {state.step}{self.task.summary()}", state)

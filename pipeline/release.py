@@ -34,6 +34,7 @@ class Release:
         if metrics:
             loop.metrics.eval_seconds.observe(time.perf_counter() - started)
             loop.history.append("eval", loop.state, metrics)
+            loop.callbacks.eval(loop.state.step, metrics)
         loop.state.eval_metrics, loop.state.eval_step = metrics, loop.state.step
 
     def publish(self) -> None:
@@ -62,4 +63,5 @@ class Release:
                               "`latest` still points at the version before") from None
         loop.metrics.observe_publish(version)
         loop.history.append("publish", state, {"version": version})
+        loop.callbacks.publish(state.step, version, folder)
         log.info("published %s", folder)

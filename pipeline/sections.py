@@ -109,13 +109,17 @@ class OptimConfig:
 class TrainConfig:
     batch_size: int = 256  # images per step and worker (a method's recipe may change it)
     max_steps: int = 0  # total for the run dir (a resumed run continues up to it); 0 = no limit
-    max_minutes: float = 5.0  # this invocation's wall-clock budget; 0 = no limit
+    # this invocation's wall-clock budget; 0 = no limit. Unset, the embedded demo lake (no data.source) gets 5 and
+    # `streamssl forecast` 5; a run on your own data goes on until it is stopped (or max_steps)
+    max_minutes: float = 0.0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware has it natively, else fp32
     channels_last: bool = True  # NHWC memory layout (faster convolutions on CPU and GPU)
     seed: int = 0  # model initialisation, augmentation and sampling
     deterministic: bool = False  # bit-exact CPU resume (torch deterministic algorithms)
     log_every_seconds: float = 10.0  # progress line interval
+    # progress and log lines: text (ISO time first) for people, json (one object per line) for log aggregators
+    log_format: Literal["text", "json"] = "text"
     audit_keys: bool = False  # append each trained batch's record keys to RUN_DIR/trained-keys.jsonl (lineage)
     nan_rollback_after: int = 3  # non-finite losses in a row (each step skipped) before rolling back
     max_rollbacks: int = 3  # rollbacks per invocation before giving up with an error

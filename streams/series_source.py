@@ -48,6 +48,7 @@ from streamssl.streams.lake import cache_root
 from streamssl.streams.records import RejectFn, SourceError
 from streamssl.streams.series_data import load_series
 from streamssl.streams.series_points import Point, finite_value, to_seconds
+from streamssl.streams.waiting import WaitingNotice
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class ParquetSeriesSource:
         self._columns = (time_column, value_column, series_column)
         self._on_reject = on_reject
         self._closed = threading.Event()
+        self._waiting = WaitingNotice("series files", self._path)
         self._known: set[str] | None = None  # names listed so far, to spot late files; None until the first listing
         self._listing: list[str] = []
         # The position; see SeriesFilePosition.
@@ -215,8 +217,10 @@ class ParquetSeriesSource:
             if not newer:
                 if self._mode == "once":
                     return
+                self._waiting.dry()
                 self._closed.wait(self._poll_seconds)
                 continue
+            self._waiting.found()
             if self._file is not None:
                 self._files_done += 1
                 self._rows_before += self._row

@@ -30,6 +30,7 @@ from braceexpand import braceexpand
 from streamssl.streams.records import Record, RejectFn, SourceError
 from streamssl.streams.shard_names import Entry, ShardNames
 from streamssl.streams.tar_shards import is_shard_name, list_complete_shards, local_path, read_shard
+from streamssl.streams.waiting import WaitingNotice
 
 MODES = ("cycle", "once", "follow")
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class WebDatasetSource:
         if mode == "follow" and self._directory is None:
             raise SourceError(f"follow mode needs a local directory of shards, got {spec}")
         self._closed = threading.Event()
+        self._waiting = WaitingNotice("shards", self._directory or spec)
         self._waiting_shards = 0  # follow: listed shards not read yet besides the current one, for stats()
         # The position; see ShardPosition. follow: `_finished` is kept as a set and as its entries, for positions.
         self._cycle = 0
@@ -296,8 +298,10 @@ class WebDatasetSource:
             self._waiting_shards = max(len(unread) - 1, 0)
             if not unread:
                 yield None
+                self._waiting.dry()
                 self._closed.wait(self._poll_seconds)
                 continue
+            self._waiting.found()
             if self._shard is not None:
                 self._shard_index += 1
             self._shard, self._sample_index = unread[0], 0

@@ -45,6 +45,7 @@ from streamssl.pipeline.config import Config, ConfigError
 from streamssl.pipeline.device import resolve_device
 from streamssl.pipeline.loading.messages import Message, PointMessage
 from streamssl.pipeline.loading.positions import Position
+from streamssl.pipeline.log_format import ProgressLine
 from streamssl.pipeline.loop import Loop
 from streamssl.pipeline.run_state import RunState
 from streamssl.pipeline.series.examples import USES_AUX, USES_VIEWS, Groups, decide_groups, forecast_errors
@@ -372,7 +373,8 @@ class SeriesTask:
         if rolling:
             parts.append(f"rolling nRMSE {rolling['rolling_nrmse']:.4f} (persistence "
                          f"{rolling['rolling_nrmse_persistence']:.4f}) over {int(rolling['rolling_points'])} points")
-        return " | ".join(parts + [f"{name} {value:.4f}" for name, value in self.last_logs.items()])
+        return ProgressLine(" | ".join(parts + [f"{name} {value:.4f}" for name, value in self.last_logs.items()]),
+                            points_per_second=points_rate, **rolling)
 
     def summary(self) -> str:
         nrmse = self.rolling_metrics().get("rolling_nrmse")
@@ -382,8 +384,8 @@ class SeriesTask:
 class SeriesJob(Loop):
     """The loop driving a `SeriesTask`: `SeriesJob(cfg).run()` is `streamssl run --method forecast|cpc`."""
 
-    def __init__(self, cfg: Config, stop: threading.Event | None = None) -> None:
-        super().__init__(cfg, SeriesTask(cfg), stop)
+    def __init__(self, cfg: Config, stop: threading.Event | None = None, **loop_options: Any) -> None:
+        super().__init__(cfg, SeriesTask(cfg), stop, **loop_options)
 
 
 def run_series(cfg: Config, stop: threading.Event | None = None) -> RunState:

@@ -86,7 +86,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_publishes(tmp_path: Path, sma
         assert process.stdout is not None
         while time.monotonic() < deadline:  # wait until it is really training
             line = process.stdout.readline()
-            if line.startswith("step "):
+            if " step " in line:  # a progress line: `<ISO time> step N | …`
                 break
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=60)

@@ -440,7 +440,7 @@ def test_a_split_with_more_workers_than_partitions_is_refused(kafka_broker: Tans
 
 class RefusingConsumer:
     """Stands in for the consumer at commit time only: real Kafka raises CommitFailedError after a rebalance
-    took the partitions away, and Tansu never does (DESIGN.md), so this fault cannot be produced for real here."""
+    took the partitions away, and Tansu (the test broker) never does, so this fault cannot be produced for real here."""
 
     def __init__(self, error: Exception, held: Iterable[int]) -> None:
         self.error, self.held, self.commits = error, list(held), 0
