@@ -91,10 +91,9 @@ def _export(path: Path, backbone: nn.Module, manifest: Manifest) -> dict[str, An
                           input_names=[input_name], output_names=[OUTPUT_NAME], verbose=False,
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
     seconds = time.perf_counter() - started
-    difference = max_abs_difference(path, module, torch.rand(_EXAMPLE_BATCH + 1, *shape,
-                                                             generator=torch.Generator().manual_seed(1)))
-    with torch.no_grad():
-        scale = float(module(example).abs().max())
+    # another batch size than the example's: the batch axis must really be dynamic
+    difference, scale = _compare(path, module, torch.rand(_EXAMPLE_BATCH + 1, *shape,
+                                                          generator=torch.Generator().manual_seed(1)))
     if not difference <= TOLERANCE * max(1.0, scale):  # `not <=`: a NaN difference fails too
         raise ValueError(f"onnxruntime's output differs from torch's by {difference:.3g}")
     return {"file": ONNX_FILE, "opset": OPSET, "exporter": f"torch.onnx (dynamo) {torch.__version__}",
@@ -115,15 +114,15 @@ def _published_copy(backbone: nn.Module, manifest: Manifest, *, image: bool) -> 
     return wrapper(fresh, manifest.to_dict()).eval()
 
 
-def max_abs_difference(path: Path, module: nn.Module, inputs: torch.Tensor) -> float:
-    """The largest |onnxruntime − torch| over `module`'s outputs for `inputs`, `path` holding its export."""
-    import onnxruntime  # imported here: only publishing with ONNX and its tests need it
+def _compare(path: Path, module: nn.Module, inputs: torch.Tensor) -> tuple[float, float]:
+    """(largest |onnxruntime − torch|, largest |torch|) over `module`'s outputs for `inputs`; `path` is its export."""
+    import onnxruntime  # imported here: only publishing with ONNX needs it
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
     with torch.no_grad():
         expected = module(inputs)
-    return float((torch.from_numpy(got) - expected).abs().max())
+    return float((torch.from_numpy(got) - expected).abs().max()), float(expected.abs().max())
 
 
 @contextlib.contextmanager

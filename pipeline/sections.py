@@ -141,7 +141,7 @@ class PublishConfig:
     """What a published version holds besides its weights, manifest and model card (README.md)."""
 
     # also write encoder.onnx (opset 18, dynamic batch, normalisation inside), checked against torch in onnxruntime;
-    # off by default: an export costs 2.5-3.5 s of CPU per publish on 2 cores (about 9 s the first in a process)
+    # off by default: an export and its check cost the ConvNet 3.5 s of CPU per publish (11 s the first in a process)
     onnx: bool = False
 
 
