@@ -52,7 +52,8 @@ def test_a_published_version_has_a_card_whose_python_and_onnxruntime_snippets_ru
     assert card.startswith("# moco encoder v000001\n")
     assert "`convnet` (in_channels=1)" in card and manifest["backbone_options"] == {"in_channels": 1}
     assert f"Trained for 4 steps on {manifest['samples_seen']} samples" in card
-    assert json.dumps(manifest["lineage"]["first_position"], sort_keys=True) in card
+    first, last = manifest["lineage"]["first_position"], manifest["lineage"]["last_position"]
+    assert first["sample_index"] != last["sample_index"] and json.dumps(first, sort_keys=True) in card
     assert f"`knn_top1`: {manifest['metrics']['knn_top1']:.4g}" in card
     assert "k=20, T=0.1" in card and "a bank of 500 labelled training images and 100 test images" in card
     assert manifest["lineage"]["config_digest"] in card and manifest["files"]["encoder.onnx"] in card
