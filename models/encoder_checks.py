@@ -89,8 +89,10 @@ def check_manifest(data: Any) -> None:
     for name in ("method", "created_at"):
         if not isinstance(data.get(name, ""), str):
             raise ValueError(f"{name} must be a string, got {show(data[name])}")
-    for name in ("metrics", "backbone_options", "files"):
+    for name in ("metrics", "backbone_options", "files", "lineage"):
         _object(data, name, required=False)
+    if data.get("onnx") is not None:
+        _object(data, "onnx")
     _check_input(_object(data, "input"), backbone)
     _check_files(data.get("files", {}))
 

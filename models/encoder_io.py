@@ -5,6 +5,7 @@ A published encoder is a folder with two files (three when signed):
 * `manifest.json`: a `Manifest`: version, step, samples seen, method, backbone name, embedding size, the
   input spec with its normalisation, eval metrics, and `files`: the sha256 of every other file in the folder.
 * `manifest.json.hmac`, where STREAMSSL_ENCODER_KEY is set: see `encoder_signing`.
+* what the publisher's artifacts add: `encoder.onnx` (`onnx_export`), the model card `README.md` (`model_card`).
 
 `load_encoder(folder)` trusts nothing in the folder: it checks the manifest (`encoder_checks`), keeps every
 file it reads inside the folder, builds the named backbone on the meta device to compare the weights'
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,7 @@ class Manifest:
     method, step, samples_seen: What trained it, and how far.
     metrics: Eval metrics of exactly these weights (kNN top-1, rolling or test nRMSE, ...).
     backbone_options: Keyword options the backbone was built with.
+    lineage, onnx: Where the weights came from (pipeline/lineage.py); the ONNX export, or None and `onnx_unavailable`.
     version, created_at, files: Set when published: the version, the UTC time, the sha256 of every other file.
     extra: What one kind of job adds (a forecaster's mode, grouping, decomposition, targets, best step, series
         name); written at the top level, next to the fields above.
@@ -81,6 +84,9 @@ class Manifest:
     samples_seen: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     backbone_options: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    onnx: dict[str, Any] | None = None
+    onnx_unavailable: str = ""
     version: int = 0
     created_at: str = ""
     files: dict[str, str] = field(default_factory=dict)
@@ -105,9 +111,18 @@ class Manifest:
 
 _FIELD_NAMES = frozenset(item.name for item in fields(Manifest)) - {"extra"}
 
+# Writes one more file into a version folder being saved; returns the manifest with it in `files` (`with_file`).
+Artifact = Callable[[Path, nn.Module, Manifest], Manifest]
 
-def _build(manifest: Manifest) -> tuple[nn.Module, type[PublishedEncoder] | type[PublishedSeriesEncoder]]:
-    """The manifest's backbone and the wrapper that feeds it."""
+
+def with_file(manifest: Manifest, folder: Path, name: str) -> Manifest:
+    """`manifest` with `name` (a file just written into `folder`) and its sha256 added to `files`."""
+    with open(folder / name, "rb") as handle:
+        return replace(manifest, files={**manifest.files, name: hashlib.file_digest(handle, "sha256").hexdigest()})
+
+
+def build_published(manifest: Manifest) -> tuple[nn.Module, type[PublishedEncoder] | type[PublishedSeriesEncoder]]:
+    """The manifest's backbone (freshly initialised) and the wrapper that feeds it, as `load_encoder` builds them."""
     name, spec = manifest.backbone, manifest.input
     if name.startswith("forecaster-"):  # the forecaster's shared trunk over the last `lag` points
         trunk = build_trunk(name.removeprefix("forecaster-"), spec["channels"], spec["lag"], manifest.embedding_dim)
@@ -121,9 +136,9 @@ def _build(manifest: Manifest) -> tuple[nn.Module, type[PublishedEncoder] | type
     return backbone, PublishedEncoder
 
 
-def save_encoder(folder: Path, backbone: nn.Module, manifest: Manifest) -> dict[str, Any]:
-    """Writes `backbone` and `manifest` (with `files`: the weights' sha256) into `folder`, and the manifest's
-    HMAC where STREAMSSL_ENCODER_KEY is set (`encoder_signing`).
+def save_encoder(folder: Path, backbone: nn.Module, manifest: Manifest, artifacts: Sequence[Artifact] = ()) -> dict[str, Any]:
+    """Writes `backbone`, each of `artifacts` in turn (each sees the manifest so far) and `manifest` (with
+    `files`: every file's sha256) into `folder`, and the manifest's HMAC where STREAMSSL_ENCODER_KEY is set.
 
     Returns the manifest as written.
     """
@@ -133,7 +148,10 @@ def save_encoder(folder: Path, backbone: nn.Module, manifest: Manifest) -> dict[
     tensors = {name: value.detach().cpu().contiguous() for name, value in backbone.state_dict().items()}
     weights = save_safetensors(tensors)
     (folder / WEIGHTS_FILE).write_bytes(weights)
-    full_manifest = replace(manifest, files={WEIGHTS_FILE: hashlib.sha256(weights).hexdigest()}).to_dict()
+    manifest = replace(manifest, files={WEIGHTS_FILE: hashlib.sha256(weights).hexdigest()})
+    for artifact in artifacts:
+        manifest = artifact(folder, backbone, manifest)
+    full_manifest = manifest.to_dict()
     text = (json.dumps(full_manifest, indent=2, sort_keys=True) + "\n").encode()
     key = signing_key()
     if key is None:
@@ -167,7 +185,7 @@ def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder | 
             raise ValueError(f"files lists no sha256 for {WEIGHTS_FILE}")
         # On the meta device: the shapes and dtypes the weights must have, with nothing allocated yet.
         with torch.device("meta"):
-            backbone, wrapper = _build(manifest)
+            backbone, wrapper = build_published(manifest)
         layout, data_bytes = expected_layout(backbone.state_dict())
         if data_bytes > MAX_WEIGHTS_BYTES:
             raise ValueError(f"its backbone would take {data_bytes} bytes of weights, more than {MAX_WEIGHTS_BYTES}")

@@ -66,7 +66,7 @@ JOB_DEFAULTS: dict[Job, dict[str, Any]] = {
                  "checkpoint.publish_every": 0, "metrics.port": 0},
 }
 # The keys each job reads (a section name = all of it), besides the method's own section.
-_LOOP = ("method", "run_dir", "checkpoint", "metrics", "train.max_steps", "train.max_minutes", "train.device",
+_LOOP = ("method", "run_dir", "checkpoint", "publish", "metrics", "train.max_steps", "train.max_minutes", "train.device",
          "train.seed", "train.deterministic", "train.log_every_seconds", "train.log_format", "train.nan_rollback_after",
          "train.max_rollbacks", "eval.every_steps", "eval.every_seconds")
 _OFFLINE_ONLY = ("series.points", "series.train_fraction", "series.val_fraction", "series.patience", "series.cache_dir",
@@ -74,7 +74,7 @@ _OFFLINE_ONLY = ("series.points", "series.train_fraction", "series.val_fraction"
 _CONTINUOUS_ONLY = ("series.series_column", "series.warmup_points", "series.history", "series.points_per_step",
                     "series.eval_points", "series.processes", "series.max_series")
 APPLIES: dict[Job, tuple[str, ...]] = {
-    "images": ("method", "run_dir", "data", "kafka", "model", "augment", "optim", "train", "checkpoint", "eval",
+    "images": ("method", "run_dir", "data", "kafka", "model", "augment", "optim", "train", "checkpoint", "publish", "eval",
                "metrics", "aux", "replay", "distill"),
     "series": (*_LOOP, "data.source", "data.mode", "data.poll_seconds", "kafka", "series"),
     "forecast": (*_LOOP, "data.source", "series"),

@@ -251,7 +251,9 @@ class ImageTask:
 
     def manifest(self) -> Manifest:
         cfg = self.cfg
+        # build_backbone's options, bn_splits left out: split BN is plain BN at inference, with the same state
         return Manifest(backbone=cfg.model.backbone, embedding_dim=self.feature_dim,
+                        backbone_options={"in_channels": cfg.data.channels},
                         input={"channels": cfg.data.channels, "height": cfg.data.size, "width": cfg.data.size,
                                "range": "float in [0, 1], normalised inside the encoder",
                                "mean": cfg.data.mean, "std": cfg.data.std})

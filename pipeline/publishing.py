@@ -15,12 +15,13 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
-from streamssl.models.encoder_io import Manifest, save_encoder
+from streamssl.models.encoder_io import Artifact, Manifest, save_encoder
 from streamssl.streams.files import fsync_dir
 
 _VERSION = re.compile(r"^v(\d{6})$")
@@ -45,8 +46,9 @@ class Publisher:
         manifest = self.directory / "latest" / "manifest.json"
         return int(json.loads(manifest.read_text())["step"]) if manifest.is_file() else -1
 
-    def publish(self, backbone: nn.Module, manifest: Manifest) -> tuple[int, Path]:
-        """Writes the next version and points `latest` at it; returns (version, folder).
+    def publish(self, backbone: nn.Module, manifest: Manifest, artifacts: Sequence[Artifact] = ()) -> tuple[int, Path]:
+        """Writes the next version (with `artifacts`: see `save_encoder`) and points `latest` at it; returns
+        (version, folder).
 
         Raises:
             OlderThanLatest: `manifest.step` is below the step of the version `latest` points at.
@@ -63,7 +65,8 @@ class Publisher:
         try:
             temp.mkdir()
             save_encoder(temp, backbone, replace(manifest, version=version,
-                                                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+                                                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                         artifacts)
             for file in temp.iterdir():  # durable before it becomes visible: a crash never publishes empty files
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())

@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from streamssl.pipeline.lineage import artifacts, lineage
 from streamssl.pipeline.publishing import OlderThanLatest
 from streamssl.pipeline.rundir import RunDirError
 
@@ -49,10 +50,10 @@ class Release:
             return
         manifest = loop.task.manifest()
         manifest = replace(manifest, step=state.step, samples_seen=state.samples_seen, method=loop.cfg.method,
-                           metrics={**state.eval_metrics, **manifest.metrics})
+                           metrics={**state.eval_metrics, **manifest.metrics}, lineage=lineage(loop))
         state.published_step = state.step
         try:
-            version, folder = loop.publisher.publish(encoder, manifest)
+            version, folder = loop.publisher.publish(encoder, manifest, artifacts(loop.cfg))
         except OlderThanLatest as err:
             loop.metrics.publish_refused.labels(reason="older_lineage").inc()
             log.warning("not published: %s (an older lineage never replaces a newer one)", err)

@@ -141,6 +141,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class PublishConfig:
+    """What a published version holds besides its weights, manifest and model card (README.md)."""
+
+    # also write encoder.onnx (opset 18, dynamic batch, normalisation inside), checked against torch in onnxruntime;
+    # off by default: an export and its check cost the ConvNet 3.5 s of CPU per publish (11 s the first in a process)
+    onnx: bool = False
+
+
+@dataclass
 class EvalConfig:
     every_steps: int = 0  # evaluate (kNN monitor; forecast: validation check) every N steps (0 = by time only)
     every_seconds: float = 120.0  # and every N seconds (0 = by steps only); always at the end and before publishing
@@ -270,6 +279,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     aux: AuxConfig = field(default_factory=AuxConfig)

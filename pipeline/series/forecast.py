@@ -284,6 +284,7 @@ class ForecastTask:
         spec = decomposition_of(s)
         return Manifest(
             backbone=f"forecaster-{self.options['trunk']}", embedding_dim=self.options["hidden"],
+            backbone_options={"in_channels": len(examples.channels), "lag": s.lag, "hidden": self.options["hidden"]},
             input={"channels": len(examples.channels), "channel_names": examples.channels, "lag": s.lag,
                    "window": s.window, "horizon": s.horizon, "mean": examples.input_mean.tolist(),
                    "std": examples.input_std.tolist()},

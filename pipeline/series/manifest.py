@@ -21,13 +21,16 @@ def series_manifest(task: SeriesTask) -> Manifest:
         "normalisation": "z-score per series with the mean/std of its first warmup_points points",
         "series": {sid: {"mean": mean, "std": std} for sid, (mean, std) in sorted(task.norm.items())}}
     if not task.forecasting:
+        conv = task.model.backbone  # build_series_encoder's options
+        options = {"channels": conv.channels, "hidden": conv.hidden, "layers": conv.layers, "downsample": conv.downsample}
         return Manifest(backbone="series-conv", input=inputs, embedding_dim=task.model.feature_dim,
-                        metrics=dict(task.last_logs))
+                        backbone_options=options, metrics=dict(task.last_logs))
     names = task.spec.component_names()
     channels = ["series"] + ([names[k] for k in task.decided_groups.views] if task.uses_views else [])
     inputs.update(channels=len(channels), channel_names=channels, lag=s.lag, horizon=s.horizon)
     return Manifest(backbone=f"forecaster-{task.options.get('trunk', 'cnn')}", input=inputs,
                     embedding_dim=task.options.get("hidden", 64), metrics=dict(task.last_logs),
+                    backbone_options={"in_channels": len(channels), "lag": s.lag, "hidden": task.options.get("hidden", 64)},
                     extra={"mode": task.mode, "nrmse_definition": NRMSE_DEFINITION,
                            "groups": None if task.groups is None else task.groups.as_dict(),
                            "decomposition": dataclasses.asdict(task.spec) if task.eemd is not None else None})

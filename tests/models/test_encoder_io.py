@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streamssl.models import EncoderLoadError, PublishedEncoder, build_backbone, load_encoder
-from streamssl.models.encoder_io import Manifest, _build, save_encoder
+from streamssl.models.encoder_io import Manifest, build_published, save_encoder
 from tests.test_architecture import imported_modules
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -126,6 +126,6 @@ def test_every_loadable_backbone_keeps_all_its_tensors_in_its_state_dict(backbon
     manifest = Manifest(backbone=backbone, embedding_dim={"convnet": 256, "resnet18": 512}.get(backbone, 16),
                         input={"channels": 2, "lag": 6, "mean": [0.0, 0.0], "std": [1.0, 1.0]})
     with torch.device("meta"):
-        module, _ = _build(manifest)
+        module, _ = build_published(manifest)
     tensors = {name for name, _ in [*module.named_parameters(), *module.named_buffers()]}
     assert tensors == set(module.state_dict())
