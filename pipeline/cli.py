@@ -28,6 +28,7 @@ from typing import Any
 from streamssl.models.encoder_folder import EncoderLoadError
 from streamssl.models.registry import SERIES_METHODS
 from streamssl.pipeline.config import ConfigError, load_config
+from streamssl.pipeline.extras import require
 from streamssl.pipeline.log_format import LOG_FORMATS, setup_logging
 from streamssl.pipeline.rundir import RunDirError
 from streamssl.pipeline.series import forecast
@@ -251,6 +252,7 @@ def _produce(args: argparse.Namespace) -> int:
     if args.rate < 0 or args.limit < 0 or args.partitions < 1:
         raise ConfigError("--rate and --limit must be >= 0 and --partitions >= 1")
     bootstrap, topic, _ = parse_kafka_url(args.to)
+    require("kafka", "kafka", "kafka://")
     data = args.data or str(default_lake())
     if "://" not in data and not Path(data).exists():
         raise SourceError(f"data not found: {data}")

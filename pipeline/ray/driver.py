@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from streamssl.pipeline.config import Config, ConfigError, load_config, redacted, restore_secrets, secrets_of
+from streamssl.pipeline.extras import require
 from streamssl.pipeline.loading.sources import SourceSpec, resolve_mode, source_factory, source_spec
 from streamssl.pipeline.loop import TrainingDiverged
 from streamssl.pipeline.ray.cluster import cpus_per_worker, start_ray, stop_ray
@@ -128,6 +129,9 @@ def run_distributed(cfg: Config, workers: int = 0, ray_address: str = "", stop: 
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
     spec = source_spec(cfg.data)  # also: a malformed spec or a missing Ray Data path fails here, before Ray starts
+    what = spec.text.split("://")[0] + "://" if spec.kind == "ray" else "--workers / --ray-address"
+    for module in ("ray.data", "ray.train"):  # the ray extra: one line now rather than a traceback from a worker
+        require(module, "ray", what)
     if workers == 0 and spec.kind != "ray":
         raise ConfigError("without --workers, only a ray+webdataset:// / ray+parquet:// / ray+images:// spec runs on Ray")
     cfg = _absolute(cfg, spec)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from streamssl.pipeline.extras import require
 from streamssl.pipeline.series.emd import batched_emd
 
 ROWS_PER_BLOCK = 2048  # (window x trial) rows sifted together: smaller arrays stay in cache, larger amortise overhead
@@ -140,6 +141,8 @@ class RollingEEMD:
         self.method, self.trials, self.noise_width, self.max_imfs, self.seed = method, trials, noise_width, max_imfs, seed
         self.processes = processes or os.cpu_count() or 1
         self.backend = ("pyemd" if method == "ceemdan" else "batched") if backend == "auto" else backend
+        if self.backend == "pyemd":  # here, not in a pool worker, so that a missing PyEMD is one line
+            require("PyEMD", "series", "CEEMDAN (or the pyemd EEMD backend)")
         self._pool: ProcessPoolExecutor | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
 

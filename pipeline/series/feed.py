@@ -16,12 +16,12 @@ from functools import partial
 from typing import Any
 
 from streamssl.pipeline.config import ConfigError
+from streamssl.pipeline.extras import require
 from streamssl.pipeline.loading.messages import End, Failure, Message, PointMessage, Reject
 from streamssl.pipeline.loading.positions import Position, position_to_dict
 from streamssl.pipeline.loading.sources import source_factory, source_spec
 from streamssl.streams.records import Record, SourceError
 from streamssl.streams.series_points import parse_point
-from streamssl.streams.series_source import ParquetSeriesSource, demo_series
 
 LOOKAHEAD = 256  # messages taken at once, so that their windows are decomposed in one batched call
 
@@ -33,6 +33,8 @@ def series_source_factory(cfg: Any) -> Callable[..., Any]:
         return source_factory(data, cfg.train.seed, cfg.kafka)
     if data.mode == "cycle":
         raise ConfigError("data.mode cycle would replay old timestamps into a series; use once or follow")
+    require("pyarrow", "series", "a series run")
+    from streamssl.streams.series_source import ParquetSeriesSource, demo_series
     path = str(demo_series()) if spec.kind == "embedded" else spec.text  # a ray+ spec fails as a missing path
     mode = data.mode if data.mode != "auto" else "follow" if spec.is_local_directory else "once"
     make = partial(ParquetSeriesSource, path, mode=mode, poll_seconds=data.poll_seconds, time_column=series.time_column,

@@ -41,6 +41,7 @@ from streamssl.models.encoder_io import Manifest
 from streamssl.models.forecaster import MODES, Forecaster
 from streamssl.pipeline.config import Config, ConfigError, SeriesConfig, load_config
 from streamssl.pipeline.device import resolve_device
+from streamssl.pipeline.extras import require
 from streamssl.pipeline.loading.messages import Tick
 from streamssl.pipeline.loading.positions import Position
 from streamssl.pipeline.loop import Loop
@@ -70,6 +71,7 @@ def decomposition_of(series: SeriesConfig) -> Decomposition:
 
 def load_values(name: str, series: SeriesConfig) -> np.ndarray:
     """The series' values, limited to the most recent `series.points` points."""
+    require("pyarrow", "series", "streamssl forecast")
     from streamssl.streams.series_data import BUNDLED, load_series
 
     if name in BUNDLED:
