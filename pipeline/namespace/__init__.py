@@ -1,9 +1,10 @@
 """streamssl: streaming self-supervised representation learning.
 
 The code lives in four packages, `streamssl.pipeline` (the trainer and the CLI), `streamssl.streams`,
-`streamssl.models` (all a consumer of published encoders needs) and `streamssl.monitoring`; in the source
-tree they are the folders beside this one, so `__path__` takes in every `streamssl` portion on sys.path
-(an editable install finds them through its own finder).
+`streamssl.models` (all a consumer of published encoders needs) and `streamssl.monitoring`. In the source
+tree this file is pipeline/namespace/__init__.py (pyproject's package-dir maps `streamssl` here, so the top of
+the tree keeps its four code folders); `__path__` takes in every `streamssl` portion on sys.path, and an
+editable install finds the four packages through its own finder.
 """
 
 from importlib.metadata import PackageNotFoundError, version
