@@ -259,9 +259,11 @@ class ImageTask:
         return {"knn_top1": top1, "knn_step": float(step), **baselines, **drift}
 
     def embedding_drift(self) -> dict[str, float]:
-        """`drift_auc` (pipeline/drift.py) of the stream's windows by the current encoder, once both are full."""
-        auc = None if self.drift is None else self.drift.measure(self.encoder(), self.cfg.data.mean, self.cfg.data.std,
-                                                                 self.device, self.autocast)
+        """`drift_auc` (pipeline/drift.py) of the stream's windows by the current encoder, once both are full; not
+        measured when the run is stopping on a signal (its grace period is for the checkpoint)."""
+        if self.drift is None or self.loop.stop.is_set():
+            return {}
+        auc = self.drift.measure(self.encoder(), self.cfg.data.mean, self.cfg.data.std, self.device, self.autocast)
         if auc is None:
             return {}
         self.loop.metrics.embedding_drift.set(auc)
