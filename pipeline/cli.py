@@ -83,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
                                                                "(default 3000 / 1000)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
+    evaluate.add_argument("--data", default="", metavar="DIR",
+                          help="score on this directory of labelled shards instead of --dataset (split by key hash: "
+                               "a fifth of the records are queries, the rest the bank/train side)")
+    evaluate.add_argument("--label-field", default="json:label",
+                          help="--data's label: MEMBER:KEY (a key of a JSON member) or MEMBER (a text member, e.g. cls)")
+    evaluate.add_argument("--image-field", default="png", help="--data's image member")
+    evaluate.add_argument("--channels", type=int, default=0,
+                          help="--data decoded to this many channels (default: the encoder's input, else 1)")
+    evaluate.add_argument("--size", type=int, default=0,
+                          help="--data decoded to size x size (default: the encoder's input, else 28)")
     evaluate.add_argument("--k", type=int, default=200)
     evaluate.add_argument("--temperature", type=float, default=0.1)
     evaluate.add_argument("--bank-size", type=int, default=0,
@@ -172,7 +182,6 @@ def _eval(args: argparse.Namespace) -> int:
     from streamssl.pipeline.config import DataConfig, EvalConfig
     from streamssl.pipeline.evaluation.knn import knn_top1
     from streamssl.pipeline.evaluation.probe import fine_tune, labelled_fraction, linear_probe
-    from streamssl.pipeline.loading.sources import knn_sets
 
     if args.labels is not None and not 0 < args.labels <= 1:
         raise ConfigError(f"--labels is a fraction in (0, 1], got {args.labels}")
@@ -184,9 +193,11 @@ def _eval(args: argparse.Namespace) -> int:
         encoder: torch.nn.Module = torch.nn.Flatten()
     elif args.encoder == "random":
         torch.manual_seed(args.seed)
-        # Preprocessed as every published encoder is (it normalises inside), so the baseline is like-for-like.
-        data = DataConfig()
-        random_encoder = PublishedEncoder(build_backbone("convnet", 1)[0], {"input": {"mean": data.mean, "std": data.std}})
+        # Preprocessed as every published encoder is (it normalises inside), so the baseline is like-for-like;
+        # with more channels, each gets the Fashion-MNIST statistics.
+        data, channels = DataConfig(), args.channels or 1
+        random_encoder = PublishedEncoder(build_backbone("convnet", channels)[0],
+                                          {"input": {"mean": data.mean * channels, "std": data.std * channels}})
         encoder = random_encoder
     else:
         if not Path(args.encoder).exists():
@@ -196,8 +207,10 @@ def _eval(args: argparse.Namespace) -> int:
         result.update(version=manifest["version"], step=manifest["step"], method=manifest["method"],
                       samples_seen=manifest["samples_seen"])
     device = torch.device("cpu")
+    sets = EvalConfig(bank_size=args.bank_size, test_size=args.test_size, data=args.data, label_field=args.label_field)
+    labelled = eval_sets(args, sets, getattr(encoder, "manifest", {}).get("input", {}), result)
     if args.linear or args.labels is not None:
-        train, train_labels, test, test_labels = knn_sets(EvalConfig(bank_size=args.bank_size, test_size=args.test_size))
+        train, train_labels, test, test_labels = labelled
         if args.linear:
             steps = args.steps or 3000
             top1 = linear_probe(encoder, train, train_labels, test, test_labels, device, steps=steps, seed=args.seed)
@@ -209,13 +222,13 @@ def _eval(args: argparse.Namespace) -> int:
                              seed=args.seed)
             result.update(protocol="fine-tune", labels=args.labels, fine_tune_top1=round(top1, 4),
                           train_labels=len(index))
-        result.update(dataset=args.dataset, steps=steps, test_size=len(test), seed=args.seed)
+        result.update(steps=steps, test_size=len(test), seed=args.seed)
     else:
-        bank, bank_labels, test, test_labels = knn_sets(EvalConfig(bank_size=args.bank_size, test_size=args.test_size))
+        bank, bank_labels, test, test_labels = labelled
         # A published encoder normalises its own input: feed it plain [0, 1] pixels.
         top1 = knn_top1(encoder, bank, bank_labels, test, test_labels, [0.0], [1.0], torch.device("cpu"),
                         k=args.k, temperature=args.temperature)
-        result.update(protocol="knn", dataset=args.dataset, knn_top1=round(top1, 4), k=args.k,
+        result.update(protocol="knn", knn_top1=round(top1, 4), k=args.k,
                       temperature=args.temperature, bank_size=len(bank), test_size=len(test))
         if args.encoder == "random":  # the older, unnormalised baseline too, for comparison
             plain = knn_top1(random_encoder.backbone, bank, bank_labels, test, test_labels, [0.0], [1.0],
@@ -224,6 +237,24 @@ def _eval(args: argparse.Namespace) -> int:
     result.update(seconds=round(time.monotonic() - started, 1))
     print(json.dumps(result))
     return 0
+
+
+def eval_sets(args: argparse.Namespace, sets: Any, spec: dict[str, Any], result: dict[str, Any]) -> Any:
+    """`streamssl eval`'s labelled sets: --data's (decoded as the encoder's input spec says, or as --channels /
+    --size say for raw pixels and the random baseline), else --dataset's; what they are goes into `result`."""
+    from streamssl.pipeline.evaluation.eval_data import shards_of
+    from streamssl.pipeline.loading.sources import knn_sets
+
+    if not args.data:
+        result.update(dataset=args.dataset)
+        return knn_sets(sets)
+    channels, size = args.channels or spec.get("channels", 1), args.size or spec.get("height", 28)
+    if "channels" in spec and (channels, size) != (spec["channels"], spec["height"]):
+        raise ConfigError(f"--channels/--size {channels}/{size}: the encoder takes {spec['channels']} channels of "
+                          f"{spec['height']} x {spec['width']}")
+    shards = shards_of(sets, args.image_field, channels, size)
+    result.update(dataset=args.data, label_field=args.label_field, classes=len(shards.classes), skipped=shards.skipped)
+    return shards.tensors()
 
 
 def _lake(args: argparse.Namespace) -> int:

@@ -75,7 +75,7 @@ _CONTINUOUS_ONLY = ("series.series_column", "series.warmup_points", "series.hist
                     "series.eval_points", "series.processes", "series.max_series")
 APPLIES: dict[Job, tuple[str, ...]] = {
     "images": ("method", "run_dir", "data", "kafka", "model", "augment", "optim", "train", "checkpoint", "publish", "eval",
-               "metrics", "aux", "replay", "distill"),
+               "metrics", "aux", "replay", "distill", "drift"),
     "series": (*_LOOP, "data.source", "data.mode", "data.poll_seconds", "kafka", "series"),
     "forecast": (*_LOOP, "data.source", "series"),
 }
@@ -305,8 +305,9 @@ def validate(cfg: Config, job: Job) -> None:
             raise ConfigError(f"train.batch_size {t.batch_size} must be divisible by model.bn_splits")
         if not 0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[-1] <= 1:
             raise ConfigError("augment.crop_scale must be [min, max] with 0 < min <= max <= 1")
-        if cfg.eval.dataset == "fashion-mnist" and d.channels != 1:
-            raise ConfigError("eval.dataset fashion-mnist needs data.channels 1 (set eval.dataset none otherwise)")
+        if cfg.eval.dataset == "fashion-mnist" and d.channels != 1 and not cfg.eval.data:
+            raise ConfigError("eval.dataset fashion-mnist needs data.channels 1 (set eval.data or eval.dataset none)")
+        _validate_eval_data(cfg, at_least_zero)
         _validate_replay(cfg, at_least_one, at_least_zero)
     else:
         _validate_series(cfg, job, at_least_one, at_least_zero)
@@ -332,6 +333,18 @@ def _validate_replay(cfg: Config, at_least_one: dict[str, float], at_least_zero:
         raise ConfigError(f"replay.share {replay.share} of train.batch_size {cfg.train.batch_size} gives {replayed} "
                           f"replayed + {cfg.train.batch_size - replayed} arriving records: both must be divisible by "
                           f"model.bn_splits {splits}")
+
+
+def _validate_eval_data(cfg: Config, at_least_zero: dict[str, float]) -> None:
+    from streamssl.pipeline.evaluation.eval_data import parse_label_field
+
+    parse_label_field(cfg.eval.label_field)
+    at_least_zero.update({"drift.window": cfg.drift.window, "eval.bank_size": cfg.eval.bank_size,
+                          "eval.test_size": cfg.eval.test_size})
+    if cfg.drift.folds < 2:  # one to fit on, one held out
+        raise ConfigError(f"drift.folds must be at least 2, got {cfg.drift.folds}")
+    if not 0.5 <= cfg.drift.threshold < 1:
+        raise ConfigError(f"drift.threshold is an AUC in [0.5, 1), got {cfg.drift.threshold}")
 
 
 def replayed_per_step(cfg: Config) -> int:

@@ -27,11 +27,13 @@ from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError, replayed_per_step
 from streamssl.pipeline.device import resolve_device, resolve_precision
 from streamssl.pipeline.distill import Distiller
+from streamssl.pipeline.drift import DriftMonitor
+from streamssl.pipeline.evaluation.eval_data import labelled_sets, sets_digest
 from streamssl.pipeline.evaluation.knn import knn_top1
 from streamssl.pipeline.loading.loader import BatchLoader
 from streamssl.pipeline.loading.messages import Batch
 from streamssl.pipeline.loading.positions import Position
-from streamssl.pipeline.loading.sources import knn_sets, source_factory
+from streamssl.pipeline.loading.sources import source_factory
 from streamssl.pipeline.log_format import ProgressLine
 from streamssl.pipeline.loop import Loop
 from streamssl.pipeline.optim import build_optimizer, set_learning_rate
@@ -55,9 +57,12 @@ class ImageTask:
 
     def __init__(self, cfg: Config, collective: Collective | None = None) -> None:
         self.cfg = cfg
-        workers = (collective or Collective()).world_size
+        group = collective or Collective()
+        workers = group.world_size
         # First: a missing data path must fail before anything is written into the run dir.
         self.make_source: functools.partial[Any] = source_factory(cfg.data, cfg.train.seed, cfg.kafka)
+        # eval.data is read now (on the rank that evaluates): a missing dir or label field fails before training
+        self._knn_data = labelled_sets(cfg) if cfg.eval.data and group.rank == 0 else None
         self.device = self.map_location = resolve_device(cfg.train.device)
         self.autocast = resolve_precision(cfg.train.precision, self.device) == "bf16"
         if cfg.train.deterministic:
@@ -106,7 +111,8 @@ class ImageTask:
         self._capture_rows = 0
         self._captured: torch.Tensor | None = None
         self.method.encoder().register_forward_hook(self._capture)
-        self._knn_data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.drift = None if not cfg.drift.window else DriftMonitor(
+            cfg.drift.window, (cfg.data.channels, cfg.data.size, cfg.data.size), cfg.drift.folds, cfg.drift.threshold)
         self._knn_baselines: dict[str, float] | None = None
         self.loop: Loop  # set by attach(), which the loop calls before anything else
 
@@ -134,7 +140,8 @@ class ImageTask:
                 "encoder_ema": None if self.encoder_ema is None else self.encoder_ema.state_dict(),
                 "schedule": {"base_lr": self.base_lr}, "rng": rng,
                 "replay": None if self.replay is None else self.replay.state_dict(),
-                "distill": None if self.distiller is None else self.distiller.state_dict()}
+                "distill": None if self.distiller is None else self.distiller.state_dict(),
+                "drift": None if self.drift is None else self.drift.state_dict()}
 
     def upgrade(self, ckpt: dict[str, Any]) -> dict[str, Any]:
         return ckpt  # one layout so far
@@ -147,6 +154,8 @@ class ImageTask:
             self.replay.load_state_dict(ckpt["replay"])
         if self.distiller is not None and ckpt.get("distill") is not None:
             self.distiller.load_state_dict(ckpt["distill"])
+        if self.drift is not None and ckpt.get("drift") is not None:
+            self.drift.load_state_dict(ckpt["drift"])
         if self.encoder_ema is not None:
             if ckpt.get("encoder_ema") is not None:
                 self.encoder_ema.load_state_dict(ckpt["encoder_ema"])
@@ -158,7 +167,8 @@ class ImageTask:
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
 
-    roll_back = load_state_dict  # weights, optimizer, method state and RNG: the image task has no other data state
+    # weights, optimizer, method state, RNG, and the replay and drift buffers as that checkpoint had them
+    roll_back = load_state_dict
 
     # --- the step --------------------------------------------------------------------------------------
     def _capture(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -168,6 +178,8 @@ class ImageTask:
     def step(self, batch: Batch) -> Step:
         """One optimizer step; not taken (finite=False) when the loss was not finite on any worker."""
         cfg, state, method = self.cfg, self.loop.state, self.method
+        if self.drift is not None:
+            self.drift.observe(batch.images)  # the arriving records, before they move to the device
         images = arriving = batch.images.to(self.device, non_blocking=True)
         ids = batch.ids.to(self.device, non_blocking=True)
         slots = None
@@ -229,10 +241,11 @@ class ImageTask:
     # --- evaluation and publishing ---------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         cfg = self.cfg.eval
-        if cfg.dataset == "none":
-            return {}
+        drift = self.embedding_drift()
+        if cfg.dataset == "none" and not cfg.data:
+            return drift
         if self._knn_data is None:
-            self._knn_data = knn_sets(cfg)
+            self._knn_data = labelled_sets(self.cfg)
         started = time.perf_counter()
         top1 = self.knn(self.encoder())
         if self._knn_baselines is None:
@@ -244,7 +257,18 @@ class ImageTask:
             beside = (f"same subset: raw pixels {baselines['knn_raw_pixels']:.4f}, "
                       f"untrained encoder {baselines['knn_untrained']:.4f}")
         log.info("kNN top-1 %.4f at step %d (%.1f s; %s)", top1, step, time.perf_counter() - started, beside)
-        return {"knn_top1": top1, "knn_step": float(step), **baselines}
+        return {"knn_top1": top1, "knn_step": float(step), **baselines, **drift}
+
+    def embedding_drift(self) -> dict[str, float]:
+        """`drift_auc` (pipeline/drift.py) of the stream's windows by the current encoder, once both are full; not
+        measured when the run is stopping on a signal (its grace period is for the checkpoint)."""
+        if self.drift is None or self.loop.stop.is_set():
+            return {}
+        auc = self.drift.measure(self.encoder(), self.cfg.data.mean, self.cfg.data.std, self.device, self.autocast)
+        if auc is None:
+            return {}
+        self.loop.metrics.embedding_drift.set(auc)
+        return {"drift_auc": auc}
 
     def encoder(self) -> torch.nn.Module:
         return self.method.encoder() if self.encoder_ema is None else self.encoder_ema.module
@@ -273,6 +297,8 @@ class ImageTask:
         cfg = self.cfg
         settings = {**dataclasses.asdict(cfg.eval), "backbone": cfg.model.backbone, "seed": cfg.train.seed,
                     "channels": cfg.data.channels, "size": cfg.data.size, "mean": cfg.data.mean, "std": cfg.data.std}
+        if cfg.eval.data and self._knn_data is not None:  # the same directory may hold other records by now
+            settings["eval_data_digest"] = sets_digest(self._knn_data)
         cache = self.loop.paths.root / "knn-baselines.json"
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             stored = json.loads(cache.read_text())
@@ -304,7 +330,9 @@ class ImageTask:
         if "knn_top1" in metrics:
             beside = "" if "knn_untrained" not in metrics else (
                 f"; raw pixels {metrics['knn_raw_pixels']:.4f}, untrained encoder {metrics['knn_untrained']:.4f}")
-            knn = f", kNN top-1 {metrics['knn_top1']:.4f} (subset of {eval_cfg.bank_size}/{eval_cfg.test_size}{beside})"
+            sizes = (f"{eval_cfg.bank_size}/{eval_cfg.test_size}" if self._knn_data is None
+                     else f"{len(self._knn_data[1])}/{len(self._knn_data[3])}")
+            knn = f", kNN top-1 {metrics['knn_top1']:.4f} (subset of {sizes}{beside})"
         return f", {state.samples_seen} samples{knn}"
 
 

@@ -153,11 +153,28 @@ class PublishConfig:
 class EvalConfig:
     every_steps: int = 0  # evaluate (kNN monitor; forecast: validation check) every N steps (0 = by time only)
     every_seconds: float = 120.0  # and every N seconds (0 = by steps only); always at the end and before publishing
-    dataset: Literal["fashion-mnist", "none"] = "fashion-mnist"  # the kNN monitor's labelled set
-    bank_size: int = 10000  # labelled reference subset of the train split
-    test_size: int = 2000  # held-out subset of the test split
+    # the kNN monitor's labelled set when eval.data is empty: fashion-mnist, or none (no monitor)
+    dataset: Literal["fashion-mnist", "none"] = "fashion-mnist"
+    # a directory of labelled WebDataset shards (image in data.image_field) for the kNN monitor; set, it replaces
+    # eval.dataset. One folder, split by key hash: a fifth of the records are queries, the rest the bank
+    data: str = ""
+    label_field: str = "json:label"  # eval.data's label: MEMBER:KEY = a key of a JSON member, MEMBER = a text member (cls)
+    bank_size: int = 10000  # labelled reference subset of the train split (eval.data: of its bank side); 0 = all
+    test_size: int = 2000  # held-out subset of the test split (eval.data: of its query side); 0 = all
     k: int = 200  # kNN neighbours
     temperature: float = 0.1  # kNN vote weights exp(similarity / T)
+
+
+@dataclass
+class DriftConfig:
+    """Embedding drift (pipeline/drift.py): at every eval, a domain classifier's held-out ROC AUC between the run's
+    first records and its latest ones, both embedded by the current encoder; 0.5 = no drift, 1 = fully separable."""
+
+    # records in each window: the reference (the run's first) and the recent ring (the latest); both are kept in
+    # every checkpoint (2 x window x channels x size^2 bytes: 0.8 MB at the defaults); 0 = off
+    window: int = 512
+    threshold: float = 0.55  # AUC above this logs a warning (Evidently's default alarm; the alert rule uses 0.55)
+    folds: int = 5  # cross-validation folds: the AUC is measured on held-out folds only, never on training rows
 
 
 @dataclass
@@ -281,6 +298,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     aux: AuxConfig = field(default_factory=AuxConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
