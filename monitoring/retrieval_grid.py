@@ -121,7 +121,7 @@ def draw_retrieval_grid(retrieval: Retrieval, path: Path) -> None:
             label, similarity = int(retrieval.neighbour_labels[row, column - 1]), retrieval.similarities[row, column - 1]
             wrong = label != query_label
             ax.text(_left(column, tile_w) + tile_w / 2, top + tile_h + 1,
-                    f"{_name(retrieval, label)} {similarity:.2f}" if wrong else f"{similarity:.2f}", ha="center",
+                    f"{_name(retrieval, label)} {similarity:.3f}" if wrong else f"{similarity:.3f}", ha="center",
                     va="top", fontsize=6, color=COLOURS["wrong"] if wrong else "black")
     title = (f"Nearest training images (blue: the query; green frame: same class, red: other; "
              f"{retrieval.precision:.0%} same class)")
