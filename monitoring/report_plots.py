@@ -109,6 +109,11 @@ def draw_throughput(rows: Sequence[Row], path: Path) -> str:
     wait_x, wait = series(rows, "progress", "input_wait_share")
     figure, axes = _figure(2 if len(wait_x) else 1)
     _curve(axes[0], x, rate, "samples/s", "tab:purple")
+    evals, _ = series(rows, "eval", "step")
+    if 0 < len(evals) <= 50:  # an interval that held an eval dips: the eval's time counts in it
+        for at in evals:
+            axes[0].axvline(at, color="tab:green", alpha=0.35, linestyle=":")
+        axes[0].plot([], [], color="tab:green", alpha=0.6, linestyle=":", label="eval")
     axes[0].set_ylim(bottom=0)
     axes[0].set_ylabel("samples / s")
     axes[0].set_title("Throughput per progress interval")

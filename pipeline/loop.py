@@ -359,7 +359,7 @@ class Loop:
             if now - last_log_time >= cfg.train.log_every_seconds:
                 rate = (state.samples_seen - last_log_samples) / (now - last_log_time)
                 self.metrics.samples_per_second.set(rate)
-                waited = self.metrics.wait_seconds.collect()[0].samples[0].value  # the _total, with any registry's labels
+                waited = next(iter(self.metrics.wait_seconds.collect())).samples[0].value  # its _total, however labelled
                 self.history.append("progress", state, {"samples_per_second": rate, "loss": last_loss, **logs,
                                                         "input_wait_share": (waited - last_log_wait) / (now - last_log_time)})
                 if self.collective.rank == 0:
