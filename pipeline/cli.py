@@ -27,6 +27,7 @@ from typing import Any
 
 from streamssl.models.encoder_folder import EncoderLoadError
 from streamssl.models.registry import SERIES_METHODS
+from streamssl.pipeline import report
 from streamssl.pipeline.config import ConfigError, load_config
 from streamssl.pipeline.extras import require
 from streamssl.pipeline.log_format import LOG_FORMATS, setup_logging
@@ -120,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     lake.add_argument("--from", dest="source", default="", metavar="LABELLED_LAKE",
                       help="read the images and labels of this lake (png + json label) instead of Fashion-MNIST")
     forecast.add_parser(commands)
+    report.add_parser(commands)
     return parser
 
 
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("json" if getattr(args, "log_format", None) == "json" else "text")
     try:
         return {"run": _run, "config": _config, "eval": _eval, "lake": _lake, "produce": _produce,
-                "forecast": forecast.run}[args.command](args)
+                "forecast": forecast.run, "report": report.run}[args.command](args)
     except (ConfigError, SourceError, EncoderLoadError, RunDirError) as err:
         print(f"streamssl: error: {err}", file=sys.stderr)
         return 2

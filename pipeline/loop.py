@@ -326,7 +326,7 @@ class Loop:
         deadline = started + cfg.train.max_minutes * 60 if cfg.train.max_minutes else float("inf")
         self.progress_log.start(state.step)
         last_checkpoint_time = last_eval_time = last_log_time = started
-        last_log_samples, last_loss, logs = state.samples_seen, float("nan"), {}
+        last_log_samples, last_loss, logs, last_log_wait = state.samples_seen, float("nan"), {}, 0.0
         while True:
             message, reason = self.next_message(feed, deadline)
             if message is None:
@@ -368,11 +368,13 @@ class Loop:
             if now - last_log_time >= cfg.train.log_every_seconds:
                 rate = (state.samples_seen - last_log_samples) / (now - last_log_time)
                 self.metrics.samples_per_second.set(rate)
-                fields = {"samples_per_second": rate, "loss": last_loss, **logs}
+                waited = next(iter(self.metrics.wait_seconds.collect())).samples[0].value  # its _total, however labelled
+                fields = {"samples_per_second": rate, "loss": last_loss, **logs,
+                          "input_wait_share": (waited - last_log_wait) / (now - last_log_time)}
                 self.history.append("progress", state, fields)
                 if self.collective.rank == 0:
                     self.progress_log.progress(self.task.progress(rate, now - last_log_time, last_loss, logs), state, fields)
-                last_log_time, last_log_samples = now, state.samples_seen
+                last_log_time, last_log_samples, last_log_wait = now, state.samples_seen, waited
             if self.checkpoint_due(now - last_checkpoint_time):
                 self.save_checkpoint()
                 last_checkpoint_time = time.monotonic()
