@@ -74,8 +74,9 @@ def _to_channels(image: Image.Image, channels: int) -> Image.Image:
 
 def full_resolution_side(size: int, min_crop_area: float) -> int:
     """The geometric-mean side an image is decoded at so that a crop of `min_crop_area` of it (the smallest
-    random-resized crop) still has about `size` source pixels across: size / sqrt(min_crop_area)."""
-    return math.ceil(size / math.sqrt(min_crop_area))
+    random-resized crop) still has about `size` source pixels across: size / sqrt(min_crop_area), at most
+    4 x size (a crop of 1/16 of the area), which bounds a batch's memory whatever augment.crop_scale says."""
+    return min(math.ceil(size / math.sqrt(min_crop_area)), 4 * size)
 
 
 def _shrunk(width: int, height: int, full_side: int) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from torch import nn
 from streamssl.models import load_encoder
 from streamssl.models.backbones import SplitBatchNorm2d, backbone_options, build_backbone
 from streamssl.models.encoder_folder import EncoderLoadError
+from streamssl.models.encoder_io import Manifest, save_encoder
 from streamssl.pipeline.config import ConfigError
 from streamssl.pipeline.images import Trainer
 from tests.conftest import tiny_config
@@ -77,6 +78,22 @@ def test_a_user_factory_trains_publishes_and_loads_only_when_trusted(tmp_path: P
     encoder = load_encoder(latest, trusted_backbones=[USER_NET])
     assert encoder.manifest["backbone_options"] == {"in_channels": 1}
     _assert_same_outputs(trainer, encoder)
+
+
+def test_a_signed_encoder_or_the_environment_vouches_for_its_factory(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    backbone, features = build_backbone(USER_NET, 3, size=32)
+    manifest = Manifest(backbone=USER_NET, embedding_dim=features, backbone_options={"in_channels": 3},
+                        input={"channels": 3, "height": 32, "width": 32, "mean": [0.5] * 3, "std": [0.25] * 3})
+    monkeypatch.setenv("STREAMSSL_ENCODER_KEY", "a key the publisher and the consumer share")
+    save_encoder(tmp_path / "signed", backbone, manifest)
+    assert load_encoder(tmp_path / "signed").manifest["backbone"] == USER_NET  # the signature vouches for it
+    monkeypatch.delenv("STREAMSSL_ENCODER_KEY")
+    save_encoder(tmp_path / "unsigned", backbone, manifest)
+    monkeypatch.setenv("STREAMSSL_TRUSTED_BACKBONES", f"other.module:net,{USER_NET}")
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_encoder(tmp_path / "unsigned")(pixels), backbone.eval()((pixels - 0.5) / 0.25))
 
 
 def test_a_factory_without_in_channels_is_called_without_arguments() -> None:

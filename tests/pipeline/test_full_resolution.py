@@ -49,6 +49,10 @@ def test_a_large_image_keeps_its_aspect_and_is_shrunk_to_the_side_a_crop_needs(w
     assert math.sqrt(0.2 * decoded_height * decoded_width) >= 64 - 1
 
 
+def test_the_decoded_side_follows_the_smallest_crop_up_to_four_times_the_size() -> None:
+    assert (full_resolution_side(224, 0.2), full_resolution_side(28, 0.2), full_resolution_side(224, 0.01)) == (501, 63, 896)
+
+
 def test_a_small_image_is_never_enlarged_and_the_squash_path_is_as_before() -> None:
     data = _encoded(_photo(50, 80), "PNG")
     assert _decode(data, field="png").shape == (3, 80, 50)
