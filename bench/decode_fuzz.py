@@ -43,7 +43,8 @@ SHARD = 500
 BATCH = 16
 
 
-def _libpng(record: Record, image_field: str, channels: int, size: int, max_bytes: int = 0) -> np.ndarray:
+def _libpng(record: Record, image_field: str, channels: int, size: int, max_bytes: int = 0,
+            full_side: int = 0) -> np.ndarray:
     """The decoder before: torchvision's libpng binding for anything PNG, Pillow for the rest."""
     faulthandler.disable()
     data = record.fields.get("png", b"")
@@ -54,7 +55,7 @@ def _libpng(record: Record, image_field: str, channels: int, size: int, max_byte
             raise ValueError(f"corrupt_image: {str(err).splitlines()[0]}") from None
         if tuple(image.shape[1:]) == (size, size):
             return image.numpy()
-    return decode_record(record, image_field, channels, size, max_bytes)
+    return decode_record(record, image_field, channels, size, max_bytes, full_side)
 
 
 def run(decoder: str, seconds: float, seed: int) -> dict[str, float]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from streamssl.models.backbones import BACKBONES
+from streamssl.models.backbones import BACKBONES, is_image_backbone
 from streamssl.models.forecaster import TRUNKS
 
 # Bounds far above anything the pipeline publishes (resnet18 is ~45 MB, a series run's manifest lists every
@@ -81,8 +81,9 @@ def check_manifest(data: Any) -> None:
         if name not in data:
             raise ValueError(f"{name} is missing")
     backbone = data["backbone"]
-    if not isinstance(backbone, str) or backbone not in KNOWN_BACKBONES:
-        raise ValueError(f"unknown backbone {show(backbone)} (known: {', '.join(sorted(KNOWN_BACKBONES))})")
+    if not isinstance(backbone, str) or (backbone not in KNOWN_BACKBONES and not is_image_backbone(backbone)):
+        raise ValueError(f"unknown backbone {show(backbone)} (known: {', '.join(sorted(KNOWN_BACKBONES))}, "
+                         "torchvision:NAME, package.module:factory)")
     _integer(data, "embedding_dim", 1, MAX_EMBEDDING_DIM)
     for name in ("step", "samples_seen", "version"):
         _integer(data, name, 0, MAX_COUNT, required=False)
@@ -105,7 +106,7 @@ def _check_input(spec: dict[str, Any], backbone: str) -> None:
         _integer(spec, "lag", 1, MAX_LENGTH, where="input.")
     # Image encoders normalise inside and need both; a series trunk falls back to 0 / 1 per channel.
     for name in ("mean", "std"):
-        if name in spec or backbone in IMAGE_BACKBONES:
+        if name in spec or is_image_backbone(backbone):
             _statistics(spec, name, channels)
     names = spec.get("channel_names", [])
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names) or (

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from streamssl.models.encoder_signing import (
 from streamssl.models.forecaster import build_trunk
 from streamssl.models.published import PublishedEncoder, PublishedSeriesEncoder
 from streamssl.models.series_backbones import PooledSeriesEncoder, build_series_encoder
+from streamssl.models.user_backbones import refuse_untrusted
 from streamssl.streams.files import atomic_write
 
 WEIGHTS_FILE = "encoder.safetensors"
@@ -121,8 +122,10 @@ def with_file(manifest: Manifest, folder: Path, name: str) -> Manifest:
         return replace(manifest, files={**manifest.files, name: hashlib.file_digest(handle, "sha256").hexdigest()})
 
 
-def build_published(manifest: Manifest) -> tuple[nn.Module, type[PublishedEncoder] | type[PublishedSeriesEncoder]]:
-    """The manifest's backbone (freshly initialised) and the wrapper that feeds it, as `load_encoder` builds them."""
+def build_published(manifest: Manifest, trusted: Collection[str] = ()
+                    ) -> tuple[nn.Module, type[PublishedEncoder] | type[PublishedSeriesEncoder]]:
+    """The manifest's backbone (freshly initialised) and the wrapper that feeds it, as `load_encoder` builds them;
+    a user's factory only if `trusted` (user_backbones)."""
     name, spec = manifest.backbone, manifest.input
     if name.startswith("forecaster-"):  # the forecaster's shared trunk over the last `lag` points
         trunk = build_trunk(name.removeprefix("forecaster-"), spec["channels"], spec["lag"], manifest.embedding_dim)
@@ -130,7 +133,9 @@ def build_published(manifest: Manifest) -> tuple[nn.Module, type[PublishedEncode
     if name == "series-conv":  # CPC's encoder, mean-pooled over time
         encoder, _ = build_series_encoder("conv", spec["channels"], hidden=manifest.embedding_dim)
         return PooledSeriesEncoder(encoder), PublishedSeriesEncoder
-    backbone, feature_dim = build_backbone(name, spec["channels"])
+    refuse_untrusted(name, trusted)
+    backbone, feature_dim = build_backbone(name, spec["channels"], size=spec.get("height", 32),
+                                           options=manifest.backbone_options)
     if feature_dim != manifest.embedding_dim:
         raise ValueError(f"embedding_dim is {manifest.embedding_dim}, but {name} gives {feature_dim}")
     return backbone, PublishedEncoder
@@ -166,8 +171,10 @@ def save_encoder(folder: Path, backbone: nn.Module, manifest: Manifest, artifact
     return full_manifest
 
 
-def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder | PublishedSeriesEncoder:
-    """Loads a published encoder (a version folder, or a `latest` link to one beside it) in eval mode.
+def load_encoder(folder: str | Path, device: str = "cpu", *, trusted_backbones: Collection[str] = ()
+                 ) -> PublishedEncoder | PublishedSeriesEncoder:
+    """Loads a published encoder (a version folder, or a `latest` link to one beside it) in eval mode; a user's
+    backbone factory only when signed or trusted (`trusted_backbones`, see user_backbones.refuse_untrusted).
 
     Any folder it cannot use, whatever was done to it, is one `EncoderLoadError` whose message names the
     file and the problem.
@@ -185,7 +192,7 @@ def load_encoder(folder: str | Path, device: str = "cpu") -> PublishedEncoder | 
             raise ValueError(f"files lists no sha256 for {WEIGHTS_FILE}")
         # On the meta device: the shapes and dtypes the weights must have, with nothing allocated yet.
         with torch.device("meta"):
-            backbone, wrapper = build_published(manifest)
+            backbone, wrapper = build_published(manifest, [*trusted_backbones, *([manifest.backbone] if key else [])])
         layout, data_bytes = expected_layout(backbone.state_dict())
         if data_bytes > MAX_WEIGHTS_BYTES:
             raise ValueError(f"its backbone would take {data_bytes} bytes of weights, more than {MAX_WEIGHTS_BYTES}")

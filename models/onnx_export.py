@@ -106,7 +106,7 @@ def _published_copy(backbone: nn.Module, manifest: Manifest, *, image: bool) -> 
     """What `load_encoder` returns for these weights, on the CPU in eval mode; the live backbone (training, maybe
     on a GPU, with the training's hooks on it) is left alone."""
     try:
-        fresh, wrapper = build_published(manifest)
+        fresh, wrapper = build_published(manifest, [manifest.backbone])  # the trainer already imported its own factory
     except (ValueError, KeyError):  # a backbone `load_encoder` cannot build (a user's own): a copy of it
         copied = copy.deepcopy(backbone).cpu()
         return (PublishedEncoder if image else PublishedSeriesEncoder)(copied, manifest.to_dict()).eval()

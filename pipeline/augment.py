@@ -6,6 +6,12 @@ drawn as a [B]-shaped tensor and applied in one batched op: crops and flips as o
 affine `grid_sample`, jitter as per-sample factors broadcast over the image, blur as a grouped
 convolution with one kernel per sample. All draws come from one `torch.Generator`, whose state
 goes into the checkpoint, so a resumed run sees the same views.
+
+A batch of images of different sizes (decoded at their own aspect ratio, padded to one canvas) comes with
+`extents`, each image's height and width: its crop is drawn relative to the image itself (area share and
+aspect ratio in pixels, as torchvision's RandomResizedCrop) and placed inside it, so nothing is squashed or
+padding sampled. The draws are the same in number and order, so a batch of equal squares (`extents` None)
+gets exactly the crops it got before.
 """
 
 from __future__ import annotations
@@ -28,21 +34,31 @@ def _coin(prob: float, n: int, gen: torch.Generator, device: torch.device) -> Te
 
 
 def crop_flip_grids(n: int, size: int, scale: tuple[float, float], ratio: tuple[float, float],
-                    flip_prob: float, gen: torch.Generator, device: torch.device) -> Tensor:
+                    flip_prob: float, gen: torch.Generator, device: torch.device, extents: Tensor | None = None,
+                    canvas: tuple[int, int] = (1, 1)) -> Tensor:
     """Sampling grids for per-sample random-resized crops (with horizontal flips), [N,H,W,2].
 
     Area fraction s ~ U(scale), log aspect ratio ~ U(log ratio): the crop is w = sqrt(s·r),
-    h = sqrt(s/r) of the image (clipped to 1), centred uniformly where it fits.
+    h = sqrt(s/r) of the image (clipped to 1), centred uniformly where it fits. With `extents` (each image's
+    [height, width] at the top left of a `canvas` of height x width pixels) the image's own aspect a = h/w
+    enters, w = sqrt(s·r·a), h = sqrt(s/(r·a)), and the crop is then mapped into the image's part of the canvas.
     """
     area = _uniform(scale[0], scale[1], n, gen, device)
     log_ratio = _uniform(math.log(ratio[0]), math.log(ratio[1]), n, gen, device)
     aspect = torch.exp(log_ratio)
+    if extents is not None:
+        heights, widths = extents[:, 0].to(device, torch.float32), extents[:, 1].to(device, torch.float32)
+        aspect = aspect * (heights / widths)
     width = torch.sqrt(area * aspect).clamp(max=1.0)
     height = torch.sqrt(area / aspect).clamp(max=1.0)
     # affine_grid works in [-1, 1] coordinates: a crop of relative size w can move by ±(1 - w).
     centre_x = _uniform(-1.0, 1.0, n, gen, device) * (1 - width)
     centre_y = _uniform(-1.0, 1.0, n, gen, device) * (1 - height)
     flip = torch.where(_coin(flip_prob, n, gen, device), -1.0, 1.0)
+    if extents is not None:  # the image spans [-1, -1 + 2·share] of the canvas on each axis
+        share_x, share_y = widths / canvas[1], heights / canvas[0]
+        width, centre_x = width * share_x, (centre_x + 1) * share_x - 1
+        height, centre_y = height * share_y, (centre_y + 1) * share_y - 1
     theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0] = width * flip
     theta[:, 0, 2] = centre_x
@@ -102,13 +118,15 @@ class BatchAugment:
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
     def view(self, images: Tensor, gen: torch.Generator, size: int | None = None,
-             scale: tuple[float, float] | None = None) -> Tensor:
-        """One augmented view of every image; `size`/`scale` override the crop's output side and area range."""
+             scale: tuple[float, float] | None = None, extents: Tensor | None = None) -> Tensor:
+        """One augmented view of every image (uint8, or float in [0, 1]); `size`/`scale` override the crop's
+        output side and area range; `extents` as in `crop_flip_grids`."""
         cfg = self.cfg
-        pixels = images.float() / 255.0
+        pixels = images if images.is_floating_point() else images.float() / 255.0
         grids = crop_flip_grids(
             pixels.shape[0], size or self.size, scale or (cfg.crop_scale[0], cfg.crop_scale[-1]),
-            (cfg.crop_ratio[0], cfg.crop_ratio[-1]), cfg.flip_prob, gen, pixels.device,
+            (cfg.crop_ratio[0], cfg.crop_ratio[-1]), cfg.flip_prob, gen, pixels.device, extents,
+            (pixels.shape[2], pixels.shape[3]),
         )
         pixels = F.grid_sample(pixels, grids, mode="bilinear", padding_mode="reflection", align_corners=False)
         pixels = colour_jitter(pixels, cfg, gen)
@@ -117,10 +135,12 @@ class BatchAugment:
         return (pixels - self.mean.to(pixels.device)) / self.std.to(pixels.device)
 
     def __call__(self, images: Tensor, gen: torch.Generator, views: int = 2, small_crops: int = 0,
-                 small_size: int = 0, small_scale: tuple[float, float] = (0.05, 0.4)) -> list[Tensor]:
+                 small_size: int = 0, small_scale: tuple[float, float] = (0.05, 0.4),
+                 extents: Tensor | None = None) -> list[Tensor]:
         """`views` full-size views, then `small_crops` multi-crop views of side `small_size` (SwAV)."""
-        full = [self.view(images, gen) for _ in range(views)]
-        return full + [self.view(images, gen, small_size, small_scale) for _ in range(small_crops)]
+        pixels = images.float() / 255.0  # once for all views: a full-resolution canvas is large
+        full = [self.view(pixels, gen, extents=extents) for _ in range(views)]
+        return full + [self.view(pixels, gen, small_size, small_scale, extents) for _ in range(small_crops)]
 
 
 def normalise(images: Tensor, mean: list[float], std: list[float]) -> Tensor:

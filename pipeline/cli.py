@@ -118,8 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                            "default: index order")
     lake.add_argument("--run-length", type=int, default=200, help="images per run of one class (correlated-runs)")
     lake.add_argument("--seed", type=int, default=0, help="seed of the order")
-    lake.add_argument("--from", dest="source", default="", metavar="LABELLED_LAKE",
-                      help="read the images and labels of this lake (png + json label) instead of Fashion-MNIST")
+    lake.add_argument("--from", dest="source", default="", metavar="DIR",
+                      help="instead of Fashion-MNIST: a labelled lake (*.tar of png + json label), or a folder of "
+                           "JPEG/PNG/WebP images, read recursively and written unchanged (subfolders = classes)")
     forecast.add_parser(commands)
     report.add_parser(commands)
     return parser
@@ -268,6 +269,8 @@ def _lake(args: argparse.Namespace) -> int:
         raise SourceError(f"lake not found: {args.source}")
     if args.run_length < 1 or args.shard_size < 1:
         raise ConfigError("--run-length and --shard-size must be at least 1")
+    if args.source and not any(Path(args.source).glob("*.tar")):
+        return _lake_from_images(args)
     images, labels = read_labelled_lake(Path(args.source)) if args.source else load_fashion_mnist("train")
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
@@ -275,6 +278,25 @@ def _lake(args: argparse.Namespace) -> int:
     shards = build_lake(Path(args.out), images, labels, shard_size=args.shard_size, order=order)
     print(json.dumps({"out": args.out, "shards": len(shards), "samples": len(images if order is None else order),
                       "order": args.order or "index"}))
+    return 0
+
+
+def _lake_from_images(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from streamssl.streams.image_folder import build_image_folder_lake, scan_image_folder
+    from streamssl.streams.orders import stream_order
+
+    folder = scan_image_folder(Path(args.source))
+    if not folder.files:
+        raise SourceError(f"no .jpg/.jpeg/.png/.webp images under {args.source}")
+    labels = folder.labels()[:args.limit or None]
+    if args.order and (labels < 0).any():
+        raise ConfigError(f"--order {args.order} needs every image in a class subfolder of {args.source}")
+    order = stream_order(labels, args.order, args.run_length, args.seed) if args.order else np.arange(len(labels))
+    shards = build_image_folder_lake(folder, Path(args.out), order, shard_size=args.shard_size)
+    print(json.dumps({"out": args.out, "shards": len(shards), "samples": len(order), "order": args.order or "index",
+                      "classes": len(folder.classes), "skipped": folder.skipped}))
     return 0
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from streamssl.models.backbones import is_image_backbone
 from streamssl.models.registry import SERIES_METHODS
 from streamssl.pipeline.sections import (
     ALL_METHODS,
@@ -301,6 +302,9 @@ def validate(cfg: Config, job: Job) -> None:
         at_least_zero["data.max_record_bytes"] = d.max_record_bytes
         if len(d.mean) != d.channels or len(d.std) != d.channels:
             raise ConfigError("data.mean and data.std need one value per channel (data.channels)")
+        if not is_image_backbone(cfg.model.backbone):
+            raise ConfigError(f"model.backbone: {cfg.model.backbone!r} is not one of convnet, resnet18, torchvision:NAME, "
+                              "package.module:factory")
         if t.batch_size % cfg.model.bn_splits:
             raise ConfigError(f"train.batch_size {t.batch_size} must be divisible by model.bn_splits")
         if not 0 < cfg.augment.crop_scale[0] <= cfg.augment.crop_scale[-1] <= 1:

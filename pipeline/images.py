@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from streamssl.models import build_backbone, build_method
+from streamssl.models.backbones import backbone_options
 from streamssl.models.encoder_io import Manifest
 from streamssl.pipeline.augment import BatchAugment
 from streamssl.pipeline.collective import Collective
@@ -30,6 +31,7 @@ from streamssl.pipeline.distill import Distiller
 from streamssl.pipeline.drift import DriftMonitor
 from streamssl.pipeline.evaluation.eval_data import labelled_sets, sets_digest
 from streamssl.pipeline.evaluation.knn import knn_top1
+from streamssl.pipeline.loading.decode import full_resolution_side
 from streamssl.pipeline.loading.loader import BatchLoader
 from streamssl.pipeline.loading.messages import Batch
 from streamssl.pipeline.loading.positions import Position
@@ -72,7 +74,11 @@ class ImageTask:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
-        backbone, self.feature_dim = build_backbone(cfg.model.backbone, cfg.data.channels, bn_splits=cfg.model.bn_splits)
+        try:  # a torchvision name or a user's factory is only known to be buildable by building it
+            backbone, self.feature_dim = build_backbone(cfg.model.backbone, cfg.data.channels,
+                                                        bn_splits=cfg.model.bn_splits, size=cfg.data.size)
+        except ValueError as err:
+            raise ConfigError(f"model.backbone: {err}") from None
         try:
             method = build_method(cfg.method, backbone, self.feature_dim, cfg.method_options(), dataclasses.asdict(cfg.aux))
         except ValueError as err:  # a method refusing an option value
@@ -87,7 +93,8 @@ class ImageTask:
             raise ConfigError("replay.capacity and distill.weight are for single-process runs so far (each worker "
                               "would need its own buffer in the checkpoint); set them to 0 with --workers")
         self.distiller = None if not cfg.distill.weight else Distiller(
-            lambda: build_backbone(cfg.model.backbone, cfg.data.channels, bn_splits=cfg.model.bn_splits)[0],
+            lambda: build_backbone(cfg.model.backbone, cfg.data.channels, bn_splits=cfg.model.bn_splits,
+                                   size=cfg.data.size)[0],
             self.feature_dim, cfg.distill.weight, cfg.distill.every_steps).to(self.device)
         groups = self.method.param_groups()
         if self.distiller is not None:
@@ -122,8 +129,11 @@ class ImageTask:
     def _batch_loader(self, position: Position | None) -> Feed:
         cfg = self.cfg
         arriving = cfg.train.batch_size - self.replayed
+        # The replay buffer holds size x size images, so with one every image is resized to that first.
+        full_side = (full_resolution_side(cfg.data.size, cfg.augment.crop_scale[0])
+                     if cfg.data.full_resolution and not cfg.replay.capacity else 0)
         return BatchLoader(self.make_source, position, arriving, cfg.data.image_field, cfg.data.channels, cfg.data.size,
-                           cfg.data.prefetch_batches, cfg.data.max_record_bytes)
+                           cfg.data.prefetch_batches, cfg.data.max_record_bytes, full_side)
 
     def open(self, position: Position | None) -> Feed:
         return self.open_feed(position)
@@ -188,7 +198,8 @@ class ImageTask:
             slots = self.replay.draw(self.replayed)[:min(self.replayed, self.replay.size) // splits * splits]
             images, ids = torch.cat([arriving, self.replay.images[slots]]), torch.cat([ids, self.replay.ids[slots]])
         spec = method.views()
-        views = self.augment(images, self.generator, spec.full, spec.small, spec.small_size, spec.small_scale)
+        views = self.augment(images, self.generator, spec.full, spec.small, spec.small_size, spec.small_scale,
+                             batch.extents)
         if cfg.train.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         lr = self.learning_rate()
@@ -277,7 +288,7 @@ class ImageTask:
         cfg = self.cfg
         # build_backbone's options, bn_splits left out: split BN is plain BN at inference, with the same state
         return Manifest(backbone=cfg.model.backbone, embedding_dim=self.feature_dim,
-                        backbone_options={"in_channels": cfg.data.channels},
+                        backbone_options=backbone_options(cfg.model.backbone, cfg.data.channels, cfg.data.size),
                         input={"channels": cfg.data.channels, "height": cfg.data.size, "width": cfg.data.size,
                                "range": "float in [0, 1], normalised inside the encoder",
                                "mean": cfg.data.mean, "std": cfg.data.std})
@@ -308,7 +319,7 @@ class ImageTask:
             return None
         with torch.random.fork_rng(devices=[]):  # leaves the training RNG exactly where it was
             torch.manual_seed(cfg.train.seed)
-            untrained, _ = build_backbone(cfg.model.backbone, cfg.data.channels)
+            untrained, _ = build_backbone(cfg.model.backbone, cfg.data.channels, size=cfg.data.size)
         baselines = {"knn_raw_pixels": self.knn(torch.nn.Flatten()), "knn_untrained": self.knn(untrained.to(self.device))}
         with contextlib.suppress(OSError):
             cache.write_text(json.dumps({"settings": settings, "baselines": baselines}))

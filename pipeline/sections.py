@@ -27,9 +27,12 @@ class DataConfig:
     mode: Literal["auto", "cycle", "once", "follow"] = "auto"  # auto = follow for a directory, cycle otherwise
     shuffle_buffer: int = 2048  # records; part of the stream position, so resume stays exact
     poll_seconds: float = 2.0  # follow mode: how often to look for new shards
-    image_field: Literal["png", "jpg", "jpeg"] = "png"  # which extension of a record holds the image
+    image_field: Literal["png", "jpg", "jpeg", "webp"] = "png"  # which extension of a record holds the image
     channels: int = 1  # image channels (1 = grey, 3 = RGB)
-    size: int = 28  # images are decoded and resized to size x size
+    size: int = 28  # side of the square crops the backbone trains on
+    # true: each image keeps its aspect ratio, shrunk to about size / sqrt(augment.crop_scale min) on a side, and
+    # the random-resized crop is taken from it; false (and with replay.capacity > 0): resized to size x size first
+    full_resolution: bool = True
     mean: list[float] = field(default_factory=lambda: [0.286])  # per channel (Fashion-MNIST train statistics)
     std: list[float] = field(default_factory=lambda: [0.353])  # per channel (Fashion-MNIST train statistics)
     prefetch_batches: int = 4  # decoded batches the loader process may hold ready
@@ -69,7 +72,9 @@ class KafkaConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["convnet", "resnet18"] = "convnet"  # convnet: the CPU default; resnet18: for GPUs
+    # convnet: the CPU default; resnet18: CIFAR-stem ResNet-18 for GPUs; torchvision:NAME: a torchvision classification
+    # model, untrained; package.module:factory: your own nn.Module (README: "Your own images and backbone")
+    backbone: str = "convnet"
     # split BN in training, so a single device behaves like MoCo's multi-GPU shuffle BN (MoCo's recipe sets 8)
     bn_splits: int = 1
 

@@ -48,11 +48,12 @@ class BatchLoader:
     """
 
     def __init__(self, make_source: Callable[..., Any], position: Position | None, batch_size: int,
-                 image_field: str, channels: int, size: int, prefetch: int = 4, max_record_bytes: int = 0) -> None:
+                 image_field: str, channels: int, size: int, prefetch: int = 4, max_record_bytes: int = 0,
+                 full_side: int = 0) -> None:
         # fork starts in milliseconds and needs nothing picklable; spawn where fork does not exist.
         self._context = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
         self._job = LoaderJob(make_source, position, batch_size, image_field, channels, size, prefetch,
-                              max_record_bytes, frozenset())
+                              max_record_bytes, frozenset(), full_side)
         self._rejected: set[tuple[str, str]] = set()  # handed out since the last batch: a restart repeats them
         self._deaths = 0  # in a row, with nothing handed out between
         self._killed_on = -1  # the record being decoded at the last death

@@ -40,6 +40,7 @@ class LoaderJob:
     prefetch: int
     max_record_bytes: int
     skip: frozenset[int]  # ids of records that crashed an earlier loader process: dead-lettered, not decoded
+    full_side: int = 0  # > 0: images keep their aspect ratio (decode.py), batches are padded (`stack_images`)
 
 
 @dataclass
@@ -52,9 +53,25 @@ class Decoded:
     position: Position | None
     source_stats: dict[str, float]
     ids: np.ndarray
+    extents: np.ndarray | None = None
 
     def batch(self) -> Batch:
-        return Batch(torch.from_numpy(self.images), self.keys, self.position, self.source_stats, torch.from_numpy(self.ids))
+        extents = None if self.extents is None else torch.from_numpy(self.extents)
+        return Batch(torch.from_numpy(self.images), self.keys, self.position, self.source_stats, torch.from_numpy(self.ids),
+                     extents)
+
+
+def stack_images(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """[B, C, H, W] and None when every image is the same square; else every image at the top left of the
+    batch's largest height x width, its last row and column repeated into the rest (so bilinear sampling at an
+    image's edge sees the edge), and each image's [height, width] (`BatchAugment` crops within it)."""
+    shapes = {image.shape for image in images}
+    if len(shapes) == 1 and images[0].shape[1] == images[0].shape[2]:
+        return np.stack(images), None
+    height, width = max(image.shape[1] for image in images), max(image.shape[2] for image in images)
+    padded = [np.pad(image, ((0, 0), (0, height - image.shape[1]), (0, width - image.shape[2])), mode="edge")
+              for image in images]
+    return np.stack(padded), np.array([image.shape[1:] for image in images], dtype=np.int64)
 
 
 class _Batcher:
@@ -104,7 +121,7 @@ class _Batcher:
             return
         self.decoding.value = rid
         try:
-            image = decode_record(record, job.image_field, job.channels, job.size, job.max_record_bytes)
+            image = decode_record(record, job.image_field, job.channels, job.size, job.max_record_bytes, job.full_side)
         except ValueError as err:  # the decoder's refusals: 'reason: detail'
             reason, _, detail = str(err).partition(": ")
             self.reject(Reject(record.source, record.key, reason, detail, payload(record, job.image_field)))
@@ -125,8 +142,9 @@ class _Batcher:
             self.decode(record)
             if len(self.images) == self.job.batch_size:
                 self.resume_at = self.source.position()
-                batch = Decoded(np.stack(self.images), self.keys, self.resume_at, self.source.stats(),
-                                np.array(self.ids, dtype=np.int64))
+                images, extents = stack_images(self.images)
+                batch = Decoded(images, self.keys, self.resume_at, self.source.stats(), np.array(self.ids, dtype=np.int64),
+                                extents)
                 if not self.put(batch, keep_alive=True):
                     return False
                 self.images, self.keys, self.ids = [], [], []

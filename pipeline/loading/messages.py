@@ -25,6 +25,8 @@ class Batch:
     position: Position | None  # the source right after the batch's last record
     source_stats: dict[str, float]
     ids: Tensor  # int64 [B], record_id(key) of each record
+    # int64 [B, 2]: each image's height and width at the top left of images (the rest is padding); None: all of it
+    extents: Tensor | None = None
 
 
 @dataclass

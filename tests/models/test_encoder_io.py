@@ -111,11 +111,13 @@ def test_encoder_io_imports_no_training_code() -> None:
                                          "encoder_folder.py", "published.py")))
     third_party = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
     assert {m.split(".")[0] for m in third_party} <= {"torch", "safetensors", "streamssl"}
-    # only the architectures a published encoder can name: image backbones, series encoders, forecaster trunks
+    # only the architectures a published encoder can name: image backbones (and a user's factory), series encoders,
+    # forecaster trunks
     # (and the loader's own checks, confined reads, wrappers and signing, and the leaf module for atomic writes)
     assert {m for m in third_party if m.startswith("streamssl")} == {
-        "streamssl.models.backbones", "streamssl.models.series_backbones", "streamssl.models.forecaster",
-        "streamssl.models.encoder_checks", "streamssl.models.encoder_signing", "streamssl.models.encoder_folder",
+        "streamssl.models.backbones", "streamssl.models.user_backbones", "streamssl.models.series_backbones",
+        "streamssl.models.forecaster", "streamssl.models.encoder_checks", "streamssl.models.encoder_signing",
+        "streamssl.models.encoder_folder",
         "streamssl.models.published", "streamssl.streams.files"}
 
 

@@ -50,12 +50,13 @@ def _keys(messages: list[Message]) -> list[str]:
     return [key for message in messages if isinstance(message, Batch) for key in message.keys]
 
 
-def _libpng_decode(record: Record, image_field: str, channels: int, size: int, max_bytes: int = 0) -> np.ndarray:
+def _libpng_decode(record: Record, image_field: str, channels: int, size: int, max_bytes: int = 0,
+                   full_side: int = 0) -> np.ndarray:
     """torchvision's libpng binding, which the issue's author saw segfault on the corpus file: a real native crash."""
     faulthandler.disable()  # pytest's crash report of the loader process would only be noise here
     data = torch.frombuffer(bytearray(record.fields["png"]), dtype=torch.uint8)
     decode_png(data, ImageReadMode.GRAY)
-    return decode_record(record, image_field, channels, size, max_bytes)
+    return decode_record(record, image_field, channels, size, max_bytes, full_side)
 
 
 def test_the_png_that_segfaults_libpng_is_a_corrupt_image_for_our_decoder() -> None:
