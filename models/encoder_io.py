@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from streamssl.models.artifacts import Artifact
 from streamssl.models.backbones import build_backbone
 from streamssl.models.encoder_checks import (
     MAX_HEADER_BYTES,
@@ -112,14 +113,6 @@ class Manifest:
 
 _FIELD_NAMES = frozenset(item.name for item in fields(Manifest)) - {"extra"}
 
-# Writes one more file into a version folder being saved; returns the manifest with it in `files` (`with_file`).
-Artifact = Callable[[Path, nn.Module, Manifest], Manifest]
-
-
-def with_file(manifest: Manifest, folder: Path, name: str) -> Manifest:
-    """`manifest` with `name` (a file just written into `folder`) and its sha256 added to `files`."""
-    with open(folder / name, "rb") as handle:
-        return replace(manifest, files={**manifest.files, name: hashlib.file_digest(handle, "sha256").hexdigest()})
 
 
 def build_published(manifest: Manifest, trusted: Collection[str] = ()

@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from streamssl.models.encoder_io import Manifest, with_file
+from streamssl.models.artifacts import with_file
+from streamssl.models.encoder_io import Manifest
 from streamssl.models.onnx_export import OUTPUT_NAME, onnx_input
 
 CARD_FILE = "README.md"

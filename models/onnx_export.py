@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from streamssl.models.encoder_io import Artifact, Manifest, build_published, with_file
+from streamssl.models.artifacts import Artifact, with_file
+from streamssl.models.encoder_io import Manifest, build_published
 from streamssl.models.published import PublishedEncoder, PublishedSeriesEncoder
 
 ONNX_FILE = "encoder.onnx"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from streamssl.models.encoder_io import Artifact
+from streamssl.models.artifacts import Artifact
 from streamssl.models.model_card import write_model_card
 from streamssl.models.onnx_export import export_onnx, onnx_skipped
 from streamssl.pipeline.config import Config, redacted

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from torch import nn
 
-from streamssl.models.encoder_io import Artifact, Manifest, save_encoder
+from streamssl.models.artifacts import Artifact
+from streamssl.models.encoder_io import Manifest, save_encoder
 from streamssl.streams.files import fsync_dir
 
 _VERSION = re.compile(r"^v(\d{6})$")
