@@ -113,9 +113,10 @@ def test_encoder_io_imports_no_training_code() -> None:
     assert {m.split(".")[0] for m in third_party} <= {"torch", "safetensors", "streamssl"}
     # only the architectures a published encoder can name: image backbones (and a user's factory), series encoders,
     # forecaster trunks
-    # (and the loader's own checks, confined reads, wrappers and signing, and the leaf module for atomic writes)
+    # (and the loader's own checks, confined reads, wrappers and signing, the artifact type (a type alias and a
+    # digest helper), and the leaf module for atomic writes)
     assert {m for m in third_party if m.startswith("streamssl")} == {
-        "streamssl.models.backbones", "streamssl.models.user_backbones", "streamssl.models.series_backbones",
+        "streamssl.models.artifacts", "streamssl.models.backbones", "streamssl.models.user_backbones", "streamssl.models.series_backbones",
         "streamssl.models.forecaster", "streamssl.models.encoder_checks", "streamssl.models.encoder_signing",
         "streamssl.models.encoder_folder",
         "streamssl.models.published", "streamssl.streams.files"}
