@@ -80,12 +80,12 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
 
 def backbone_options(name: str, in_channels: int, size: int) -> dict[str, Any]:
-    """The options `build_backbone` uses for `name` when given none (empty for the built-in two)."""
+    """The options `build_backbone` uses for `name` when given none (the built-in two record their input channels)."""
     if name.startswith(torchvision_backbones.PREFIX):
         return torchvision_backbones.default_options(size)
     if user_backbones.is_user_name(name):
         return user_backbones.default_options(name, in_channels)
-    return {}
+    return {"in_channels": in_channels}
 
 
 def is_image_backbone(name: str) -> bool:
