@@ -37,6 +37,7 @@ from streamssl.pipeline.sections import (
     MetricsConfig,
     ModelConfig,
     OptimConfig,
+    PublishConfig,
     ReplayConfig,
     SeriesConfig,
     TrainConfig,
@@ -44,7 +45,7 @@ from streamssl.pipeline.sections import (
 
 __all__ = ["AugmentConfig", "AuxConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
            "EvalConfig", "Job", "KafkaConfig", "MethodOptions", "MetricsConfig", "ModelConfig", "OptimConfig",
-           "ReplayConfig", "SeriesConfig", "TrainConfig", "job_of", "load_config", "to_dict"]
+           "PublishConfig", "ReplayConfig", "SeriesConfig", "TrainConfig", "job_of", "load_config", "to_dict"]
 
 Job = Literal["images", "series", "forecast"]
 
@@ -63,7 +64,7 @@ JOB_DEFAULTS: dict[Job, dict[str, Any]] = {
                  "checkpoint.publish_every": 0, "metrics.port": 0},
 }
 # The keys each job reads (a section name = all of it), besides the method's own section.
-_LOOP = ("method", "run_dir", "checkpoint", "metrics", "train.max_steps", "train.max_minutes", "train.device",
+_LOOP = ("method", "run_dir", "checkpoint", "metrics", "publish", "train.max_steps", "train.max_minutes", "train.device",
          "train.seed", "train.deterministic", "train.log_every_seconds", "train.nan_rollback_after",
          "train.max_rollbacks", "eval.every_steps", "eval.every_seconds")
 _OFFLINE_ONLY = ("series.points", "series.train_fraction", "series.val_fraction", "series.patience", "series.cache_dir",
@@ -72,7 +73,7 @@ _CONTINUOUS_ONLY = ("series.series_column", "series.warmup_points", "series.hist
                     "series.eval_points", "series.processes", "series.max_series")
 APPLIES: dict[Job, tuple[str, ...]] = {
     "images": ("method", "run_dir", "data", "kafka", "model", "augment", "optim", "train", "checkpoint", "eval",
-               "metrics", "aux", "replay", "distill"),
+               "metrics", "publish", "aux", "replay", "distill"),
     "series": (*_LOOP, "data.source", "data.mode", "data.poll_seconds", "kafka", "series"),
     "forecast": (*_LOOP, "data.source", "series"),
 }
@@ -281,12 +282,16 @@ def validate(cfg: Config, job: Job) -> None:
         from streamssl.pipeline.loading.sources import parse_source
 
         parse_source(cfg.data.source)
+    from streamssl.pipeline.notify import check_targets
+
+    check_targets(cfg)
     t, c = cfg.train, cfg.checkpoint
     at_least_one: dict[str, float] = {"checkpoint.keep": c.keep, "train.nan_rollback_after": t.nan_rollback_after}
     at_least_zero: dict[str, float] = {"train.max_steps": t.max_steps, "train.max_minutes": t.max_minutes,
                      "checkpoint.every_steps": c.every_steps, "checkpoint.every_seconds": c.every_seconds,
                      "checkpoint.publish_every": c.publish_every, "eval.every_steps": cfg.eval.every_steps,
-                     "eval.every_seconds": cfg.eval.every_seconds, "train.max_rollbacks": t.max_rollbacks}
+                     "eval.every_seconds": cfg.eval.every_seconds, "train.max_rollbacks": t.max_rollbacks,
+                     **{f"publish.{key}": getattr(cfg.publish, key) for key in PUBLISH_AT_LEAST_ZERO}}
     if job == "images":
         d = cfg.data
         at_least_one.update({"train.batch_size": t.batch_size, "data.size": d.size, "data.channels": d.channels,
@@ -312,6 +317,7 @@ def validate(cfg: Config, job: Job) -> None:
         raise ConfigError(f"{', '.join(negative)} must be >= 0")
 
 
+PUBLISH_AT_LEAST_ZERO = ("tolerance", "min_std_ratio", "keep", "keep_every", "keep_candidates", "retries")
 _JOB_NAMES: dict[Job, str] = {"images": "an image run", "series": "a series run", "forecast": "`streamssl forecast`"}
 
 

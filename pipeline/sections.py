@@ -148,6 +148,30 @@ class EvalConfig:
 
 
 @dataclass
+class PublishConfig:
+    """Which versions go out (pipeline/publish_gate.py), how many stay (pipeline/retention.py), who is told
+    (pipeline/notify.py)."""
+
+    # refuse to publish a collapsed encoder or one whose eval metric regressed (kept as a candidate instead)
+    gate: bool = True
+    # allowed regression against the best published so far, absolute in the metric's units (knn_top1; rolling or
+    # test nRMSE, lower is better)
+    tolerance: float = 0.02
+    # collapsed: the mean per-dim std of its L2-normalised embeddings of real inputs below this times 1/sqrt(d)
+    # (measured here: trained convnets 0.51-0.62, an untrained one 0.15, a collapsed one 0)
+    min_std_ratio: float = 0.05
+    keep: int = 10  # newest versions kept (and always the one `latest` points at and the one before); 0 = all
+    keep_every: int = 0  # also keep every N-th version forever (0 = none: published/ stays bounded)
+    keep_candidates: int = 3  # refused encoders kept in published/candidates/ (0 = none)
+    topic: str = ""  # Kafka topic that gets a JSON event per published version ("" = none)
+    # its bootstrap servers HOST:PORT[,HOST:PORT] ("" = the Kafka data source's); kafka.* security settings apply
+    bootstrap: str = ""
+    webhook: str = ""  # http(s) URL that gets the same event as a JSON POST ("" = none)
+    timeout_seconds: float = 5.0  # per notification attempt
+    retries: int = 3  # more attempts after a failed one, with doubling backoff from 0.5 s
+
+
+@dataclass
 class MetricsConfig:
     port: int = DEFAULT_METRICS_PORT  # 0 = off
     host: str = "127.0.0.1"  # interface the exporter listens on (0.0.0.0 = all)
@@ -268,6 +292,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     aux: AuxConfig = field(default_factory=AuxConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
