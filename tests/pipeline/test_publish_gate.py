@@ -14,8 +14,10 @@ import torch
 
 from streamssl.models import load_encoder
 from streamssl.models.backbones import build_backbone
+from streamssl.pipeline.images import Trainer
 from streamssl.pipeline.loop import Loop
 from streamssl.pipeline.publish_gate import std_ratio
+from tests.conftest import tiny_config
 from tests.pipeline.encoder_task import EncoderTask, collapse, config, real_images
 
 
@@ -111,3 +113,9 @@ def test_with_the_gate_off_everything_is_published(tmp_path: Path, one_thread: N
     loop.run()
     assert published(tmp_path) == ["v000001", "v000002"] and not (tmp_path / "published" / "candidates").exists()
     assert "gate" not in json.loads((tmp_path / "published" / "v000002" / "manifest.json").read_text())
+
+
+def test_an_image_run_is_gated_on_images_from_its_own_stream(tmp_path: Path, small_lake: Path, one_thread: None) -> None:
+    Trainer(tiny_config(tmp_path, small_lake, "train.max_steps=2")).run()
+    manifest = load_encoder(tmp_path / "published" / "latest").manifest
+    assert manifest["step"] == 2 and 0.05 < manifest["gate"]["embedding_std_ratio"] < 1.0
