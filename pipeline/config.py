@@ -244,7 +244,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 # Never written anywhere (config.yaml, checkpoints, Ray's run state, `streamssl config`): kept in memory only.
-SECRETS = (("kafka", "sasl_plain_password"),)
+SECRETS = (("kafka", "sasl_plain_password"), ("publish", "webhook"))  # a webhook URL often carries its token
 
 
 def redacted(cfg: Config) -> dict[str, Any]:

@@ -105,9 +105,9 @@ class Notifier:
         self._events.put(None)
         attempts = self.cfg.retries + 1
         self._thread.join(attempts * self.cfg.timeout_seconds + FIRST_BACKOFF_SECONDS * 2**attempts + 1)
-        if self._thread.is_alive():
+        if self._thread.is_alive():  # the daemon thread dies with the process
             log.warning("publish notifications: %d not delivered by the end of the run", self._events.qsize())
-        if self._producer is not None:
+        elif self._producer is not None:
             self._producer.close(timeout=self.cfg.timeout_seconds)
 
     def _deliver_all(self) -> None:

@@ -6,9 +6,11 @@ Two checks, both on measurements of exactly the weights about to go out:
   healthy encoder and 0 for one whose outputs all coincide; below `publish.min_std_ratio` / sqrt(d), or not
   finite, it is refused as collapsed. A task without probe inputs skips this check.
 * regression: its eval metric (the first of `JUDGED` the metrics hold) against the best value published so far,
-  with `publish.tolerance` of slack in the metric's direction. The best so far is what the published manifests
-  say: each records the best up to and including itself under `gate.best`, so it outlives retention and
-  restarts.
+  with `publish.tolerance` of slack in the metric's direction. A series run's rolling nRMSE is over the stream's
+  most recent points, which differ from one eval to the next (a harder stretch raises every model's error), so
+  it is judged as its ratio to the persistence forecast's nRMSE on the same points. The best so far is what
+  the published manifests say: each records the best up to and including itself under `gate.best`, so it
+  outlives retention and restarts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from streamssl.pipeline.sections import PublishConfig
 
 # Metric name -> +1 where higher is better, -1 where lower is; the first one present in an eval is judged.
-JUDGED = {"knn_top1": 1, "rolling_nrmse": -1, "nrmse": -1}
+JUDGED = {"knn_top1": 1, "rolling_nrmse_ratio": -1, "nrmse": -1}
 PROBE_ROWS = 256  # inputs embedded for the collapse check: a stable std (64 give the same to 2 digits), ~2% of a kNN eval
 
 
@@ -57,9 +59,12 @@ def std_ratio(encoder: nn.Module, inputs: Tensor) -> float:
     return float(F.normalize(embeddings, dim=1).std(dim=0).mean()) * math.sqrt(embeddings.shape[1])
 
 
-def judged_metric(metrics: dict[str, Any]) -> str:
-    """The name of the metric the gate compares ("" when the eval has none of `JUDGED`)."""
-    return next((name for name in JUDGED if isinstance(metrics.get(name), int | float)), "")
+def judged_metric(metrics: dict[str, Any]) -> tuple[str, float]:
+    """The name and value of the metric the gate compares (("", nan) when the eval has none of `JUDGED`)."""
+    if isinstance(metrics.get("rolling_nrmse"), int | float) and metrics.get("rolling_nrmse_persistence"):
+        metrics = {**metrics, "rolling_nrmse_ratio": metrics["rolling_nrmse"] / metrics["rolling_nrmse_persistence"]}
+    name = next((name for name in JUDGED if isinstance(metrics.get(name), int | float)), "")
+    return name, float(metrics[name]) if name else float("nan")
 
 
 def best_published(directory: Path, name: str) -> float | None:
@@ -89,10 +94,10 @@ def judge(cfg: PublishConfig, directory: Path, encoder: nn.Module, probe: Tensor
         if not ratio >= cfg.min_std_ratio:  # NaN too
             return Verdict("collapsed", f"embedding std {ratio:.4f}/sqrt(d) over {min(len(probe), PROBE_ROWS)} "
                            f"real inputs is below publish.min_std_ratio {cfg.min_std_ratio}/sqrt(d)", record)
-    name = judged_metric(metrics)
+    name, value = judged_metric(metrics)
     if not name:
         return Verdict(record=record)
-    value, best = float(metrics[name]), best_published(directory, name)
+    best = best_published(directory, name)
     sign = JUDGED[name]
     if not math.isfinite(value):
         return Verdict("regressed", f"{name} is {value}: the eval failed", record)

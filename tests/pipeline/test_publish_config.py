@@ -42,3 +42,10 @@ def test_every_job_shows_the_publish_keys_with_their_help(job: str) -> None:
     assert {"publish.gate", "publish.tolerance", "publish.keep", "publish.keep_every", "publish.topic",
             "publish.bootstrap", "publish.webhook"} <= keys
     assert all("#" in line for line in lines)
+
+
+def test_the_webhook_url_is_kept_out_of_what_is_written() -> None:
+    from streamssl.pipeline.config import redacted
+
+    cfg = load_config(sets=["publish.webhook=https://hooks.example.org/T0KEN"])
+    assert redacted(cfg)["publish"]["webhook"] == "" and cfg.publish.webhook.endswith("T0KEN")

@@ -94,11 +94,22 @@ def test_the_best_so_far_survives_retention_and_a_restart(tmp_path: Path, one_th
 
 
 def test_a_lower_is_better_metric_is_judged_the_other_way(tmp_path: Path, one_thread: None) -> None:
-    metrics = {0: {"rolling_nrmse": 0.40}, 3: {"rolling_nrmse": 0.45}, 5: {"rolling_nrmse": 0.30}}
+    metrics = {0: {"nrmse": 0.40}, 3: {"nrmse": 0.45}, 5: {"nrmse": 0.30}}
     loop = Loop(config(tmp_path, "train.max_steps=6", "publish.tolerance=0.02"), EncoderTask(metrics))
     loop.run()
     assert published(tmp_path) == ["v000001", "v000002"]  # steps 2 (0.40) and 6 (0.30); 4 (0.45) refused
     assert candidates(tmp_path) == ["step000000004-regressed"]
+
+
+def test_a_rolling_nrmse_is_judged_against_persistence_on_the_same_points(tmp_path: Path, one_thread: None) -> None:
+    # step 4: a harder stretch of the stream (persistence worse too) is no regression; step 6 is one
+    metrics = {0: {"rolling_nrmse": 0.40, "rolling_nrmse_persistence": 0.80},
+               3: {"rolling_nrmse": 0.60, "rolling_nrmse_persistence": 1.25},
+               5: {"rolling_nrmse": 0.50, "rolling_nrmse_persistence": 0.90}}
+    Loop(config(tmp_path, "train.max_steps=6"), EncoderTask(metrics)).run()
+    assert published(tmp_path) == ["v000001", "v000002"] and candidates(tmp_path) == ["step000000006-regressed"]
+    manifest = json.loads((tmp_path / "published" / "v000002" / "manifest.json").read_text())
+    assert manifest["gate"]["best"] == {"rolling_nrmse_ratio": 0.48}
 
 
 def test_candidates_are_bounded(tmp_path: Path, one_thread: None) -> None:
