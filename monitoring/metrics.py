@@ -114,6 +114,10 @@ class Metrics:
             "streamssl_publish_refused", "Encoders not published, by reason (older lineage, collapsed, regressed).",
             ["reason"], registry=r,
         )
+        self.publish_notify_failures = Counter(
+            "streamssl_publish_notify_failures", "Publish notifications not delivered after every retry, by target.",
+            ["target"], registry=r,
+        )
         self.eval_seconds = Histogram(
             "streamssl_eval_duration_seconds", "Wall time of one in-run eval (the kNN monitor).",
             buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,

@@ -38,6 +38,7 @@ from streamssl.pipeline.sections import (
     MetricsConfig,
     ModelConfig,
     OptimConfig,
+    PublishConfig,
     ReplayConfig,
     SeriesConfig,
     TrainConfig,
@@ -45,7 +46,7 @@ from streamssl.pipeline.sections import (
 
 __all__ = ["AugmentConfig", "AuxConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
            "EvalConfig", "Job", "KafkaConfig", "MethodOptions", "MetricsConfig", "ModelConfig", "OptimConfig",
-           "ReplayConfig", "SeriesConfig", "TrainConfig", "job_of", "load_config", "to_dict"]
+           "PublishConfig", "ReplayConfig", "SeriesConfig", "TrainConfig", "job_of", "load_config", "to_dict"]
 
 Job = Literal["images", "series", "forecast"]
 
@@ -250,7 +251,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 # Never written anywhere (config.yaml, checkpoints, Ray's run state, `streamssl config`): kept in memory only.
-SECRETS = (("kafka", "sasl_plain_password"),)
+SECRETS = (("kafka", "sasl_plain_password"), ("publish", "webhook"))  # a webhook URL often carries its token
 
 
 def redacted(cfg: Config) -> dict[str, Any]:
@@ -288,12 +289,16 @@ def validate(cfg: Config, job: Job) -> None:
         from streamssl.pipeline.loading.sources import parse_source
 
         parse_source(cfg.data.source)
+    from streamssl.pipeline.notify import check_targets
+
+    check_targets(cfg)
     t, c = cfg.train, cfg.checkpoint
     at_least_one: dict[str, float] = {"checkpoint.keep": c.keep, "train.nan_rollback_after": t.nan_rollback_after}
     at_least_zero: dict[str, float] = {"train.max_steps": t.max_steps, "train.max_minutes": t.max_minutes,
                      "checkpoint.every_steps": c.every_steps, "checkpoint.every_seconds": c.every_seconds,
                      "checkpoint.publish_every": c.publish_every, "eval.every_steps": cfg.eval.every_steps,
-                     "eval.every_seconds": cfg.eval.every_seconds, "train.max_rollbacks": t.max_rollbacks}
+                     "eval.every_seconds": cfg.eval.every_seconds, "train.max_rollbacks": t.max_rollbacks,
+                     **{f"publish.{key}": getattr(cfg.publish, key) for key in PUBLISH_AT_LEAST_ZERO}}
     if job == "images":
         d = cfg.data
         at_least_one.update({"train.batch_size": t.batch_size, "data.size": d.size, "data.channels": d.channels,
@@ -323,6 +328,7 @@ def validate(cfg: Config, job: Job) -> None:
         raise ConfigError(f"{', '.join(negative)} must be >= 0")
 
 
+PUBLISH_AT_LEAST_ZERO = ("tolerance", "min_std_ratio", "keep", "keep_every", "keep_candidates", "retries")
 _JOB_NAMES: dict[Job, str] = {"images": "an image run", "series": "a series run", "forecast": "`streamssl forecast`"}
 
 

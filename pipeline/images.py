@@ -23,7 +23,7 @@ import torch
 from streamssl.models import build_backbone, build_method
 from streamssl.models.backbones import backbone_options
 from streamssl.models.encoder_io import Manifest
-from streamssl.pipeline.augment import BatchAugment
+from streamssl.pipeline.augment import BatchAugment, normalise
 from streamssl.pipeline.collective import Collective
 from streamssl.pipeline.config import Config, ConfigError, replayed_per_step
 from streamssl.pipeline.device import resolve_device, resolve_precision
@@ -39,6 +39,7 @@ from streamssl.pipeline.loading.sources import source_factory
 from streamssl.pipeline.log_format import ProgressLine
 from streamssl.pipeline.loop import Loop
 from streamssl.pipeline.optim import build_optimizer, set_learning_rate
+from streamssl.pipeline.publish_gate import PROBE_ROWS
 from streamssl.pipeline.replay import ReplayBuffer
 from streamssl.pipeline.schedule import learning_rate, warmup_length
 from streamssl.pipeline.task import Feed, Step
@@ -121,6 +122,7 @@ class ImageTask:
         self.drift = None if not cfg.drift.window else DriftMonitor(
             cfg.drift.window, (cfg.data.channels, cfg.data.size, cfg.data.size), cfg.drift.folds, cfg.drift.threshold)
         self._knn_baselines: dict[str, float] | None = None
+        self._recent: torch.Tensor | None = None  # the last arriving records: the publish gate's probe without kNN
         self.loop: Loop  # set by attach(), which the loop calls before anything else
 
     def attach(self, loop: Loop) -> None:
@@ -190,7 +192,7 @@ class ImageTask:
         cfg, state, method = self.cfg, self.loop.state, self.method
         if self.drift is not None:
             self.drift.observe(batch.images)  # the arriving records, before they move to the device
-        images = arriving = batch.images.to(self.device, non_blocking=True)
+        images = arriving = self._recent = batch.images.to(self.device, non_blocking=True)
         ids = batch.ids.to(self.device, non_blocking=True)
         slots = None
         if self.replay is not None:  # arriving records + records drawn from the buffer (fewer while it fills)
@@ -283,6 +285,14 @@ class ImageTask:
 
     def encoder(self) -> torch.nn.Module:
         return self.method.encoder() if self.encoder_ema is None else self.encoder_ema.module
+
+    def probe_inputs(self) -> torch.Tensor | None:
+        """Real images as `encoder()` takes them, for the publish gate's collapse check: the kNN monitor's test
+        images (the same for every version), else the last batch from the stream."""
+        images = self._knn_data[2] if self._knn_data is not None else self._recent
+        if images is None:
+            return None
+        return normalise(images[:PROBE_ROWS].to(self.device), self.cfg.data.mean, self.cfg.data.std)
 
     def manifest(self) -> Manifest:
         cfg = self.cfg

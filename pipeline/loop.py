@@ -316,6 +316,7 @@ class Loop:
             self.task.close()
             if self.dead_letter_topic is not None:
                 self.dead_letter_topic.close()
+            self.release.close()  # delivers the publish notifications still queued
             self.metrics.close()
             self.lock.release()
         return self.state

@@ -4,6 +4,10 @@ A version is written into a hidden temp folder and renamed into place, then `lat
 symlink) is replaced with os.replace, so a consumer never sees a half-written version or a
 dangling pointer. `streamssl.models.load_encoder` reads it back without any training code.
 
+Beside the link, the text file LATEST names the same version folder (object stores have no symlinks); it is
+written after the link, atomically and durably. An encoder the gate (pipeline/publish_gate.py) refuses is kept
+under candidates/ instead, written the same way but never pointed at.
+
 A version never goes out over a newer lineage: one whose step is below that of the version `latest` points
 at (a run restarted from scratch or from an older checkpoint) is refused, and `latest` keeps the better one.
 """
@@ -12,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -23,9 +26,11 @@ from torch import nn
 
 from streamssl.models.artifacts import Artifact
 from streamssl.models.encoder_io import Manifest, save_encoder
-from streamssl.streams.files import fsync_dir
+from streamssl.pipeline.retention import versions
+from streamssl.streams.files import atomic_write, fsync_dir
 
-_VERSION = re.compile(r"^v(\d{6})$")
+LATEST_FILE = "LATEST"
+CANDIDATES = "candidates"
 
 
 class OlderThanLatest(Exception):
@@ -37,10 +42,7 @@ class Publisher:
         self.directory = Path(directory)
 
     def latest_version(self) -> int:
-        if not self.directory.is_dir():
-            return 0
-        versions = [int(m.group(1)) for p in self.directory.iterdir() if (m := _VERSION.match(p.name))]
-        return max(versions, default=0)
+        return max(versions(self.directory), default=0)
 
     def latest_step(self) -> int:
         """Training step of the version `latest` points at; -1 if nothing is published yet."""
@@ -58,27 +60,47 @@ class Publisher:
         latest_step = self.latest_step()
         if manifest.step < latest_step:
             raise OlderThanLatest(f"step {manifest.step} is below step {latest_step} of {self.directory / 'latest'}")
-        self.directory.mkdir(parents=True, exist_ok=True)
         version = self.latest_version() + 1
         name = f"v{version:06d}"
-        temp = self.directory / f".{name}.tmp"
-        shutil.rmtree(temp, ignore_errors=True)
-        try:
-            temp.mkdir()
-            save_encoder(temp, backbone, replace(manifest, version=version,
-                                                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-                         artifacts)
-            for file in temp.iterdir():  # durable before it becomes visible: a crash never publishes empty files
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
-            fsync_dir(temp)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
-        os.replace(temp, self.directory / name)
+        self._write(self.directory, name, backbone, replace(manifest, version=version), artifacts)
         link = self.directory / ".latest.tmp"
         link.unlink(missing_ok=True)
         link.symlink_to(name)
         os.replace(link, self.directory / "latest")
         fsync_dir(self.directory)
+        if (self.directory / LATEST_FILE).is_symlink():  # a case-folding file system: LATEST *is* `latest`
+            return version, self.directory / name
+        with atomic_write(self.directory / LATEST_FILE) as handle:  # after the link: both name a complete version
+            handle.write(f"{name}\n".encode())
         return version, self.directory / name
+
+    def keep_candidate(self, backbone: nn.Module, manifest: Manifest, reason: str) -> Path:
+        """Writes a refused encoder to candidates/stepNNNNNNNNN-REASON (replacing one of the same name); its folder."""
+        folder = self.directory / CANDIDATES
+        name = f"step{manifest.step:09d}-{reason}"
+        self._write(folder, name, backbone, manifest)
+        return folder / name
+
+    @staticmethod
+    def _write(directory: Path, name: str, backbone: nn.Module, manifest: Manifest,
+               artifacts: Sequence[Artifact] = ()) -> None:
+        """`backbone`, `artifacts` and `manifest` as directory/name, durable before it appears there (a crash never
+        publishes empty files); a folder of that name is replaced."""
+        directory.mkdir(parents=True, exist_ok=True)
+        temp = directory / f".{name}.tmp"
+        shutil.rmtree(temp, ignore_errors=True)
+        try:
+            temp.mkdir()
+            save_encoder(temp, backbone, replace(manifest, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                         artifacts)
+            for file in temp.iterdir():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+            fsync_dir(temp)
+            if (directory / name).exists():  # only a candidate of the same step: versions are numbered up
+                os.replace(directory / name, directory / f".{name}.old.tmp")
+                shutil.rmtree(directory / f".{name}.old.tmp", ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        os.replace(temp, directory / name)

@@ -146,15 +146,6 @@ class CheckpointConfig:
 
 
 @dataclass
-class PublishConfig:
-    """What a published version holds besides its weights, manifest and model card (README.md)."""
-
-    # also write encoder.onnx (opset 18, dynamic batch, normalisation inside), checked against torch in onnxruntime;
-    # off by default: an export and its check cost the ConvNet 3.5 s of CPU per publish (11 s the first in a process)
-    onnx: bool = False
-
-
-@dataclass
 class EvalConfig:
     every_steps: int = 0  # evaluate (kNN monitor; forecast: validation check) every N steps (0 = by time only)
     every_seconds: float = 120.0  # and every N seconds (0 = by steps only); always at the end and before publishing
@@ -180,6 +171,33 @@ class DriftConfig:
     window: int = 512
     threshold: float = 0.55  # AUC above this logs a warning (Evidently's default alarm; the alert rule uses 0.55)
     folds: int = 5  # cross-validation folds: the AUC is measured on held-out folds only, never on training rows
+
+
+@dataclass
+class PublishConfig:
+    """Which versions go out (pipeline/publish_gate.py), how many stay (pipeline/retention.py), who is told
+    (pipeline/notify.py), and what a version holds besides its weights, manifest and model card (README.md)."""
+
+    # refuse to publish a collapsed encoder or one whose eval metric regressed (kept as a candidate instead)
+    gate: bool = True
+    # allowed regression against the best published so far, absolute in the metric's units (knn_top1; rolling or
+    # test nRMSE, lower is better)
+    tolerance: float = 0.02
+    # collapsed: the mean per-dim std of its L2-normalised embeddings of real inputs below this times 1/sqrt(d)
+    # (measured here: trained convnets 0.51-0.62, an untrained one 0.15, a collapsed one 0)
+    min_std_ratio: float = 0.05
+    keep: int = 10  # newest versions kept (and always the one `latest` points at and the one before); 0 = all
+    keep_every: int = 0  # also keep every N-th version forever (0 = none: published/ stays bounded)
+    keep_candidates: int = 3  # refused encoders kept in published/candidates/ (0 = none)
+    topic: str = ""  # Kafka topic that gets a JSON event per published version ("" = none)
+    # its bootstrap servers HOST:PORT[,HOST:PORT] ("" = the Kafka data source's); kafka.* security settings apply
+    bootstrap: str = ""
+    webhook: str = ""  # http(s) URL that gets the same event as a JSON POST ("" = none)
+    timeout_seconds: float = 5.0  # per notification attempt
+    retries: int = 3  # more attempts after a failed one, with doubling backoff from 0.5 s
+    # also write encoder.onnx (opset 18, dynamic batch, normalisation inside), checked against torch in onnxruntime;
+    # off by default: an export and its check cost the ConvNet 3.5 s of CPU per publish (11 s the first in a process)
+    onnx: bool = False
 
 
 @dataclass

@@ -42,7 +42,11 @@ class Feed(Protocol):
 
 
 class Task(Protocol):
-    """One job's data, model and step; the loop owns everything around them."""
+    """One job's data, model and step; the loop owns everything around them.
+
+    A task may also have `probe_inputs() -> Tensor | None`: real inputs as `encoder()` takes them, which the
+    publish gate embeds to refuse a collapsed encoder (pipeline/publish_gate.py); without it that check is skipped.
+    """
 
     map_location: Any  # where checkpoint tensors are loaded to
 

@@ -116,7 +116,8 @@ def test_encoder_io_imports_no_training_code() -> None:
     # (and the loader's own checks, confined reads, wrappers and signing, the artifact type (a type alias and a
     # digest helper), and the leaf module for atomic writes)
     assert {m for m in third_party if m.startswith("streamssl")} == {
-        "streamssl.models.artifacts", "streamssl.models.backbones", "streamssl.models.user_backbones", "streamssl.models.series_backbones",
+        "streamssl.models.artifacts", "streamssl.models.backbones", "streamssl.models.user_backbones",
+        "streamssl.models.series_backbones",
         "streamssl.models.forecaster", "streamssl.models.encoder_checks", "streamssl.models.encoder_signing",
         "streamssl.models.encoder_folder",
         "streamssl.models.published", "streamssl.streams.files"}

@@ -61,7 +61,9 @@ def test_run_publishes_and_eval_scores_it(tmp_path: Path, small_lake: Path) -> N
     assert manifest["step"] == 3 and manifest["samples_seen"] == 96 and manifest["method"] == "moco"
     assert 0.1 < manifest["metrics"]["knn_top1"] <= 1
 
-    again = _cli("run", "--data", str(small_lake), "--run-dir", str(run_dir), "--max-steps", "5", *TINY)
+    # the regression gate off: a kNN score over 100 test images moves in steps of 0.01, by chance past 0.02
+    again = _cli("run", "--data", str(small_lake), "--run-dir", str(run_dir), "--max-steps", "5", *TINY,
+                 "--set", "publish.tolerance=1")
     assert again.returncode == 0, again.stderr
     assert "resumed from ckpt-000000003.pt at step 3" in again.stderr
     assert "step 5, 160 samples" in again.stdout

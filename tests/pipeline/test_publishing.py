@@ -43,6 +43,6 @@ def test_an_older_lineage_is_refused_and_latest_keeps_the_newer_one(tmp_path: Pa
     with pytest.raises(OlderThanLatest, match="step 3 is below step 12"):
         publisher.publish(trunk, Manifest(backbone="forecaster-cnn", input=INPUT, embedding_dim=8, step=3))
     assert (publisher.latest_version(), publisher.latest_step()) == (1, 12)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "latest", "v000001"]
     publisher.publish(trunk, Manifest(backbone="forecaster-cnn", input=INPUT, embedding_dim=8, step=12))  # same step: ok
     assert publisher.latest_version() == 2

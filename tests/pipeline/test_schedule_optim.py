@@ -113,7 +113,8 @@ def test_published_manifests_carry_the_metrics_of_their_own_weights_and_the_ema_
         tmp_path: Path, small_lake: Path) -> None:
     run_dir = tmp_path / "run"
     sets = ["train.max_steps=6", "checkpoint.every_steps=3", "eval.dataset=fashion-mnist", "eval.bank_size=300",
-            "eval.test_size=100", "eval.every_seconds=0", "train.ema_decay=0.5"]
+            "eval.test_size=100", "eval.every_seconds=0", "train.ema_decay=0.5",
+            "publish.tolerance=1"]  # no regression gate: kNN over 100 test images moves by 0.01 steps, by chance past 0.02
     trainer = Trainer(tiny_config(run_dir, small_lake, *sets))
     trainer.run()
     manifests = [json.loads(path.read_text()) for path in sorted((run_dir / "published").glob("v*/manifest.json"))]
