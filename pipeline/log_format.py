@@ -127,8 +127,22 @@ class TextFormatter(logging.Formatter):
         return iso_time(record.created)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record, not the one at set-up (the CLI run in-process, as tests
+    and notebooks do, would otherwise keep writing to a stream that was replaced and closed)."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: TextIO) -> None:
+        pass
+
+
 def setup_logging(log_format: LogFormat = "text", stream: TextIO | None = None) -> None:
-    """INFO and up from every logger to `stream` (stderr), in `log_format`; calling it again replaces the handler."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    """INFO and up from every logger to `stream` (the current stderr), in `log_format`; calling it again replaces
+    the handler."""
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
