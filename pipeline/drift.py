@@ -110,9 +110,12 @@ class DriftMonitor:
     def ready(self) -> bool:
         return self.recent_seen >= self.window
 
-    def observe(self, images: Tensor) -> None:
-        """Takes a batch of arriving uint8 images [B,C,H,W]: the reference until it is full, then the ring."""
-        images = images.cpu()
+    def observe(self, images: Tensor, extents: Tensor | None = None) -> None:
+        """Takes a batch of arriving uint8 images [B,C,H,W]: the reference until it is full, then the ring.
+
+        A full-resolution batch (each image padded on a larger canvas, its height and width in `extents`) is
+        resized image by image to the windows' side first, so the windows hold whole images of one shape."""
+        images = images.cpu() if extents is None else _whole_images(images.cpu(), extents.cpu(), self.recent.shape[-1])
         take = min(self.window - self.reference_fill, len(images))
         if take:
             self.reference[self.reference_fill:self.reference_fill + take] = images[:take]
@@ -155,3 +158,11 @@ class DriftMonitor:
         self.reference.copy_(state["reference"])
         self.recent.copy_(state["recent"])
         self.reference_fill, self.recent_seen = int(state["reference_fill"]), int(state["recent_seen"])
+
+
+def _whole_images(images: Tensor, extents: Tensor, side: int) -> Tensor:
+    """Each padded image's own extent, resized (bilinear, antialiased) to side x side, as uint8."""
+    out = [F.interpolate(image[None, :, :int(h), :int(w)].float(), size=(side, side), mode="bilinear",
+                         antialias=True, align_corners=False)
+           for image, (h, w) in zip(images, extents.tolist(), strict=True)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)

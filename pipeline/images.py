@@ -191,7 +191,7 @@ class ImageTask:
         """One optimizer step; not taken (finite=False) when the loss was not finite on any worker."""
         cfg, state, method = self.cfg, self.loop.state, self.method
         if self.drift is not None:
-            self.drift.observe(batch.images)  # the arriving records, before they move to the device
+            self.drift.observe(batch.images, batch.extents)  # the arriving records, before they move to the device
         images = arriving = self._recent = batch.images.to(self.device, non_blocking=True)
         ids = batch.ids.to(self.device, non_blocking=True)
         slots = None
