@@ -35,6 +35,9 @@ class DataConfig:
     prefetch_batches: int = 4  # decoded batches the loader process may hold ready
     # a record bigger than this is dead-lettered (oversized_record) before it is decoded; 0 = no limit
     max_record_bytes: int = 32 << 20
+    # s3:// lakes: the S3 endpoint URL ("" = AWS_ENDPOINT_URL or AWS); credentials come from the standard AWS
+    # variables, profile or instance role, never from the config
+    s3_endpoint: str = ""
 
 
 @dataclass
