@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from streamssl.pipeline.lineage import artifacts, lineage
+from streamssl.pipeline.mirror import check_mirror, mirror_published
 from streamssl.pipeline.publishing import OlderThanLatest
 from streamssl.pipeline.rundir import RunDirError
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 class Release:
     def __init__(self, loop: Loop) -> None:
         self.loop = loop
+        check_mirror(loop.cfg.publish)
 
     def evaluate(self) -> None:
         loop = self.loop
@@ -66,3 +68,4 @@ class Release:
         loop.history.append("publish", state, {"version": version})
         loop.callbacks.publish(state.step, version, folder)
         log.info("published %s", folder)
+        mirror_published(loop.cfg.publish, loop.publisher.directory, loop.metrics.publish_mirror_failures)

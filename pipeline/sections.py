@@ -150,6 +150,10 @@ class PublishConfig:
     # also write encoder.onnx (opset 18, dynamic batch, normalisation inside), checked against torch in onnxruntime;
     # off by default: an export and its check cost the ConvNet 3.5 s of CPU per publish (11 s the first in a process)
     onnx: bool = False
+    # s3://bucket/prefix/: after each publish, upload the version folder, then the LATEST object naming it (a failed
+    # upload is counted and retried at the next publish; never stops the run). "" = no mirror
+    mirror: str = ""
+    mirror_endpoint: str = ""  # the mirror's S3 endpoint URL ("" = AWS_ENDPOINT_URL or AWS; credentials as data.s3_endpoint)
 
 
 @dataclass

@@ -75,13 +75,15 @@ def test_a_saved_position_naming_another_bucket_or_a_command_is_refused(s3: S3Bu
     assert source.position().sample_index == 3
 
 
-def test_a_run_over_a_prefix_in_once_mode_trains_every_record_and_dead_letters_a_corrupt_object(
+def test_a_run_over_a_prefix_in_once_mode_trains_every_record_dead_letters_a_corrupt_object_and_mirrors(
         s3: S3Bucket, tmp_path: Path, one_thread: None) -> None:
     s3.upload(_lake(tmp_path / "lake", 0, 128, shard_size=64), "lake/")
     s3.fs.pipe(f"{s3.bucket}/lake/shard-000000x.tar", b"not a tar archive " * 64)
     trainer = Trainer(tiny_config(tmp_path / "run", s3.url("lake/"), "data.mode=once", "data.shuffle_buffer=0",
-                                  "train.audit_keys=true", "checkpoint.every_steps=0"))
+                                  "train.audit_keys=true", "checkpoint.every_steps=0",
+                                  f"publish.mirror={s3.url('encoders/')}"))
     trainer.run()
+    assert s3.fs.cat_file(f"{s3.bucket}/encoders/LATEST") == b"v000001"  # the run's publish, mirrored
     trained = _audited(tmp_path / "run")
     assert sorted(trained) == [f"img0-{index:06d}" for index in range(128)]
     assert [(x["source"], x["reason"]) for x in _letters(tmp_path / "run")] == [
