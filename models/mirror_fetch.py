@@ -46,7 +46,7 @@ def fetch_latest(mirror: str, cache: str | Path, endpoint: str = "",
         raise EncoderLoadError(f"{mirror}: cannot read LATEST ({type(error).__name__}: {error})") from None
     if not _VERSION.match(name):
         raise EncoderLoadError(f"s3://{prefix}/LATEST: names {name[:40]!r}, not a version folder (vNNNNNN)")
-    folder = Path(cache) / name
+    folder = Path(cache).expanduser() / name
     if not folder.is_dir():
         _download(fs, f"{prefix}/{name}", folder)
     return load_encoder(folder, device=device)
