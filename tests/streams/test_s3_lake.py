@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from streamssl.streams.lake import build_lake
 from streamssl.streams.records import SourceError
 from streamssl.streams.webdataset_source import WebDatasetSource
 from tests.conftest import tiny_config
+from tests.kafka_broker import MotoServer
 from tests.s3_store import S3Bucket
 
 
@@ -73,6 +75,59 @@ def test_a_saved_position_naming_another_bucket_or_a_command_is_refused(s3: S3Bu
             source.load_state_dict({**state, "shard": shard})
     source.load_state_dict({**state, "shard": s3.url("lake/shard-000000.tar")})  # its own object: resumes
     assert source.position().sample_index == 3
+
+
+def test_a_prefix_cycles_with_a_fresh_listing_each_pass(s3: S3Bucket, tmp_path: Path) -> None:
+    s3.upload(_lake(tmp_path / "lake", 0, 48, shard_size=24), "lake/")
+    source = WebDatasetSource(s3.url("lake/"), mode="cycle", seed=3)
+    records = iter(source)
+    first_pass = [next(records).key for _ in range(48)]
+    more = _lake(tmp_path / "more", 48, 24, shard_size=24)
+    s3.fs.put_file(str(more / "shard-000000.tar"), f"{s3.bucket}/lake/shard-000002.tar")  # lands during pass 0
+    second_pass = [next(records).key for _ in range(72)]
+    assert sorted(first_pass) == [f"img0-{index:06d}" for index in range(48)]
+    assert sorted(second_pass) == sorted(first_pass + [f"img48-{index:06d}" for index in range(24)])
+    assert source.position().cycle == 1
+    source.close()
+
+
+def test_a_store_that_stops_answering_keeps_a_follower_waiting_not_failing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    server = MotoServer("outage", tmp_path / "moto.log")  # its own server, to stop it
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    try:
+        S3Bucket(server, "outage", _filesystem(server.endpoint)).upload(_lake(tmp_path / "lake", 0, 24), "lake/")
+        source = WebDatasetSource("s3://outage/lake/", mode="follow", poll_seconds=0.05, s3_endpoint=server.endpoint)
+        keys: list[str] = []
+        failures: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                keys.extend(record.key for record in source)
+            except BaseException as err:  # what the test is about: nothing may escape
+                failures.append(err)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while len(keys) < 24 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.stop()
+        while "using the previous listing" not in caplog.text and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    source.close()
+    reader.join(timeout=20)
+    assert not reader.is_alive() and not failures and len(keys) == 24
+    assert "cannot list s3://outage/lake (EndpointConnectionError); using the previous listing (1 shards)" in caplog.text
+
+
+def _filesystem(endpoint: str) -> Any:
+    import fsspec
+
+    return fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
 
 
 def test_a_run_over_a_prefix_in_once_mode_trains_every_record_dead_letters_a_corrupt_object_and_mirrors(
