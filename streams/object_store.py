@@ -18,7 +18,6 @@ import logging
 from typing import Any
 from urllib.parse import urlparse
 
-log = logging.getLogger(__name__)
 # botocore logs where it found credentials and the endpoint at INFO, on every client: not the run's news.
 for _chatty in ("botocore", "aiobotocore"):
     logging.getLogger(_chatty).setLevel(logging.WARNING)
@@ -57,14 +56,11 @@ def reason_of(err: BaseException) -> str:
 
 
 class ObjectStore:
-    """One object-storage filesystem (fsspec), picklable: the client is made on first use in each process."""
+    """One object-storage filesystem (fsspec), its client made on first use."""
 
     def __init__(self, endpoint: str = "") -> None:
         self.endpoint = endpoint
         self._fs: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"endpoint": self.endpoint, "_fs": None}
 
     def filesystem(self) -> Any:
         if self._fs is None:

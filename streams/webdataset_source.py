@@ -130,6 +130,7 @@ class WebDatasetSource:
         self._on_reject = on_reject
         self._store = ObjectStore(s3_endpoint) if is_object_url(spec) else None
         self._listed: list[str] = []  # an s3 prefix's last listing: what a failed re-listing falls back to
+        self._store_down = False  # an s3 prefix's listing failing: warned once per outage, not every poll
         self._directory, self._urls = self._resolve(spec)
         if mode == "follow" and self._directory is None:
             raise SourceError(f"follow mode needs a local directory of shards, got {spec}")
@@ -276,7 +277,13 @@ class WebDatasetSource:
         try:
             self._listed = self._object_shards(self._directory)
         except ObjectStoreError as err:  # a store that is down for a while: keep reading what was listed
-            log.warning("%s; using the previous listing (%d shards) until it answers", err, len(self._listed))
+            if not self._store_down:
+                log.warning("%s; using the previous listing (%d shards) until it answers", err, len(self._listed))
+            self._store_down = True
+        else:
+            if self._store_down:
+                log.info("%s answers again", self._spec)
+            self._store_down = False
         return list(self._listed)
 
     def _object_shards(self, prefix: str) -> list[str]:
