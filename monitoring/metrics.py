@@ -110,6 +110,10 @@ class Metrics:
         self.publish_failures = Counter(
             "streamssl_publish_failures", "Publishes that failed to write (a full disk, a read-only mount).", registry=r
         )
+        self.publish_mirror_failures = Counter(
+            "streamssl_publish_mirror_failures", "Publish mirror uploads that failed (retried at the next publish).",
+            registry=r,
+        )
         self.publish_refused = Counter(
             "streamssl_publish_refused", "Encoders not published, by reason (older lineage, collapsed, regressed).",
             ["reason"], registry=r,

@@ -18,6 +18,7 @@ from torch import nn
 
 from streamssl.models.encoder_io import Manifest
 from streamssl.pipeline.lineage import artifacts, lineage
+from streamssl.pipeline.mirror import check_mirror, mirror_published
 from streamssl.pipeline.notify import Notifier, publish_event
 from streamssl.pipeline.publish_gate import judge
 from streamssl.pipeline.publishing import OlderThanLatest
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 class Release:
     def __init__(self, loop: Loop) -> None:
         self.loop = loop
+        check_mirror(loop.cfg.publish)
         self.notifier = Notifier(loop.cfg, loop.metrics.publish_notify_failures)
 
     def close(self) -> None:
@@ -89,6 +91,7 @@ class Release:
         removed = prune_versions(loop.publisher.directory, cfg.keep, cfg.keep_every)  # after `latest` moved
         if removed:
             log.info("retention (publish.keep %d, keep_every %d): removed %s", cfg.keep, cfg.keep_every, ", ".join(removed))
+        mirror_published(loop.cfg.publish, loop.publisher.directory, loop.metrics.publish_mirror_failures)
         self.notifier.send(publish_event(folder))
 
     def keep_candidate(self, encoder: nn.Module, manifest: Manifest, reason: str, why: str) -> None:

@@ -38,6 +38,9 @@ class DataConfig:
     prefetch_batches: int = 4  # decoded batches the loader process may hold ready
     # a record bigger than this is dead-lettered (oversized_record) before it is decoded; 0 = no limit
     max_record_bytes: int = 32 << 20
+    # s3:// lakes: the S3 endpoint URL ("" = AWS_ENDPOINT_URL or AWS); credentials come from the standard AWS
+    # variables, profile or instance role, never from the config
+    s3_endpoint: str = ""
 
 
 @dataclass
@@ -198,6 +201,10 @@ class PublishConfig:
     # also write encoder.onnx (opset 18, dynamic batch, normalisation inside), checked against torch in onnxruntime;
     # off by default: an export and its check cost the ConvNet 3.5 s of CPU per publish (11 s the first in a process)
     onnx: bool = False
+    # s3://bucket/prefix/: after each publish, upload the version folder, then the LATEST object naming it (a failed
+    # upload is counted and retried at the next publish; never stops the run). "" = no mirror
+    mirror: str = ""
+    mirror_endpoint: str = ""  # the mirror's S3 endpoint URL ("" = AWS_ENDPOINT_URL or AWS; credentials as data.s3_endpoint)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import contextlib
 import os
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -106,8 +106,10 @@ class _ArchiveReader:
             self._stream.close()
 
 
-def read_shard(shard: str, skip: int, reject: RejectFn) -> Iterator[tuple[str, dict[str, bytes], int]]:
-    """(key, fields, index) of a shard's complete samples from index `skip` on.
+def read_shard(shard: str, skip: int, reject: RejectFn,
+               opener: Callable[[str], Any] = gopen) -> Iterator[tuple[str, dict[str, bytes], int]]:
+    """(key, fields, index) of a shard's complete samples from index `skip` on, opened by `opener` (webdataset's
+    gopen; an object store's `open` for s3://).
 
     A shard that cannot be read whole is reported once through `reject` after its complete samples:
     "shard_vanished" (gone before it was opened), "unreadable_shard" (not a tar at all, a malformed one, or
@@ -116,7 +118,7 @@ def read_shard(shard: str, skip: int, reject: RejectFn) -> Iterator[tuple[str, d
     `readable`.
     """
     try:
-        stream = _ArchiveReader(gopen(shard))
+        stream = _ArchiveReader(opener(shard))
     except FileNotFoundError:
         reject(shard, "", "shard_vanished")
         return

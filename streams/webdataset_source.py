@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from braceexpand import braceexpand
+from webdataset.gopen import gopen
 
+from streamssl.streams.object_store import ObjectStore, ObjectStoreError, is_object_prefix, is_object_url
 from streamssl.streams.records import Record, RejectFn, SourceError
 from streamssl.streams.shard_names import Entry, ShardNames
 from streamssl.streams.tar_shards import is_shard_name, list_complete_shards, local_path, read_shard
@@ -89,18 +91,21 @@ class WebDatasetSource:
 
     Args:
         spec: A directory of shards (`*.tar`, name order), a brace pattern
-            (`lake/shard-{000000..000099}.tar`) or a URL / `pipe:` command that webdataset's gopen opens.
+            (`lake/shard-{000000..000099}.tar`), an object-storage prefix listed like a directory
+            (`s3://bucket/prefix/`, streams/object_store.py) or a URL / `pipe:` command that webdataset's gopen opens.
         mode: "cycle" (endless passes, shard order reshuffled each pass from (seed, pass); a directory
             is re-listed at the start of every pass), "once" (one pass in name / pattern order) or
-            "follow" (a directory read in name order, then polled for shards that land later).
+            "follow" (a directory or s3 prefix read in name order, then polled for shards that land later).
         shuffle_buffer: Records held back and handed out in seeded random order, across shards;
             0 keeps stream order.
         seed: Seeds every pass's shard order and the shuffle buffer.
         poll_seconds: Follow mode's wait between directory listings when nothing new is there.
         on_reject: Called with (shard, key, reason, detail) for input that is skipped; logged when None.
+        s3_endpoint: The endpoint URL for s3:// specs ("" = the AWS chain's: `AWS_ENDPOINT_URL` or AWS itself).
 
     Raises:
-        SourceError: A bad mode or setting, a missing data path, or follow mode without a directory;
+        SourceError: A bad mode or setting, a missing data path, an s3 prefix that cannot be listed (no such
+            bucket, no credentials, no endpoint), or follow mode without a directory;
             from `load_state_dict`, a saved position that names shards this spec does not.
 
     Follow mode reads every shard that lands, in name order of what is not read yet: a shard landing late under
@@ -112,7 +117,7 @@ class WebDatasetSource:
     """
 
     def __init__(self, spec: str, *, mode: str = "cycle", shuffle_buffer: int = 0, seed: int = 0,
-                 poll_seconds: float = 2.0, on_reject: RejectFn | None = None) -> None:
+                 poll_seconds: float = 2.0, on_reject: RejectFn | None = None, s3_endpoint: str = "") -> None:
         if mode not in MODES:
             raise SourceError(f"unknown data mode '{mode}'; valid: {', '.join(MODES)}")
         if shuffle_buffer < 0 or poll_seconds <= 0:
@@ -123,6 +128,9 @@ class WebDatasetSource:
         self._seed = seed
         self._poll_seconds = poll_seconds
         self._on_reject = on_reject
+        self._store = ObjectStore(s3_endpoint) if is_object_url(spec) else None
+        self._listed: list[str] = []  # an s3 prefix's last listing: what a failed re-listing falls back to
+        self._store_down = False  # an s3 prefix's listing failing: warned once per outage, not every poll
         self._directory, self._urls = self._resolve(spec)
         if mode == "follow" and self._directory is None:
             raise SourceError(f"follow mode needs a local directory of shards, got {spec}")
@@ -140,9 +148,17 @@ class WebDatasetSource:
         self._finished = ShardNames()
         self._finished_entries: tuple[Entry, ...] = ()
 
-    @staticmethod
-    def _resolve(spec: str) -> tuple[str | None, list[str]]:
-        """(directory, None) for a local directory, else (None, the pattern's expansion)."""
+    def _resolve(self, spec: str) -> tuple[str | None, list[str]]:
+        """(directory, []) for a local directory or an s3 prefix (listed now: one that cannot be is a SourceError),
+        else (None, the pattern's expansion)."""
+        if is_object_prefix(spec):
+            assert self._store is not None
+            prefix = spec.rstrip("/")
+            try:
+                self._listed = self._object_shards(prefix)
+            except ObjectStoreError as err:
+                raise SourceError(f"cannot list {spec} ({err.reason})") from None
+            return prefix, []
         local = local_path(spec)
         if local is not None and os.path.isdir(local):
             return local, []
@@ -192,11 +208,15 @@ class WebDatasetSource:
         """A saved shard as this spec names it; SourceError unless it is one of the spec's URLs or a shard file (no
         scheme, a shard's name) in the spec's directory or beside one of its files. A checkpoint must not choose what
         gopen opens (a `pipe:` entry runs a shell command), and another lake's shards mean `--data` changed under the
-        same run dir. Beside: a worker of a group is given a list of a directory's shards, which shifts as it grows."""
+        same run dir. Beside: a worker of a group is given a list of a directory's shards, which shifts as it grows.
+        An s3 prefix owns exactly the shard objects directly under it (another bucket or prefix is another lake)."""
         if shard in self._own_urls:
             return shard
         folder, name = os.path.split(shard)
-        if local_path(shard) == shard and is_shard_name(name) and os.path.realpath(folder) in self._own_folders:
+        if self._store is not None and self._directory is not None:
+            if folder == self._directory and is_shard_name(name):
+                return shard
+        elif local_path(shard) == shard and is_shard_name(name) and os.path.realpath(folder) in self._own_folders:
             return shard if self._directory is None else os.path.join(self._directory, name)
         raise SourceError(f"the run dir's stream position names shard {shard!r}, which --data {self._spec} does not; "
                           "resume with the data the run started on, or use a new --run-dir")
@@ -249,15 +269,37 @@ class WebDatasetSource:
         else:
             log.warning("skipped %s (last good key %r): %s %s", source, key, reason, detail)
 
+    def _list(self) -> list[str]:
+        """The lake directory's or s3 prefix's shards in name order (a local directory: as fast as before)."""
+        assert self._directory is not None
+        if self._store is None:
+            return list_complete_shards(self._directory)
+        try:
+            self._listed = self._object_shards(self._directory)
+        except ObjectStoreError as err:  # a store that is down for a while: keep reading what was listed
+            if not self._store_down:
+                log.warning("%s; using the previous listing (%d shards) until it answers", err, len(self._listed))
+            self._store_down = True
+        else:
+            if self._store_down:
+                log.info("%s answers again", self._spec)
+            self._store_down = False
+        return list(self._listed)
+
+    def _object_shards(self, prefix: str) -> list[str]:
+        assert self._store is not None
+        return [f"{prefix}/{name}" for name in self._store.list_names(prefix) if is_shard_name(name)]
+
     def _pass_order(self, cycle: int) -> tuple[str, ...]:
-        shards = list_complete_shards(self._directory) if self._directory is not None else list(self._urls)
+        shards = self._list() if self._directory is not None else list(self._urls)
         if self._mode == "cycle":
             random.Random(f"shard-order:{self._seed}:{cycle}").shuffle(shards)
         return tuple(shards)
 
     def _shard_items(self, shard: str) -> Iterator[_Item]:
         """The shard's samples from the position's sample index on, advancing it as they are taken."""
-        for key, fields, index in read_shard(shard, self._sample_index, self._reject):
+        opener = self._store.open if self._store is not None else gopen
+        for key, fields, index in read_shard(shard, self._sample_index, self._reject, opener):
             self._sample_index = index + 1
             yield key, fields, shard, index
             if self._closed.is_set():
@@ -308,6 +350,4 @@ class WebDatasetSource:
 
     def _unread(self) -> list[str]:
         """The lake's shards that are not finished, in name order."""
-        assert self._directory is not None
-        return [path for path in list_complete_shards(self._directory)
-                if os.path.basename(path) not in self._finished]
+        return [path for path in self._list() if os.path.basename(path) not in self._finished]

@@ -18,7 +18,7 @@ from streamssl.pipeline.loading.messages import End, Failure, Message
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.lake import build_lake
 
-pytest_plugins = ("tests.kafka_broker",)  # the Tansu broker fixtures: kafka_broker, durable_kafka_broker
+pytest_plugins = ("tests.kafka_broker", "tests.s3_store")  # Tansu broker fixtures; `s3`: a bucket on moto
 
 LAKE_IMAGES = 640  # 5 shards of 128: enough for several batches of 32 and a pass boundary
 

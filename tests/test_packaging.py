@@ -60,8 +60,10 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
          "streamssl: error: a series run needs 'pip install streamssl[series]'"),
         (["forecast", "--series", "electricity"],
          "streamssl: error: streamssl forecast needs 'pip install streamssl[series]'"),
+        (["run", "--data", "s3://bucket/lake/", "--run-dir", str(tmp_path / "o"), "--metrics-port", "0"],
+         "streamssl: error: s3:// needs 'pip install streamssl[s3]'"),
     ]
-    done = subprocess.run([sys.executable, "-c", WITHOUT, "kafka,ray,pyarrow", json.dumps([argv for argv, _ in cases])],
+    done = subprocess.run([sys.executable, "-c", WITHOUT, "kafka,ray,pyarrow,s3fs", json.dumps([argv for argv, _ in cases])],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     outputs = re.split(r"^--- exit (\d+)\n", done.stderr, flags=re.MULTILINE)
@@ -98,7 +100,7 @@ def _requirements(extra: str | None = None) -> list[Requirement]:
 
 
 def test_all_is_every_feature_extra_and_test_has_all() -> None:
-    features = {"kafka", "ray", "series", "onnx", "report"}
+    features = {"kafka", "ray", "series", "onnx", "report", "s3"}
     assert set(PROJECT["optional-dependencies"]) == features | {"all", "bench", "test"}
     assert {str(r) for r in _requirements("all")} == {str(r) for name in features for r in _requirements(name)}
     assert {str(r) for r in _requirements("all")} <= {str(r) for r in _requirements("test")}

@@ -20,6 +20,7 @@ from streamssl.pipeline.extras import require
 from streamssl.streams.fashion_mnist import load_fashion_mnist
 from streamssl.streams.kafka_produce import parse_kafka_url
 from streamssl.streams.lake import default_lake
+from streamssl.streams.object_store import is_object_prefix, is_object_url
 from streamssl.streams.ray_source import parse_ray_spec
 from streamssl.streams.webdataset_source import WebDatasetSource
 
@@ -59,6 +60,11 @@ class SourceSpec:
         """A lake directory on this machine: one that can grow while it is read."""
         return self.is_local and Path(self.path).is_dir()
 
+    @property
+    def is_object_prefix(self) -> bool:
+        """A lake named by an object-storage prefix (`s3://bucket/prefix/`): listed, and followed, like a directory."""
+        return self.kind == "lake" and is_object_prefix(self.path)
+
 
 def parse_source(text: str) -> SourceSpec:
     """`data.source` as a `SourceSpec`; SourceError for a malformed Kafka or Ray spec or a missing local Ray path."""
@@ -79,10 +85,10 @@ def source_spec(data: DataConfig) -> SourceSpec:
 
 
 def resolve_mode(spec: SourceSpec, mode: str) -> str:
-    """`auto`: a directory is a lake that keeps growing (follow); a fixed list or the demo lake cycles."""
+    """`auto`: a directory or an s3 prefix is a lake that keeps growing (follow); a fixed list or the demo lake cycles."""
     if mode != "auto":
         return mode
-    return "follow" if spec.is_local_directory else "cycle"
+    return "follow" if spec.is_local_directory or spec.is_object_prefix else "cycle"
 
 
 def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None) -> partial[Any]:
@@ -103,8 +109,11 @@ def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None)
         log.info("no --data: using the embedded Fashion-MNIST lake (written once, on first use)")
     # A ray+ spec, taken as a URL here, is never read by this source: Ray Data reads it (pipeline/ray/feed.py).
     path = str(default_lake()) if spec.kind == "embedded" else spec.text
+    if spec.kind == "lake" and is_object_url(spec.path):
+        require("s3fs", "s3", "s3://")  # fsspec's S3 filesystem loads only for s3 lakes
     make_source = partial(WebDatasetSource, path, mode=resolve_mode(spec, cfg.mode),
-                          shuffle_buffer=cfg.shuffle_buffer, seed=seed, poll_seconds=cfg.poll_seconds)
+                          shuffle_buffer=cfg.shuffle_buffer, seed=seed, poll_seconds=cfg.poll_seconds,
+                          s3_endpoint=cfg.s3_endpoint)
     make_source().close()  # a missing path or bad mode fails now, with a readable SourceError
     return make_source
 
