@@ -45,6 +45,7 @@ class Task(Protocol):
     """One job's data, model and step; the loop owns everything around them."""
 
     map_location: Any  # where checkpoint tensors are loaded to
+    quick_eval: bool  # evaluate() takes seconds, not a kNN pass: a signal stop still evaluates and publishes
 
     @property
     def finished(self) -> str:

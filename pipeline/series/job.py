@@ -68,6 +68,7 @@ class SeriesTask:
 
     finished = ""  # a stream of points has no end of its own
     map_location = "cpu"  # pending forecasts and scores are moved to the device where they are used
+    quick_eval = True  # rolling errors of the points already scored
 
     def __init__(self, cfg: Config) -> None:
         self.cfg, s = cfg, cfg.series
