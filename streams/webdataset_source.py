@@ -29,7 +29,7 @@ from braceexpand import braceexpand
 
 from streamssl.streams.records import Record, RejectFn, SourceError
 from streamssl.streams.shard_names import Entry, ShardNames
-from streamssl.streams.tar_shards import is_shard_name, list_complete_shards, local_path, read_shard
+from streamssl.streams.tar_shards import is_shard_name, list_complete_shards, local_path, read_samples
 from streamssl.streams.waiting import WaitingNotice
 
 MODES = ("cycle", "once", "follow")
@@ -98,6 +98,7 @@ class WebDatasetSource:
         seed: Seeds every pass's shard order and the shuffle buffer.
         poll_seconds: Follow mode's wait between directory listings when nothing new is there.
         on_reject: Called with (shard, key, reason, detail) for input that is skipped; logged when None.
+        max_record_bytes: A sample with a tar member bigger than this is rejected ("oversized_record") unread; 0 = no limit.
 
     Raises:
         SourceError: A bad mode or setting, a missing data path, or follow mode without a directory;
@@ -112,7 +113,7 @@ class WebDatasetSource:
     """
 
     def __init__(self, spec: str, *, mode: str = "cycle", shuffle_buffer: int = 0, seed: int = 0,
-                 poll_seconds: float = 2.0, on_reject: RejectFn | None = None) -> None:
+                 poll_seconds: float = 2.0, on_reject: RejectFn | None = None, max_record_bytes: int = 0) -> None:
         if mode not in MODES:
             raise SourceError(f"unknown data mode '{mode}'; valid: {', '.join(MODES)}")
         if shuffle_buffer < 0 or poll_seconds <= 0:
@@ -123,6 +124,7 @@ class WebDatasetSource:
         self._seed = seed
         self._poll_seconds = poll_seconds
         self._on_reject = on_reject
+        self._max_record_bytes = max_record_bytes
         self._directory, self._urls = self._resolve(spec)
         if mode == "follow" and self._directory is None:
             raise SourceError(f"follow mode needs a local directory of shards, got {spec}")
@@ -257,8 +259,10 @@ class WebDatasetSource:
 
     def _shard_items(self, shard: str) -> Iterator[_Item]:
         """The shard's samples from the position's sample index on, advancing it as they are taken."""
-        for key, fields, index in read_shard(shard, self._sample_index, self._reject):
+        for key, fields, index in read_samples(shard, self._sample_index, self._reject, self._max_record_bytes):
             self._sample_index = index + 1
+            if fields is None:  # over max_record_bytes, never read: dead-lettered by read_samples at the next sample
+                continue
             yield key, fields, shard, index
             if self._closed.is_set():
                 return

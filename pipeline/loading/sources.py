@@ -104,7 +104,8 @@ def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None)
     # A ray+ spec, taken as a URL here, is never read by this source: Ray Data reads it (pipeline/ray/feed.py).
     path = str(default_lake()) if spec.kind == "embedded" else spec.text
     make_source = partial(WebDatasetSource, path, mode=resolve_mode(spec, cfg.mode),
-                          shuffle_buffer=cfg.shuffle_buffer, seed=seed, poll_seconds=cfg.poll_seconds)
+                          shuffle_buffer=cfg.shuffle_buffer, seed=seed, poll_seconds=cfg.poll_seconds,
+                          max_record_bytes=cfg.max_record_bytes)
     make_source().close()  # a missing path or bad mode fails now, with a readable SourceError
     return make_source
 
