@@ -395,6 +395,6 @@ class Loop:
         self._save_if_new()
         if state.published_step != state.step and (state.eval_step == state.step or not signalled):
             self.publish()
-        elif state.published_step != state.step:  # a kNN pass would outlast the grace period: run() does both next
+        elif state.step > 0 and state.published_step < state.step:  # a kNN pass outlasts the grace: run() does both
             log.info("not published on a signal: step %d is evaluated and published at the next start", state.step)
         self.progress_log.done(f"done: {reason}; step {state.step}{self.task.summary()}", state)
