@@ -65,7 +65,8 @@ def decode_image(data: bytes, channels: int, size: int) -> np.ndarray:
 
 
 def decode_record(record: Record, image_field: str, channels: int, size: int, max_bytes: int = 0) -> np.ndarray:
-    """uint8 [C, size, size]; raises ValueError('missing_image' / 'empty_value' / 'oversized_record: …' / 'corrupt_image: …')."""
+    """uint8 [C, size, size]; raises ValueError('missing_image' / 'empty_value' / 'oversized_record: …' /
+    'corrupt_image: …')."""
     names = (image_field, *IMAGE_FIELDS, "bin")  # "bin": a Kafka value of unsniffed type (GIF, BMP, garbage)
     data = next((record.fields[name] for name in names if name in record.fields), None)
     if data is None:
