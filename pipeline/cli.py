@@ -143,7 +143,8 @@ def _run(args: argparse.Namespace) -> int:
     def request_stop(signum: int, _frame: Any) -> None:
         if stop.is_set():  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
-        log.info("%s received: finishing the step, then checkpoint and publish", signal.Signals(signum).name)
+        log.info("%s received: finishing the step, then checkpoint (and publish, unless a kNN eval is due)",
+                 signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGINT, request_stop)

@@ -78,7 +78,7 @@ _CONTINUOUS_ONLY = ("series.series_column", "series.warmup_points", "series.hist
 APPLIES: dict[Job, tuple[str, ...]] = {
     "images": ("method", "run_dir", "data", "kafka", "model", "augment", "optim", "train", "checkpoint", "publish", "eval",
                "metrics", "aux", "replay", "distill", "drift"),
-    "series": (*_LOOP, "data.source", "data.mode", "data.poll_seconds", "kafka", "series"),
+    "series": (*_LOOP, "train.audit_keys", "data.source", "data.mode", "data.poll_seconds", "kafka", "series"),
     "forecast": (*_LOOP, "data.source", "series"),
 }
 _NOT_FOR: dict[Job, tuple[str, ...]] = {"images": (), "series": _OFFLINE_ONLY, "forecast": _CONTINUOUS_ONLY}

@@ -67,6 +67,7 @@ class ImageTask:
         # eval.data is read now (on the rank that evaluates): a missing dir or label field fails before training
         self._knn_data = labelled_sets(cfg) if cfg.eval.data and group.rank == 0 else None
         self.device = self.map_location = resolve_device(cfg.train.device)
+        self.quick_eval = cfg.eval.dataset == "none" and not cfg.eval.data  # no kNN pass (drift waits on a signal)
         self.autocast = resolve_precision(cfg.train.precision, self.device) == "bf16"
         if cfg.train.deterministic:
             # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use.

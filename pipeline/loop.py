@@ -5,9 +5,9 @@ A job is a `Task` (pipeline/task.py: images in pipeline/images.py, continuous se
 what several workers must agree on goes through the injected `Collective`.
 
 Stopping (SIGINT/SIGTERM via `stop`, max_steps, max_minutes, the end of a finite stream, the task's own end)
-always ends the same way: the step finishes, then eval, checkpoint, publish (a signal: checkpoint first). Resuming from the run
-dir restores the task (model, optimizer, method state, RNGs) and the stream position, so N steps in one go
-and N/2 + N/2 across a restart train on the same samples in the same way.
+always ends the same way: the step finishes, then eval, checkpoint, publish (a signal: checkpoint first; a slow eval and
+its publish wait for the next start). Resuming from the run dir restores the task (model, optimizer, method state, RNGs)
+and the stream position, so N steps in one go and N/2 + N/2 across a restart train on the same samples in the same way.
 
 The run dir belongs to one run at a time (pipeline/rundir.py): `run()` takes its lock before it writes
 anything there and refuses, as a RunDirError, a run dir whose checkpoints all fail to load (unless
@@ -305,7 +305,8 @@ class Loop:
                 self.lock.acquire(self.lock_wait_seconds)
                 prepare_run_dir(self.paths, self.cfg)
             self.serve_metrics()
-            self.resume()
+            if self.resume() and self.state.step > 0 and self.state.published_step < self.state.step:
+                self.publish()  # a signal stop left these weights unevaluated (finish): publish them before they change
             self.plan_horizon()
             feed = self.feed = self.task.open(self.commits.resumed(self.state.position))
             self._train(feed)
@@ -387,12 +388,14 @@ class Loop:
 
     def finish(self, reason: str) -> None:
         log.info("stopping: %s", reason)
-        state = self.state
-        if self.stop.is_set():  # an orchestrator's grace period is short: what was trained is made durable first
+        state, signalled = self.state, self.stop.is_set()
+        if signalled:  # an orchestrator's grace period is short: what was trained is made durable first
             self._save_if_new()
-        if state.step > 0 and state.eval_step != state.step:
+        if state.step > 0 and state.eval_step != state.step and (not signalled or self.task.quick_eval):
             self.evaluate()
         self._save_if_new()
-        if state.published_step != state.step:
+        if state.published_step != state.step and (state.eval_step == state.step or not signalled):
             self.publish()
+        elif state.step > 0 and state.published_step < state.step:  # a kNN pass outlasts the grace: run() does both
+            log.info("not published on a signal: step %d is evaluated and published at the next start", state.step)
         self.progress_log.done(f"done: {reason}; step {state.step}{self.task.summary()}", state)

@@ -128,7 +128,8 @@ class TrainConfig:
     log_every_seconds: float = 10.0  # progress line interval
     # progress and log lines: text (ISO time first) for people, json (one object per line) for log aggregators
     log_format: Literal["text", "json"] = "text"
-    audit_keys: bool = False  # append each trained batch's record keys to RUN_DIR/trained-keys.jsonl (lineage)
+    # append each trained batch's record keys (series: `id@timestamp` of each point taken) to RUN_DIR/trained-keys.jsonl
+    audit_keys: bool = False
     nan_rollback_after: int = 3  # non-finite losses in a row (each step skipped) before rolling back
     max_rollbacks: int = 3  # rollbacks per invocation before giving up with an error
     # Publish (and monitor) an exponential moving average of the encoder's weights and BN statistics with this

@@ -49,6 +49,7 @@ class Task(Protocol):
     """
 
     map_location: Any  # where checkpoint tensors are loaded to
+    quick_eval: bool  # evaluate() takes seconds, not a kNN pass: a signal stop still evaluates and publishes
 
     @property
     def finished(self) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from streamssl.streams.records import RejectFn, SourceError, readable
+from streamssl.streams.tar_shards import list_complete_shards
 
 KINDS = ("webdataset", "parquet", "images")
 MODES = ("cycle", "once")
@@ -73,6 +74,24 @@ def parse_ray_spec(spec: str) -> tuple[str, str]:
         if not os.path.exists(path):
             raise SourceError(f"data path not found: {path}")
     return kind, path
+
+
+def unlisted_shards(spec: str) -> list[tuple[str, str, str]]:
+    """(shard, reason, detail) of a local `ray+webdataset://` lake's shard entries that cannot be opened (a symlink
+    loop, a dangling link): Ray Data's listing leaves them out without a word. The reasons are the shard path's
+    (streams/tar_shards.py `read_shard`), so both paths dead-letter the same entry the same way."""
+    kind, path = parse_ray_spec(spec)
+    if kind != "webdataset" or not os.path.isdir(path):
+        return []
+    found = []
+    for shard in list_complete_shards(path):
+        try:
+            os.stat(shard)
+        except FileNotFoundError:
+            found.append((shard, "shard_vanished", ""))
+        except OSError as err:
+            found.append((shard, "unreadable_shard", err.strerror or str(err)))
+    return found
 
 
 def _content_key(data: Any) -> str:

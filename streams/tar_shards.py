@@ -1,13 +1,15 @@
 """One tar shard of a WebDataset lake read sample by sample, judged whole or not, and a lake directory listed.
 
-Opening shards and splitting tar members into samples is webdataset's (`gopen`, `tar_file_expander`,
-`group_by_keys`); judging whether a shard ended whole is done here, because tarfile's stream mode does not tell.
+Opening shards and grouping tar members into samples is webdataset's (`gopen`, `group_by_keys`); listing the
+members is done here, so that a member over the size limit is skipped by its header's size instead of read, and
+so is judging whether a shard ended whole, because tarfile's stream mode does not tell.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -16,7 +18,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from streamssl.streams.records import RejectFn, readable
 
@@ -25,6 +27,7 @@ _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 # Streams tarfile decompresses itself (gzip, bzip2, xz): their tail is compressed data, not zero blocks.
 _COMPRESSED_MAGIC = (b"\x1f\x8b\x08", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ")
 _BLOCK = tarfile.BLOCKSIZE
+_META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members, never a sample's
 
 
 def is_shard_name(name: str) -> bool:
@@ -106,10 +109,35 @@ class _ArchiveReader:
             self._stream.close()
 
 
+def _members(stream: _ArchiveReader, shard: str, max_member_bytes: int) -> Iterator[dict[str, Any]]:
+    """The shard's regular files as `group_by_keys` takes them; the data of one over `max_member_bytes` (0: no limit)
+    is its size, an int from its header: tarfile's stream mode then skips it block by block, never holding it."""
+    # Stream mode only calls read(); closing the archive leaves `stream` open.
+    with tarfile.open(fileobj=stream, mode="r|*") as archive:  # type: ignore[call-overload]
+        for member in archive:
+            if not member.isreg() or _META_NAME.match(member.name):
+                continue
+            too_big = max_member_bytes and member.size > max_member_bytes
+            data = member.size if too_big else archive.extractfile(member).read()
+            yield {"fname": member.name, "data": data, "__url__": shard}
+            archive.members = []  # a stream has no random access: forget the headers read
+
+
 def read_shard(shard: str, skip: int, reject: RejectFn,
                opener: Callable[[str], Any] = gopen) -> Iterator[tuple[str, dict[str, bytes], int]]:
+    """`read_samples` without a size limit: every complete sample has its fields."""
+    for key, fields, index in read_samples(shard, skip, reject, opener=opener):
+        if fields is not None:
+            yield key, fields, index
+
+
+def read_samples(shard: str, skip: int, reject: RejectFn, max_member_bytes: int = 0,
+                 opener: Callable[[str], Any] = gopen) -> Iterator[tuple[str, dict[str, bytes] | None, int]]:
     """(key, fields, index) of a shard's complete samples from index `skip` on, opened by `opener` (webdataset's
     gopen; an object store's `open` for s3://).
+
+    A sample with a member over `max_member_bytes` comes as (key, None, index) and is reported through `reject`
+    ("oversized_record") once the caller asks for the next sample, that is after it has moved its position past it.
 
     A shard that cannot be read whole is reported once through `reject` after its complete samples:
     "shard_vanished" (gone before it was opened), "unreadable_shard" (not a tar at all, a malformed one, or
@@ -128,13 +156,13 @@ def read_shard(shard: str, skip: int, reject: RejectFn,
     except ValueError:  # gopen has no handler for the URL's scheme
         reject(shard, "", "unreadable_shard", "no reader for this URL scheme")
         return
-    held: tuple[str, dict[str, bytes]] | None = None  # newest sample: whole only once the next one begins
+    held: tuple[str, dict[str, Any]] | None = None  # newest sample: whole only once the next one begins
     index, last_key, damage = 0, "", ""
     try:
-        for sample in group_by_keys(tar_file_expander([{"url": shard, "stream": stream}], eof_value=None)):
+        for sample in group_by_keys(_members(stream, shard, max_member_bytes)):
             if held is not None:
                 if index >= skip:
-                    yield held[0], held[1], index
+                    yield from _taken(shard, *held, index, max_member_bytes, reject)
                 index, last_key = index + 1, held[0]
             held = (readable(sample["__key__"]),
                     {readable(name): data for name, data in sample.items() if not name.startswith("__")})
@@ -149,9 +177,20 @@ def read_shard(shard: str, skip: int, reject: RejectFn,
         stream.close()
     if held is not None:
         if index >= skip:
-            yield held[0], held[1], index
+            yield from _taken(shard, *held, index, max_member_bytes, reject)
         last_key = held[0]
     if damage == "truncated_shard" and not last_key and not stream.starts_like_tar():
         damage = "unreadable_shard"
     if damage:
         reject(shard, last_key, damage)
+
+
+def _taken(shard: str, key: str, fields: dict[str, Any], index: int, max_member_bytes: int,
+           reject: RejectFn) -> Iterator[tuple[str, dict[str, bytes] | None, int]]:
+    sizes = [data for data in fields.values() if isinstance(data, int)]
+    if not sizes:
+        yield key, fields, index
+        return
+    yield key, None, index
+    # The same reason and detail as a record refused by its length after reading (pipeline/loading/decode.py).
+    reject(shard, key, "oversized_record", f"{max(sizes)} bytes > data.max_record_bytes {max_member_bytes}")

@@ -31,7 +31,7 @@ from webdataset.gopen import gopen
 from streamssl.streams.object_store import ObjectStore, ObjectStoreError, is_object_prefix, is_object_url
 from streamssl.streams.records import Record, RejectFn, SourceError
 from streamssl.streams.shard_names import Entry, ShardNames
-from streamssl.streams.tar_shards import is_shard_name, list_complete_shards, local_path, read_shard
+from streamssl.streams.tar_shards import is_shard_name, list_complete_shards, local_path, read_samples
 from streamssl.streams.waiting import WaitingNotice
 
 MODES = ("cycle", "once", "follow")
@@ -102,6 +102,7 @@ class WebDatasetSource:
         poll_seconds: Follow mode's wait between directory listings when nothing new is there.
         on_reject: Called with (shard, key, reason, detail) for input that is skipped; logged when None.
         s3_endpoint: The endpoint URL for s3:// specs ("" = the AWS chain's: `AWS_ENDPOINT_URL` or AWS itself).
+        max_record_bytes: A sample with a tar member bigger than this is rejected ("oversized_record") unread; 0 = no limit.
 
     Raises:
         SourceError: A bad mode or setting, a missing data path, an s3 prefix that cannot be listed (no such
@@ -117,7 +118,8 @@ class WebDatasetSource:
     """
 
     def __init__(self, spec: str, *, mode: str = "cycle", shuffle_buffer: int = 0, seed: int = 0,
-                 poll_seconds: float = 2.0, on_reject: RejectFn | None = None, s3_endpoint: str = "") -> None:
+                 poll_seconds: float = 2.0, on_reject: RejectFn | None = None, s3_endpoint: str = "",
+                 max_record_bytes: int = 0) -> None:
         if mode not in MODES:
             raise SourceError(f"unknown data mode '{mode}'; valid: {', '.join(MODES)}")
         if shuffle_buffer < 0 or poll_seconds <= 0:
@@ -131,6 +133,7 @@ class WebDatasetSource:
         self._store = ObjectStore(s3_endpoint) if is_object_url(spec) else None
         self._listed: list[str] = []  # an s3 prefix's last listing: what a failed re-listing falls back to
         self._store_down = False  # an s3 prefix's listing failing: warned once per outage, not every poll
+        self._max_record_bytes = max_record_bytes
         self._directory, self._urls = self._resolve(spec)
         if mode == "follow" and self._directory is None:
             raise SourceError(f"follow mode needs a local directory of shards, got {spec}")
@@ -299,8 +302,10 @@ class WebDatasetSource:
     def _shard_items(self, shard: str) -> Iterator[_Item]:
         """The shard's samples from the position's sample index on, advancing it as they are taken."""
         opener = self._store.open if self._store is not None else gopen
-        for key, fields, index in read_shard(shard, self._sample_index, self._reject, opener):
+        for key, fields, index in read_samples(shard, self._sample_index, self._reject, self._max_record_bytes, opener):
             self._sample_index = index + 1
+            if fields is None:  # over max_record_bytes, never read: dead-lettered by read_samples at the next sample
+                continue
             yield key, fields, shard, index
             if self._closed.is_set():
                 return

@@ -111,12 +111,14 @@ def decode_image(data: bytes, channels: int, size: int, full_side: int = 0) -> n
 
 def decode_record(record: Record, image_field: str, channels: int, size: int, max_bytes: int = 0,
                   full_side: int = 0) -> np.ndarray:
-    """As `decode_image`; raises ValueError('missing_image' / 'oversized_record: …' / 'corrupt_image: …' /
+    """As `decode_image`; raises ValueError('missing_image' / 'empty_value' / 'oversized_record: …' / 'corrupt_image: …' /
     'image_too_large: …')."""
     names = (image_field, *IMAGE_FIELDS, "bin")  # "bin": a Kafka value of unsniffed type (GIF, BMP, garbage)
     data = next((record.fields[name] for name in names if name in record.fields), None)
     if data is None:
         raise ValueError("missing_image")
+    if not data:  # a zero-byte member: what a Kafka source calls an empty value (streams/kafka_source.py)
+        raise ValueError("empty_value")
     if max_bytes and len(data) > max_bytes:
         raise ValueError(f"oversized_record: {len(data)} bytes > data.max_record_bytes {max_bytes}")
     return decode_image(data, channels, size, full_side)

@@ -113,7 +113,7 @@ def source_factory(cfg: DataConfig, seed: int, kafka: KafkaConfig | None = None)
         require("s3fs", "s3", "s3://")  # fsspec's S3 filesystem loads only for s3 lakes
     make_source = partial(WebDatasetSource, path, mode=resolve_mode(spec, cfg.mode),
                           shuffle_buffer=cfg.shuffle_buffer, seed=seed, poll_seconds=cfg.poll_seconds,
-                          s3_endpoint=cfg.s3_endpoint)
+                          s3_endpoint=cfg.s3_endpoint, max_record_bytes=cfg.max_record_bytes)
     make_source().close()  # a missing path or bad mode fails now, with a readable SourceError
     return make_source
 

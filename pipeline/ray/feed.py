@@ -23,7 +23,7 @@ from streamssl.pipeline.loading.decode import decode_record, record_id
 from streamssl.pipeline.loading.messages import Batch, End, Failure, Message, Reject
 from streamssl.pipeline.loading.positions import Position, position_to_dict
 from streamssl.pipeline.loading.sources import resolve_mode, source_spec
-from streamssl.streams.ray_source import RayShardReader, read_ray_dataset
+from streamssl.streams.ray_source import RayShardReader, read_ray_dataset, unlisted_shards
 from streamssl.streams.records import Record, SourceError
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,12 @@ class RayDataFeed:
     A thread, not the loader's process: the reading and decoding already happen in Ray Data tasks, and a
     Ray iterator cannot cross a fork. `waiting_for_pass` and `drain()` let workers of a `streaming_split`
     get past its per-pass barrier (see `WorkerTrainer.next_batch`).
+
+    With `report_unlisted` (rank 0), shards Ray Data cannot list (`unlisted_shards`) are dead-lettered first when
+    the feed starts at the beginning of a pass; a resume in the middle of one does not report them again.
     """
 
-    def __init__(self, iterator: Any, position: Position | None, cfg: Config) -> None:
+    def __init__(self, iterator: Any, position: Position | None, cfg: Config, report_unlisted: bool = False) -> None:
         mode = resolve_mode(source_spec(cfg.data), cfg.data.mode)
         self._reader = RayShardReader(iterator, batch_size=cfg.train.batch_size, mode=mode,
                                       shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
@@ -85,6 +88,9 @@ class RayDataFeed:
         self._drain_pass = -1  # while the reader reads this pass, the prefetch bound is lifted
         self._closed = False
         self._ended = False
+        if report_unlisted and self._reader.position().rows == 0:
+            for shard, reason, detail in unlisted_shards(cfg.data.source):
+                self._put(Reject(shard, "", reason, detail, b"", self._reader.position()), bounded=False)
         self._thread = threading.Thread(target=self._feed, name="streamssl-ray-feed", daemon=True)
         self._thread.start()
 

@@ -189,7 +189,7 @@ class WorkerTrainer(Trainer):
         if source.kind == "ray":
             if data_iterator is None:
                 raise ConfigError(f"{source.text} is read by Ray Data: start it with run_distributed")
-            task.open_feed = lambda position: RayDataFeed(data_iterator, position, cfg)
+            task.open_feed = lambda position: RayDataFeed(data_iterator, position, cfg, report_unlisted=self.worker == 0)
         elif self.workers > 1 and source.kind == "kafka":
             # Every worker reads its own fixed share of the partitions and commits offsets for the one group.
             task.make_source = functools.partial(task.make_source, split=(self.worker, self.workers))

@@ -106,6 +106,7 @@ class ForecastTask:
     """The offline forecaster as a loop task: examples in memory, random training batches, validation checks."""
 
     map_location = "cpu"
+    quick_eval = True  # one forward pass over the held-out examples
 
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.name = cfg, cfg.data.source

@@ -48,6 +48,7 @@ from streamssl.pipeline.loading.positions import Position
 from streamssl.pipeline.log_format import ProgressLine
 from streamssl.pipeline.loop import Loop
 from streamssl.pipeline.run_state import RunState
+from streamssl.pipeline.rundir import append_audit
 from streamssl.pipeline.series.examples import USES_AUX, USES_VIEWS, Groups, decide_groups, forecast_errors
 from streamssl.pipeline.series.feed import PointReader, SeriesFeed, series_source_factory
 from streamssl.pipeline.series.forecast import decomposition_of
@@ -68,6 +69,7 @@ class SeriesTask:
 
     finished = ""  # a stream of points has no end of its own
     map_location = "cpu"  # pending forecasts and scores are moved to the device where they are used
+    quick_eval = True  # rolling errors of the points already scored
 
     def __init__(self, cfg: Config) -> None:
         self.cfg, s = cfg, cfg.series
@@ -202,6 +204,8 @@ class SeriesTask:
         index = self.windows.add(point)
         if index is None:
             return None
+        if self.cfg.train.audit_keys:  # the image audit trail's equivalent: a point twice is a duplicate delivery
+            append_audit(self.loop.paths.trained_keys, self.loop.state.step, [f"{point.series_id}@{point.timestamp!r}"])
         sid = point.series_id
         if sid not in self.norm:
             self.warmup.setdefault(sid, []).append(point.value)

@@ -100,3 +100,38 @@ def test_sigterm_finishes_the_step_checkpoints_and_publishes(tmp_path: Path, sma
     checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))
     manifest = json.loads((run_dir / "published" / "latest" / "manifest.json").read_text())
     assert checkpoints and int(checkpoints[-1].stem.split("-")[1]) == manifest["step"] > 0
+
+
+def test_sigterm_with_the_knn_monitor_exits_soon_and_the_next_start_publishes_that_step(
+        tmp_path: Path, small_lake: Path) -> None:
+    """A kNN pass outlasts an orchestrator's grace period: the signal checkpoints and exits, and the next start
+    evaluates and publishes those weights before training on."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamssl.pipeline.cli", "run", "--data", str(small_lake), "--run-dir", str(run_dir),
+         *TINY, "--set", "train.log_every_seconds=0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        assert process.stdout is not None
+        while time.monotonic() < deadline:
+            if " step " in process.stdout.readline():
+                break
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        stopped = time.monotonic() - signalled
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert stopped < 15, f"SIGTERM to exit took {stopped:.1f} s"
+    step = int(sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1].stem.split("-")[1])
+    assert step > 0 and f"step {step} is evaluated and published at the next start" in stderr
+    assert not (run_dir / "published" / "latest").exists()
+
+    again = _cli("run", "--data", str(small_lake), "--run-dir", str(run_dir), "--max-steps", str(step), *TINY)
+    assert again.returncode == 0, again.stderr
+    manifest = json.loads((run_dir / "published" / "latest" / "manifest.json").read_text())
+    assert manifest["step"] == step and manifest["metrics"]["knn_step"] == step
+    assert 0.1 < manifest["metrics"]["knn_top1"] <= 1
+    assert len(list((run_dir / "published").glob("v*"))) == 1  # the finish of the second start publishes no twin

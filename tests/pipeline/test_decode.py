@@ -72,10 +72,15 @@ def test_an_oversized_record_is_refused_before_it_is_decoded() -> None:
         _decode(data, max_bytes=len(data) - 1)
 
 
-@pytest.mark.parametrize("data", [b"", b"\x89PNG\r\n\x1a\n", b"GIF89a" + b"\x00" * 10, b"\xff\xd8\xff" + b"\x00" * 50])
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n", b"GIF89a" + b"\x00" * 10, b"\xff\xd8\xff" + b"\x00" * 50])
 def test_garbage_is_a_corrupt_image(data: bytes) -> None:
     with pytest.raises(ValueError, match=r"^corrupt_image: "):
         _decode(data)
+
+
+def test_zero_bytes_are_an_empty_value_as_on_kafka() -> None:
+    with pytest.raises(ValueError, match=r"^empty_value$"):
+        _decode(b"")
 
 
 def test_record_ids_of_tar_names_that_are_not_utf8_are_stable() -> None:

@@ -54,6 +54,7 @@ class LinearTask:
     """Fits y = 3x on inputs drawn from the message number; `poison` makes those messages' losses NaN."""
 
     map_location = "cpu"
+    quick_eval = True
 
     def __init__(self, poison: set[int] = frozenset(), end: int | None = None, stop_after: int = 0) -> None:
         torch.manual_seed(0)

@@ -264,3 +264,25 @@ def test_a_split_closed_while_waiting_at_its_pass_barrier_leaves_no_thread_insid
         assert time.monotonic() < deadline, f"still inside Ray: {_threads_inside_split_reads()}"
         time.sleep(0.1)
     assert not any(feed._thread.is_alive() for feed in feeds)
+
+
+def test_a_symlink_loop_in_a_ray_webdataset_lake_is_dead_lettered_like_in_the_shard_path(
+        ray_cluster: None, tmp_path: Path, small_lake: Path) -> None:
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    for shard in sorted(small_lake.glob("*.tar"))[:2]:
+        (lake / shard.name).write_bytes(shard.read_bytes())
+    (lake / "shard-000001x.tar").symlink_to("shard-000001x.tar")  # points at itself, as in test_lake_faults.py
+    cfg = load_config(sets=[f"data.source=ray+webdataset://{lake}", "data.mode=once", "data.shuffle_buffer=0",
+                            "train.batch_size=32", "model.bn_splits=4"])
+
+    def messages(position: RayPosition | None, report: bool = True) -> list:
+        return read_to_end(RayDataFeed(dataset(cfg.data.source).iterator(), position, cfg, report_unlisted=report), 60)
+
+    taken = messages(None)
+    rejects = [message for message in taken if isinstance(message, Reject)]
+    assert [(Path(r.source).name, r.key, r.reason, r.detail, r.position) for r in rejects] == [
+        ("shard-000001x.tar", "", "unreadable_shard", "Too many levels of symbolic links", RayPosition(0, 0))]
+    assert sum(len(message.keys) for message in taken if isinstance(message, Batch)) == 256  # the rest trains
+    assert not [m for m in messages(RayPosition(0, 64)) if isinstance(m, Reject)]  # mid-pass: reported already
+    assert not [m for m in messages(None, report=False) if isinstance(m, Reject)]  # other ranks: rank 0 reports
