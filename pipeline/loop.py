@@ -90,6 +90,7 @@ class Loop:
         self.publisher = Publisher(self.paths.published)
         self.history = History(self.paths.history, enabled=self.collective.rank == 0)
         self.release = Release(self)
+        self.evaluate, self.publish = self.release.evaluate, self.release.publish  # rank 0's eval and publishing
         self.state = RunState()
         self.metrics_port = 0
         self.loop_seconds = 0.0
@@ -194,13 +195,6 @@ class Loop:
     def _save_if_new(self) -> None:
         if self._checkpointed[0] != self.state.step or self._checkpointed[1] is not self.state.position:
             self.save_checkpoint()
-
-    # --- eval and publishing: rank 0 (pipeline/release.py) -------------------------------------------
-    def evaluate(self) -> None:
-        self.release.evaluate()
-
-    def publish(self) -> None:
-        self.release.publish()
 
     # --- the schedule horizon ----------------------------------------------------------------------
     def plan_horizon(self) -> None:

@@ -27,7 +27,7 @@ NOT_UTF8 = "caf\udce9-key"  # a key whose bytes are not UTF-8 (b"caf\xe9-key"), 
 # What becomes of each corpus file, in every source: its dead letter's reason, or "trained".
 EXPECTED = {
     "truncated": "corrupt_image", "sixteen-bit": "trained", "zero-bytes": "empty_value",
-    "not-an-image": "corrupt_image", "bomb-header": "corrupt_image", "png-crashes-libpng-decoder": "corrupt_image",
+    "not-an-image": "corrupt_image", "bomb-header": "image_too_large", "png-crashes-libpng-decoder": "corrupt_image",
     readable(NOT_UTF8): "trained",
 }
 GOOD_BETWEEN, GOOD_AFTER = 6, 32  # good records before each corpus file, and after the last: 74 good in all
