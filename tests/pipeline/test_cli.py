@@ -77,24 +77,31 @@ def test_run_publishes_and_eval_scores_it(tmp_path: Path, small_lake: Path) -> N
     assert load_encoder(run_dir / "published" / "latest").manifest["version"] == 2
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_publishes(tmp_path: Path, small_lake: Path) -> None:
-    run_dir = tmp_path / "run"
+def _sigterm_while_training(run_dir: Path, lake: Path, *sets: str) -> tuple[int, str, str, float]:
+    """A real `streamssl run`, sent SIGTERM once it prints a progress line: (exit code, stdout, stderr, seconds
+    from the signal to the exit)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "streamssl.pipeline.cli", "run", "--data", str(small_lake), "--run-dir", str(run_dir),
-         *TINY, "--set", "train.log_every_seconds=0.1", "--set", "eval.dataset=none"],
+        [sys.executable, "-m", "streamssl.pipeline.cli", "run", "--data", str(lake), "--run-dir", str(run_dir),
+         *TINY, "--set", "train.log_every_seconds=0.1", *sets],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 90
         assert process.stdout is not None
         while time.monotonic() < deadline:  # wait until it is really training
-            line = process.stdout.readline()
-            if " step " in line:  # a progress line: `<ISO time> step N | …`
+            if " step " in process.stdout.readline():  # a progress line: `<ISO time> step N | …`
                 break
+        signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=60)
+        return process.returncode, stdout, stderr, time.monotonic() - signalled
     finally:
         process.kill()
-    assert process.returncode == 0, stderr
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_publishes(tmp_path: Path, small_lake: Path) -> None:
+    run_dir = tmp_path / "run"
+    returncode, stdout, stderr, _ = _sigterm_while_training(run_dir, small_lake, "--set", "eval.dataset=none")
+    assert returncode == 0, stderr
     assert "SIGTERM received" in stderr
     assert "done: stop requested" in stdout
     checkpoints = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))
@@ -107,23 +114,8 @@ def test_sigterm_with_the_knn_monitor_exits_soon_and_the_next_start_publishes_th
     """A kNN pass outlasts an orchestrator's grace period: the signal checkpoints and exits, and the next start
     evaluates and publishes those weights before training on."""
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamssl.pipeline.cli", "run", "--data", str(small_lake), "--run-dir", str(run_dir),
-         *TINY, "--set", "train.log_every_seconds=0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + 90
-        assert process.stdout is not None
-        while time.monotonic() < deadline:
-            if " step " in process.stdout.readline():
-                break
-        signalled = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-        stopped = time.monotonic() - signalled
-    finally:
-        process.kill()
-    assert process.returncode == 0, stderr
+    returncode, _, stderr, stopped = _sigterm_while_training(run_dir, small_lake)
+    assert returncode == 0, stderr
     assert stopped < 15, f"SIGTERM to exit took {stopped:.1f} s"
     step = int(sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1].stem.split("-")[1])
     assert step > 0 and f"step {step} is evaluated and published at the next start" in stderr
