@@ -91,6 +91,11 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line(tmp_path: Path, sma
     with small_disk(disk, 3 * 1024 * 1024, 1024 * 1024) as preexec_fn:
         previous = _fixture_run_dir(tmp_path, small_lake, disk / "run")
         before = previous.read_bytes()
+        # step 2 counts as published (a manifest is all `latest_step` reads), else the start would publish it first
+        # (a stop that could not publish is caught up at the next start) and the disk would fill there
+        (disk / "run" / "published" / "v000001").mkdir(parents=True)
+        (disk / "run" / "published" / "v000001" / "manifest.json").write_text('{"step": 2}')
+        (disk / "run" / "published" / "latest").symlink_to("v000001")
         stale = previous.parent / ".ckpt-000000003.pt.x1y2z3.tmp"  # what a writer killed mid-write leaves
         stale.write_bytes(b"\0" * 1024 * 1024)
         result = _cli(tmp_path, disk / "run", *ROTATION, "train.max_steps=4", preexec_fn=preexec_fn)
@@ -100,7 +105,7 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line(tmp_path: Path, sma
         assert "stopped at step 4, the checkpoint of step 2 is intact" in line
         assert sorted(p.name for p in previous.parent.iterdir()) == ["ckpt-000000002.pt"]  # stale temp gone, no new one
         assert previous.read_bytes() == before
-        assert not (disk / "run" / "published" / "latest").exists()  # nothing published past the last checkpoint
+        assert os.readlink(disk / "run" / "published" / "latest") == "v000001"  # nothing published past the last checkpoint
 
 
 def test_a_read_only_run_dir_is_one_line(tmp_path: Path, small_lake: Path) -> None:
