@@ -36,9 +36,9 @@ KEY_COLUMNS = ("__key__", "key", "id")
 IMAGE_FILE_EXTENSIONS = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "gif", "webp"]
 
 # What the decode step given to `read_ray_dataset` must return for every row, and what the reader reads:
-#   image  uint8 [C, H, W], H and W per row at full resolution (zeros for a rejected row)   key  str   id  int64 record id
-#   reason "" for a good row, else why it was rejected   detail  str    payload  bytes (b"" for good rows)
-#   source where the row came from (shard, file)
+#   image  uint8 [C, H, W] (H, W per row at full resolution; zeros for a rejected row)
+#   key  str   id  int64 record id   reason  "" for a good row, else why it was rejected   detail  str
+#   payload  bytes (b"" for good rows)   source  where the row came from (shard, file)
 DECODED_COLUMNS = ("image", "key", "id", "reason", "detail", "payload", "source")
 
 
@@ -136,9 +136,8 @@ def read_ray_dataset(spec: str, decode: Callable[[dict[str, np.ndarray]], dict[s
 
     Every reader hands over the encoded bytes (`ray+images` too: its files are read whole, not by `read_images`), so
     that `decode` decodes them as every other path does. `decode` runs in Ray Data tasks (fused with the read) and
-    must return `DECODED_COLUMNS`. Must be called
-    with Ray initialised. The dataset's own context preserves order; a Ray Train run passes
-    `preserve_order` to its `DataConfig` too (Train sets the split's options itself).
+    must return `DECODED_COLUMNS`. Must be called with Ray initialised. The dataset's own context preserves order;
+    a Ray Train run passes `preserve_order` to its `DataConfig` too (Train sets the split's options itself).
     """
     import ray.data  # Ray loads only for ray+ specs
 
