@@ -31,7 +31,7 @@ from streamssl.pipeline.distill import Distiller
 from streamssl.pipeline.drift import DriftMonitor
 from streamssl.pipeline.evaluation.eval_data import labelled_sets, sets_digest
 from streamssl.pipeline.evaluation.knn import knn_top1
-from streamssl.pipeline.loading.decode import full_resolution_side
+from streamssl.pipeline.loading.decode import decoded_side
 from streamssl.pipeline.loading.loader import BatchLoader
 from streamssl.pipeline.loading.messages import Batch
 from streamssl.pipeline.loading.positions import Position
@@ -132,11 +132,8 @@ class ImageTask:
     def _batch_loader(self, position: Position | None) -> Feed:
         cfg = self.cfg
         arriving = cfg.train.batch_size - self.replayed
-        # The replay buffer holds size x size images, so with one every image is resized to that first.
-        full_side = (full_resolution_side(cfg.data.size, cfg.augment.crop_scale[0])
-                     if cfg.data.full_resolution and not cfg.replay.capacity else 0)
         return BatchLoader(self.make_source, position, arriving, cfg.data.image_field, cfg.data.channels, cfg.data.size,
-                           cfg.data.prefetch_batches, cfg.data.max_record_bytes, full_side)
+                           cfg.data.prefetch_batches, cfg.data.max_record_bytes, decoded_side(cfg))
 
     def open(self, position: Position | None) -> Feed:
         return self.open_feed(position)

@@ -32,11 +32,13 @@ MODES = ("cycle", "once")
 # the usual Parquet column names).
 IMAGE_COLUMNS = ("png", "jpg", "jpeg", "webp", "image", "bytes")
 KEY_COLUMNS = ("__key__", "key", "id")
+# The files `ray+images://DIR` reads: Ray Data's `read_images` list, and WebP, which `streamssl lake --from` takes too.
+IMAGE_FILE_EXTENSIONS = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "gif", "webp"]
 
 # What the decode step given to `read_ray_dataset` must return for every row, and what the reader reads:
-#   image  uint8 [C, H, W] (zeros for a rejected row)   key  str        id  int64 record id
-#   reason "" for a good row, else why it was rejected   detail  str    payload  bytes (b"" for good rows)
-#   source where the row came from (shard, file)
+#   image  uint8 [C, H, W] (H, W per row at full resolution; zeros for a rejected row)
+#   key  str   id  int64 record id   reason  "" for a good row, else why it was rejected   detail  str
+#   payload  bytes (b"" for good rows)   source  where the row came from (shard, file)
 DECODED_COLUMNS = ("image", "key", "id", "reason", "detail", "payload", "source")
 
 
@@ -107,39 +109,35 @@ def _image_bytes(value: Any) -> Any:
     return b"" if value is None else value
 
 
-def _normalise(rows: dict[str, np.ndarray], image_field: str) -> dict[str, np.ndarray]:
-    """Any reader's rows → {key, image, source}: the first image column a row has a value in, its key (or a content
-    hash) and where it came from. `ray+images` rows keep the pixel array Ray Data decoded."""
+def _normalise(rows: dict[str, np.ndarray], image_field: str, path_keys: bool = False) -> dict[str, np.ndarray]:
+    """Any reader's rows → {key, image, source}: the encoded bytes of the first image column a row has a value in, its
+    key (its file's path with `path_keys`, one image per file; else a key column or a content hash) and where it came
+    from."""
     count = len(next(iter(rows.values())))
     images = np.empty(count, dtype=object)
     images[:] = [b""] * count
-    if "image" in rows and isinstance(rows["image"], np.ndarray) and rows["image"].dtype != object:
-        images = rows["image"]  # read_images: already uint8 pixels [N, H, W(, C)]
-    else:
-        # Later columns first, so the configured field and then the earlier ones win where a row has several.
-        for name in reversed((image_field, *IMAGE_COLUMNS)):
-            if name in rows:
-                for row, value in enumerate(rows[name]):
-                    data = _image_bytes(value)
-                    if len(data):
-                        images[row] = data
-    key_column = next((rows[name] for name in KEY_COLUMNS if name in rows), None)
-    keys = ([str(key) for key in key_column] if key_column is not None
-            else [str(path) for path in rows["path"]] if "path" in rows and images.dtype != object
-            else [_content_key(image) for image in images])
+    # Later columns first, so the configured field and then the earlier ones win where a row has several.
+    for name in reversed((image_field, *IMAGE_COLUMNS)):
+        if name in rows:
+            for row, value in enumerate(rows[name]):
+                data = _image_bytes(value)
+                if len(data):
+                    images[row] = data
+    key_column = rows["path"] if path_keys else next((rows[name] for name in KEY_COLUMNS if name in rows), None)
+    keys = [str(key) for key in key_column] if key_column is not None else [_content_key(image) for image in images]
     sources = rows.get("__url__", rows.get("path"))
     return {"key": np.array(keys, dtype=object), "image": images,
             "source": np.array([str(s) for s in sources] if sources is not None else [""] * count, dtype=object)}
 
 
 def read_ray_dataset(spec: str, decode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], *,
-                     image_field: str = "png", channels: int = 1, size: int = 28, override_num_blocks: int | None = None
-                     ) -> Any:
+                     image_field: str = "png", override_num_blocks: int | None = None) -> Any:
     """A lazy Ray Dataset of `spec`, normalised to {key, image, source} rows and then passed through `decode`.
 
-    `decode` runs in Ray Data tasks (fused with the read) and must return `DECODED_COLUMNS`. Must be called
-    with Ray initialised. The dataset's own context preserves order; a Ray Train run passes
-    `preserve_order` to its `DataConfig` too (Train sets the split's options itself).
+    Every reader hands over the encoded bytes (`ray+images` too: its files are read whole, not by `read_images`), so
+    that `decode` decodes them as every other path does. `decode` runs in Ray Data tasks (fused with the read) and
+    must return `DECODED_COLUMNS`. Must be called with Ray initialised. The dataset's own context preserves order;
+    a Ray Train run passes `preserve_order` to its `DataConfig` too (Train sets the split's options itself).
     """
     import ray.data  # Ray loads only for ray+ specs
 
@@ -152,12 +150,12 @@ def read_ray_dataset(spec: str, decode: Callable[[dict[str, np.ndarray]], dict[s
     elif kind == "parquet":
         dataset = ray.data.read_parquet(path, include_paths=True, **read_options)
     else:
-        dataset = ray.data.read_images(path, size=(size, size), mode="L" if channels == 1 else "RGB",
-                                       include_paths=True, **read_options)
+        dataset = ray.data.read_binary_files(path, include_paths=True, file_extensions=IMAGE_FILE_EXTENSIONS,
+                                             **read_options)
     dataset.context.execution_options.preserve_order = True
     # Ray's stub types `fn` as taking the batch alone, though `fn_kwargs` supplies its further arguments.
-    return (dataset.map_batches(_normalise, fn_kwargs={"image_field": image_field},  # type: ignore[arg-type]
-                                batch_format="numpy")
+    return (dataset.map_batches(_normalise, fn_kwargs={"image_field": image_field,  # type: ignore[arg-type]
+                                                       "path_keys": kind == "images"}, batch_format="numpy")
             .map_batches(decode, batch_format="numpy"))
 
 
@@ -181,7 +179,8 @@ class RayShardReader:
         prefetch_batches: Ray Data batches fetched ahead of the one being consumed.
         on_reject: Called with (source, key, reason, detail, payload) for every rejected row.
 
-    Yields (images uint8 [B, C, H, W], keys, ids int64 [B], position); the position is `position()` right after
+    Yields (images: B uint8 [C, H, W] arrays, their sides as decoded; keys; ids int64 [B]; position); the position
+    is `position()` right after
     the batch's last row. A rejected row with no good row before it waiting for a batch moves it on too.
 
     A `streaming_split` shard starts a pass only once every worker asks for it (a barrier): between the
@@ -229,7 +228,7 @@ class RayShardReader:
         """Ends iteration at the next Ray batch."""
         self._closed.set()
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, list[str], np.ndarray, RayPosition]]:
+    def __iter__(self) -> Iterator[tuple[list[np.ndarray], list[str], np.ndarray, RayPosition]]:
         pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]] = []  # images, keys, ids, pass, rows
         waiting_rows = 0
         skip = self._rows  # rows of the first pass already consumed before a restart
@@ -291,8 +290,11 @@ class RayShardReader:
         return np.flatnonzero(reasons[start:] == "") + start
 
     def _cut(self, pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]]
-             ) -> tuple[np.ndarray, list[str], np.ndarray, RayPosition]:
-        """The first `batch_size` pending good rows as a batch; moves the position to just after its last row."""
+             ) -> tuple[list[np.ndarray], list[str], np.ndarray, RayPosition]:
+        """The first `batch_size` pending good rows as a batch; moves the position to just after its last row.
+
+        A segment's images are a uint8 [n, C, H, W] array, or an object array of [C, H, W] arrays where Ray Data
+        holds images of different sizes; either way the batch is a list of [C, H, W] arrays."""
         images: list[np.ndarray] = []
         keys: list[str] = []
         ids: list[np.ndarray] = []
@@ -300,7 +302,7 @@ class RayShardReader:
         while needed:
             segment_images, segment_keys, segment_ids, pass_number, rows_after = pending[0]
             taken = min(needed, len(segment_keys))
-            images.append(segment_images[:taken])
+            images.extend(segment_images[:taken])
             keys.extend(str(key) for key in segment_keys[:taken])
             ids.append(segment_ids[:taken])
             self._pass, self._rows = pass_number, int(rows_after[taken - 1])
@@ -310,5 +312,4 @@ class RayShardReader:
                 pending[0] = (segment_images[taken:], segment_keys[taken:], segment_ids[taken:], pass_number,
                               rows_after[taken:])
             needed -= taken
-        return (np.ascontiguousarray(np.concatenate(images)), keys, np.concatenate(ids).astype(np.int64),
-                self.position())
+        return images, keys, np.concatenate(ids).astype(np.int64), self.position()

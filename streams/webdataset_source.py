@@ -130,7 +130,8 @@ class WebDatasetSource:
         self._seed = seed
         self._poll_seconds = poll_seconds
         self._on_reject = on_reject
-        self._store = ObjectStore(s3_endpoint) if is_object_url(spec) else None
+        # A pattern's first URL says where it lives: a worker's share of an s3 prefix is "{s3://…,s3://…}".
+        self._store = ObjectStore(s3_endpoint) if is_object_url(next(iter(braceexpand(spec)), spec)) else None
         self._listed: list[str] = []  # an s3 prefix's last listing: what a failed re-listing falls back to
         self._store_down = False  # an s3 prefix's listing failing: warned once per outage, not every poll
         self._max_record_bytes = max_record_bytes
@@ -211,13 +212,15 @@ class WebDatasetSource:
         """A saved shard as this spec names it; SourceError unless it is one of the spec's URLs or a shard file (no
         scheme, a shard's name) in the spec's directory or beside one of its files. A checkpoint must not choose what
         gopen opens (a `pipe:` entry runs a shell command), and another lake's shards mean `--data` changed under the
-        same run dir. Beside: a worker of a group is given a list of a directory's shards, which shifts as it grows.
-        An s3 prefix owns exactly the shard objects directly under it (another bucket or prefix is another lake)."""
+        same run dir. Beside: a worker of a group is given a list of a directory's (or prefix's) shards, which shifts
+        as it grows. An s3 prefix owns exactly the shard objects directly under it (another bucket or prefix is another
+        lake), a list of s3 objects the shard objects beside them."""
         if shard in self._own_urls:
             return shard
         folder, name = os.path.split(shard)
-        if self._store is not None and self._directory is not None:
-            if folder == self._directory and is_shard_name(name):
+        if self._store is not None:
+            prefixes = {self._directory} if self._directory is not None else {os.path.dirname(url) for url in self._urls}
+            if folder in prefixes and is_shard_name(name):
                 return shard
         elif local_path(shard) == shard and is_shard_name(name) and os.path.realpath(folder) in self._own_folders:
             return shard if self._directory is None else os.path.join(self._directory, name)

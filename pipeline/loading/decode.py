@@ -1,9 +1,10 @@
 """One record → uint8 pixels, the same way in every path (loader process, Ray Data tasks).
 
-Two shapes: [C, size, size] (`full_side` 0: every image resized to size x size, the Ray Data path and runs with
-a replay buffer), or [C, h, w] with the image's own aspect ratio, shrunk (never enlarged) to at most
-full_side² pixels, for `BatchAugment` to random-resized-crop from (`full_resolution_side`). JPEGs are decoded
-at the smallest DCT scale that still covers the target (`draft`), so a 40-megapixel photo never exists in full.
+Two shapes: [C, size, size] (`full_side` 0: every image resized to size x size, with data.full_resolution false
+or a replay buffer; `decoded_side` says which), or [C, h, w] with the image's own aspect ratio, shrunk (never
+enlarged) to at most full_side² pixels, for `BatchAugment` to random-resized-crop from (`full_resolution_side`).
+JPEGs are decoded at the smallest DCT scale that still covers the target (`draft`), so a 40-megapixel photo never
+exists in full.
 
 Modes: 16- and 32-bit integer grey keep their top 8 of 16 bits; RGBA, LA and palette images with
 transparency are composited on white (what a viewer shows, rather than whatever colour hides under
@@ -23,11 +24,15 @@ import hashlib
 import io
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from streamssl.streams.records import Record
+
+if TYPE_CHECKING:
+    from streamssl.pipeline.config import Config
 
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
 # Pillow's decompression-bomb limit: past this many pixels an image is refused before decoding.
@@ -79,6 +84,14 @@ def full_resolution_side(size: int, min_crop_area: float) -> int:
     return min(math.ceil(size / math.sqrt(min_crop_area)), 4 * size)
 
 
+def decoded_side(cfg: Config) -> int:
+    """The `full_side` a run decodes at, whichever path feeds it: `full_resolution_side` with data.full_resolution,
+    0 (size x size) without it or with a replay buffer, which holds size x size images."""
+    if not cfg.data.full_resolution or cfg.replay.capacity:
+        return 0
+    return full_resolution_side(cfg.data.size, cfg.augment.crop_scale[0])
+
+
 def _shrunk(width: int, height: int, full_side: int) -> tuple[int, int]:
     if width * height <= full_side * full_side:
         return width, height
@@ -122,3 +135,16 @@ def decode_record(record: Record, image_field: str, channels: int, size: int, ma
     if max_bytes and len(data) > max_bytes:
         raise ValueError(f"oversized_record: {len(data)} bytes > data.max_record_bytes {max_bytes}")
     return decode_image(data, channels, size, full_side)
+
+
+def decode_or_reason(record: Record, image_field: str, channels: int, size: int, max_bytes: int = 0,
+                     full_side: int = 0) -> tuple[np.ndarray | None, str, str]:
+    """(pixels, "", "") as `decode_record`, or (None, reason, detail) for a record it refuses. Any other exception a
+    decoder raises is this record's problem too, not the stream's: `corrupt_image` with its type and message."""
+    try:
+        return decode_record(record, image_field, channels, size, max_bytes, full_side), "", ""
+    except ValueError as err:  # the decoder's refusals: 'reason: detail'
+        reason, _, detail = str(err).partition(": ")
+        return None, reason, detail
+    except Exception as err:
+        return None, "corrupt_image", f"{type(err).__name__}: {err}"[:500]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamssl.pipeline.loading.decode import decode_record, payload, record_id
+from streamssl.pipeline.loading.decode import decode_or_reason, payload, record_id
 from streamssl.pipeline.loading.messages import Batch, End, Failure, Reject
 from streamssl.pipeline.loading.positions import Position, position_to_dict
 from streamssl.streams.records import SourceError
@@ -121,17 +121,13 @@ class _Batcher:
             return
         self.decoding.value = rid
         try:
-            image = decode_record(record, job.image_field, job.channels, job.size, job.max_record_bytes, job.full_side)
-        except ValueError as err:  # the decoder's refusals: 'reason: detail'
-            reason, _, detail = str(err).partition(": ")
-            self.reject(Reject(record.source, record.key, reason, detail, payload(record, job.image_field)))
-            return
-        except Exception as err:  # anything else a decoder raises is still this record's problem, not the stream's
-            self.reject(Reject(record.source, record.key, "corrupt_image", f"{type(err).__name__}: {err}"[:500],
-                               payload(record, job.image_field)))
-            return
+            image, reason, detail = decode_or_reason(record, job.image_field, job.channels, job.size,
+                                                     job.max_record_bytes, job.full_side)
         finally:
             self.decoding.value = -1
+        if image is None:
+            self.reject(Reject(record.source, record.key, reason, detail, payload(record, job.image_field)))
+            return
         self.images.append(image)
         self.keys.append(record.key)
         self.ids.append(rid)

@@ -139,7 +139,7 @@ def run_distributed(cfg: Config, workers: int = 0, ray_address: str = "", stop: 
         raise ConfigError(f"data.mode {cfg.data.mode} is not available for Ray Data sources; use {' or '.join(RAY_MODES)}")
     if workers > 1 and spec.kind not in ("ray", "kafka"):
         rank_shard_spec(source_factory(cfg.data, cfg.train.seed, cfg.kafka).args[0],  # refused before Ray starts
-                        resolve_mode(spec, cfg.data.mode), workers - 1, workers)
+                        resolve_mode(spec, cfg.data.mode), workers - 1, workers, cfg.data.s3_endpoint)
     stop = stop or threading.Event()
     temp_dir = start_ray(ray_address, workers)
     try:

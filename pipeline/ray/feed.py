@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamssl.pipeline.config import Config
-from streamssl.pipeline.loading.decode import decode_record, record_id
+from streamssl.pipeline.config import Config, replayed_per_step
+from streamssl.pipeline.loading.decode import decode_or_reason, decoded_side, payload, record_id
+from streamssl.pipeline.loading.loader_worker import stack_images
 from streamssl.pipeline.loading.messages import Batch, End, Failure, Message, Reject
 from streamssl.pipeline.loading.positions import Position, position_to_dict
 from streamssl.pipeline.loading.sources import resolve_mode, source_spec
@@ -30,37 +31,47 @@ log = logging.getLogger(__name__)
 
 
 # --- Ray Data: decoding, and the batches one worker gets ------------------------------------------------
-def decode_rows(rows: dict[str, np.ndarray], *, image_field: str, channels: int, size: int) -> dict[str, np.ndarray]:
+def decode_rows(rows: dict[str, np.ndarray], *, image_field: str, channels: int, size: int, max_record_bytes: int = 0,
+                full_side: int = 0) -> dict[str, np.ndarray]:
     """Runs inside Ray Data tasks: {key, image, source} rows → `streams.ray_source.DECODED_COLUMNS`.
 
-    Encoded images are decoded exactly as the loader process decodes webdataset and Kafka records; pixel
-    arrays that Ray Data decoded already (`ray+images`) are only laid out as [C, H, W].
+    Every row's encoded image is decoded, or refused with its reason, by the loader process's own function
+    (`decode_or_reason`), with the same sides (`full_side`, see `decoded_side`) and limit (`max_record_bytes`).
     """
     keys, sources, encoded = rows["key"], rows["source"], rows["image"]
     count = len(keys)
     reasons, details, payloads = [""] * count, [""] * count, [b""] * count
-    if encoded.dtype != object:  # read_images: uint8 [N, H, W] or [N, H, W, C], already size x size
-        images = np.ascontiguousarray(encoded.reshape(count, size, size, channels).transpose(0, 3, 1, 2))
-    else:
-        images = np.zeros((count, channels, size, size), dtype=np.uint8)
-        for row in range(count):
-            fields = {image_field: encoded[row]} if len(encoded[row]) else {}
-            try:
-                images[row] = decode_record(Record(str(keys[row]), fields, str(sources[row]), row), image_field,
-                                            channels, size)
-            except ValueError as err:
-                reasons[row], _, details[row] = str(err).partition(": ")
-                payloads[row] = bytes(encoded[row])
-    return {"image": images, "key": keys, "id": np.array([record_id(str(key)) for key in keys], dtype=np.int64),
+    images: list[np.ndarray] = []
+    for row in range(count):
+        record = Record(str(keys[row]), {image_field: encoded[row]} if len(encoded[row]) else {}, str(sources[row]), row)
+        image, reasons[row], details[row] = decode_or_reason(record, image_field, channels, size, max_record_bytes,
+                                                             full_side)
+        if image is None:
+            image, payloads[row] = np.zeros((channels, size, size), dtype=np.uint8), payload(record, image_field)
+        images.append(image)
+    column = _image_column(images) if images else np.zeros((0, channels, size, size), dtype=np.uint8)
+    return {"image": column, "key": keys,
+            "id": np.array([record_id(str(key)) for key in keys], dtype=np.int64),
             "reason": np.array(reasons, dtype=object), "detail": np.array(details, dtype=object),
             "payload": np.array(payloads, dtype=object), "source": sources}
 
 
+def _image_column(images: list[np.ndarray]) -> np.ndarray:
+    """One uint8 [N, C, H, W] array for images of one shape, else an object array of them (Ray Data keeps those as a
+    variable-shaped tensor column)."""
+    if len({image.shape for image in images}) == 1:
+        return np.stack(images)
+    column = np.empty(len(images), dtype=object)
+    for row, image in enumerate(images):  # one by one: a list assigned at once would be broadcast into 4 dimensions
+        column[row] = image
+    return column
+
+
 def ray_dataset(cfg: Config) -> Any:
     """The training dataset of a `ray+…` data spec, decoded for this config (lazy; Ray must be running)."""
-    decode = partial(decode_rows, image_field=cfg.data.image_field, channels=cfg.data.channels, size=cfg.data.size)
-    return read_ray_dataset(cfg.data.source, decode, image_field=cfg.data.image_field, channels=cfg.data.channels,
-                            size=cfg.data.size)
+    decode = partial(decode_rows, image_field=cfg.data.image_field, channels=cfg.data.channels, size=cfg.data.size,
+                     max_record_bytes=cfg.data.max_record_bytes, full_side=decoded_side(cfg))
+    return read_ray_dataset(cfg.data.source, decode, image_field=cfg.data.image_field)
 
 
 class RayDataFeed:
@@ -76,7 +87,8 @@ class RayDataFeed:
 
     def __init__(self, iterator: Any, position: Position | None, cfg: Config, report_unlisted: bool = False) -> None:
         mode = resolve_mode(source_spec(cfg.data), cfg.data.mode)
-        self._reader = RayShardReader(iterator, batch_size=cfg.train.batch_size, mode=mode,
+        # As the loader process's: batches of the arriving records, the replay buffer's come on top in the step.
+        self._reader = RayShardReader(iterator, batch_size=cfg.train.batch_size - replayed_per_step(cfg), mode=mode,
                                       shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
                                       on_reject=self._on_reject)
         self._reader.load_state_dict(position_to_dict(position))
@@ -125,7 +137,9 @@ class RayDataFeed:
     def _feed(self) -> None:
         try:
             for images, keys, ids, position in self._reader:
-                self._put(Batch(torch.from_numpy(images), keys, position, self._reader.stats(), torch.from_numpy(ids)))
+                canvas, extents = stack_images(images)  # padded with extents as the loader process's batches are
+                self._put(Batch(torch.from_numpy(canvas), keys, position, self._reader.stats(), torch.from_numpy(ids),
+                                None if extents is None else torch.from_numpy(extents)))
             self._put(End(), bounded=False)
         except SourceError as err:
             self._put(Failure(str(err)), bounded=False)

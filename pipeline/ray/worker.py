@@ -3,8 +3,8 @@
 Every worker runs the ordinary trainer: DDP averages the gradients (gloo on CPU, NCCL on GPU), and the methods
 gather what they store (queues, banks, buffers) from all workers (models/distributed.py). Each worker
 reads its own share of the stream: a `streaming_split` shard of a Ray dataset, the Kafka partitions p
-with p % N == rank (self-assigned, offsets committed for the one group), or every N-th shard of a local
-webdataset lake.
+with p % N == rank (self-assigned, offsets committed for the one group), or every N-th shard of a
+webdataset lake (a local directory or pattern, or an s3 prefix).
 
 Workers must take the same decisions at the same step, or a collective waits forever. So the per-rank
 choices of the loop are agreed on: whether to stop (a stop request, the time budget, the end of one
@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from braceexpand import braceexpand
 
 from streamssl.pipeline.checkpointing import Checkpointer
 from streamssl.pipeline.collective import collective_for
@@ -44,22 +43,27 @@ from streamssl.pipeline.loading.sources import resolve_mode, source_factory, sou
 from streamssl.pipeline.ray.feed import RayDataFeed
 from streamssl.pipeline.run_state import RunState
 from streamssl.streams.files import RunPaths
-from streamssl.streams.webdataset_source import list_complete_shards
+from streamssl.streams.webdataset_source import WebDatasetSource
 
 log = logging.getLogger(__name__)
 
 
-# --- local webdataset lakes: every N-th shard per worker ------------------------------------------------
-def rank_shard_spec(spec: str, mode: str, worker: int, workers: int) -> str:
+# --- webdataset lakes (a directory, a pattern, an s3 prefix): every N-th shard per worker ------------------
+def rank_shard_spec(spec: str, mode: str, worker: int, workers: int, s3_endpoint: str = "") -> str:
     """A webdataset spec naming this worker's shards: every `workers`-th one of the lake, from `worker`.
 
+    The lake's shards are the ones a single pass over `spec` reads, in name order: a directory's or an s3 prefix's
+    listing (`*.tar` objects directly under it), or a pattern's expansion. Every worker lists the lake itself when
+    it starts, so the shares are disjoint as long as the lake does not change during the start-up of the group.
     Follow mode reads a lake that keeps growing in name order; shards that land later cannot be dealt
     out in advance, so it is refused (Kafka or a `ray+webdataset://` spec split the stream instead).
     """
     if mode == "follow":
-        raise ConfigError("data.mode follow (the default for a lake directory) cannot be split across workers; "
-                          "use --set data.mode=cycle or once, a ray+webdataset:// spec, or a Kafka topic")
-    shards = list_complete_shards(spec) if os.path.isdir(spec) else list(braceexpand(spec))
+        raise ConfigError("data.mode follow (the default for a lake directory or an s3 prefix) cannot be split across "
+                          "workers; use --set data.mode=cycle or once, a ray+webdataset:// spec, or a Kafka topic")
+    lister = WebDatasetSource(spec, mode="once", s3_endpoint=s3_endpoint)  # lists a directory or prefix now
+    shards = list(lister.position().order)
+    lister.close()
     mine = shards[worker::workers]
     if not mine:
         raise ConfigError(f"{spec} has {len(shards)} shard(s), fewer than the {workers} workers")
@@ -195,7 +199,7 @@ class WorkerTrainer(Trainer):
             task.make_source = functools.partial(task.make_source, split=(self.worker, self.workers))
         elif self.workers > 1:
             spec = rank_shard_spec(task.make_source.args[0], resolve_mode(source, cfg.data.mode), self.worker,
-                                   self.workers)
+                                   self.workers, cfg.data.s3_endpoint)
             task.make_source = source_factory(dataclasses.replace(cfg.data, source=spec), cfg.train.seed, cfg.kafka)
         if self.workers > 1:
             # Buffers are not broadcast: the gathered queues and banks are equal on every worker by construction,

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_png
 
-from streamssl.pipeline.loading import loader_worker
+from streamssl.pipeline.loading import decode
 from streamssl.pipeline.loading.decode import decode_record
 from streamssl.pipeline.loading.loader import BatchLoader
 from streamssl.pipeline.loading.messages import Batch, End, Failure, Message, Reject
@@ -69,7 +69,7 @@ def test_a_decoder_that_segfaults_costs_one_restart_and_a_decoder_crash_dead_let
     good = [(f"g{i:03d}", {"png": _png(i)}) for i in range(100)]
     lake = _lake(tmp_path, [*good[:50], ("crash", {"png": CRASHER.read_bytes()}), *good[50:]])
     # The loader process is forked, so it decodes with the crashing decoder too (the fault is real, its choice is ours).
-    monkeypatch.setattr(loader_worker, "decode_record", _libpng_decode)
+    monkeypatch.setattr(decode, "decode_record", _libpng_decode)
     loader = BatchLoader(partial(WebDatasetSource, str(lake), mode="once"), None, 16, "png", 1, 28)
     messages = drain(loader, 30)
     assert isinstance(messages[-1], End)

@@ -95,6 +95,7 @@ def test_webdataset_every_record_once_and_resume_is_exact(ray_cluster: None, sma
     assert keys != sorted(keys)  # the seeded local shuffle did shuffle
     images, _ = load_fashion_mnist("train")
     first_images, first_keys, first_ids, position = full[0]
+    first_images = np.stack(first_images)  # a batch is a list of [C, H, W] arrays (full resolution: of any sides)
     assert first_images.dtype == np.uint8 and first_images.shape == (32, 1, 28, 28)
     np.testing.assert_array_equal(first_images[:, 0], images[[index_of(key) for key in first_keys]])
     assert len(set(first_ids.tolist())) == 32 and position == RayPosition(0, 32)
@@ -102,7 +103,7 @@ def test_webdataset_every_record_once_and_resume_is_exact(ray_cluster: None, sma
     # A new reader given the position after batch 6 continues exactly as the uninterrupted one did.
     rest = list(reader(spec, full[6][3], shuffle_buffer=64))
     assert [batch[1] for batch in rest] == [batch[1] for batch in full[7:]]
-    np.testing.assert_array_equal(rest[-1][0], full[-1][0])
+    np.testing.assert_array_equal(np.stack(rest[-1][0]), np.stack(full[-1][0]))
 
 
 def test_webdataset_member_names_that_are_not_utf8_are_read_with_their_bytes_spelled_out(
@@ -120,7 +121,7 @@ def test_webdataset_member_names_that_are_not_utf8_are_read_with_their_bytes_spe
     (batch_images, keys, ids, _), = list(reader(f"ray+webdataset://{tmp_path}", rejects=rejects))
     assert keys == [f"caf\\xe9-{index:03d}" for index in range(32)] and rejects == []
     assert len(set(ids.tolist())) == 32
-    np.testing.assert_array_equal(batch_images[:, 0], images[:32])
+    np.testing.assert_array_equal(np.stack(batch_images)[:, 0], images[:32])
 
 
 def test_cycle_batches_span_passes_with_a_new_order_each_pass(ray_cluster: None, small_lake: Path) -> None:
@@ -152,7 +153,7 @@ def test_parquet_rows_with_bad_images_are_rejected_and_the_rest_read(ray_cluster
     assert {(reject[1], reject[2]) for reject in rejects} == {("row-5", "corrupt_image"), ("row-40", "missing_image")}
     assert rejects[0][4] == b"not a png" and rejects[0][0].endswith("part-0.parquet")
     good = [index for index in range(70) if index not in (5, 40)]
-    np.testing.assert_array_equal(np.concatenate([batch[0] for batch in batches])[:, 0], images[good[:68]])
+    np.testing.assert_array_equal(np.stack([image for batch in batches for image in batch[0]])[:, 0], images[good[:68]])
     assert batches[2][3] == RayPosition(0, 53)  # 51 good rows and the 2 rejected ones
 
 
@@ -198,7 +199,7 @@ def test_image_folder_is_decoded_by_ray_data(ray_cluster: None, tmp_path: Path) 
     assert sorted(keys) == sorted(str(tmp_path / f"img-{index}.png") for index in range(8))
     for pixels, batch_keys, _, _ in batches:
         order = [int(Path(key).stem.split("-")[1]) for key in batch_keys]
-        np.testing.assert_array_equal(pixels[:, 0], images[order])
+        np.testing.assert_array_equal(np.stack(pixels)[:, 0], images[order])
 
 
 # Closing a split shard mid-pass can leave Ray Data's own prefetch thread waiting on the split coordinator

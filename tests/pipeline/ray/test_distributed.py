@@ -1,13 +1,18 @@
 """Training on several workers: gathers into queues and banks, DDP with agreed steps, per-worker positions,
-exact resume, and `streamssl run --workers 2` on Ray Train.
+exact resume, `streamssl run --workers 2` on Ray Train (a local lake, an s3 prefix, Kafka), and a Ray Data feed
+that hands the trainer what the loader process does.
 
-Real collectives (two gloo processes), real shards, a real local Ray.
+Real collectives (two gloo processes), real shards, a real local Ray, a real S3 endpoint (moto).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
 from streamssl.models import build_backbone
 from streamssl.models.distributed import gather_from_all, rank, world_size
@@ -22,15 +28,33 @@ from streamssl.models.moco import MoCo
 from streamssl.models.npid import NPID
 from streamssl.models.swav import SwAV
 from streamssl.pipeline import cli
-from streamssl.pipeline.config import ConfigError
+from streamssl.pipeline.config import Config, ConfigError
+from streamssl.pipeline.images import Trainer
+from streamssl.pipeline.loading.decode import full_resolution_side
+from streamssl.pipeline.loading.messages import Batch
+from streamssl.pipeline.ray.feed import ray_dataset
 from streamssl.pipeline.ray.worker import SharedCheckpointer, WorkerTrainer, rank_shard_spec
 from tests.conftest import LAKE_IMAGES, free_port, tiny_config
 from tests.pipeline.test_kafka_training import _committed, _fill, _trained
+from tests.pipeline.test_rgb_lake import RGB, make_photo_folder
+from tests.s3_store import S3Bucket
 from tests.streams.test_ray_source import ray_cluster  # noqa: F401  (a local Ray for this module)
+from tests.streams.test_s3_lake import _audited, _lake
 
 pytestmark = pytest.mark.slow  # minutes on 2 cores: `pytest -m 'not slow'` skips it in an inner loop
 
 BATCH = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aws_credentials() -> Iterator[None]:
+    """Test credentials for the S3 endpoint, set before this module's Ray starts: its worker processes inherit the
+    environment Ray was started in, not what a test sets later (the endpoint goes in data.s3_endpoint)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            patch.setenv(name, value)
+        yield
 
 
 def test_gather_is_the_identity_in_one_process() -> None:
@@ -207,3 +231,109 @@ def test_cli_two_ray_workers_share_one_kafka_group_by_partition(kafka_broker: An
     # no partition changes hands within the job, so a clean stop and resume trains no record twice
     trained = _trained(run_dir)
     assert sum(trained.values()) == len(trained) == 5 * 2 * batch
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_cli_two_ray_workers_split_an_s3_prefix_by_shard_and_resume(s3: S3Bucket, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    s3.upload(_lake(tmp_path / "lake", 0, 192), "lake/")  # 4 shards of 48: 96 records, 3 batches, per worker
+    run_dir = tmp_path / "run"
+    common = ["run", "--workers", "2", "--data", s3.url("lake/"), "--run-dir", str(run_dir), "--metrics-port", "0",
+              "--set", f"data.s3_endpoint={s3.server.endpoint}", "--set", "data.mode=cycle", "--set", "eval.dataset=none",
+              "--set", "data.shuffle_buffer=0",  # a buffer larger than a pass mixes the next pass's records in
+              "--set", "train.batch_size=32", "--set", "model.bn_splits=4", "--set", "moco.queue_size=128",
+              "--set", "checkpoint.every_steps=3", "--set", "checkpoint.every_seconds=0", "--set", "train.audit_keys=true"]
+    assert cli.main([*common, "--max-steps", "3"]) == 0
+    # One pass of each worker's own shards: every record of the prefix trained once, none twice.
+    assert sorted(_audited(run_dir)) == [f"img0-{index:06d}" for index in range(192)]
+    first = torch.load(run_dir / "checkpoints" / "ckpt-000000003.pt", weights_only=True)
+    orders = [set(entry["position"]["order"]) for entry in first["ranks"]]
+    assert orders[0] | orders[1] == {s3.url(f"lake/shard-{index:06d}.tar") for index in range(4)}
+    assert not orders[0] & orders[1] and len(orders[0]) == len(orders[1]) == 2  # no shard read by both workers
+
+    assert cli.main([*common, "--max-steps", "5"]) == 0
+    # The rerun went on from each worker's own position: the first two batches of its second pass.
+    second = torch.load(run_dir / "checkpoints" / "ckpt-000000005.pt", weights_only=True)
+    positions = [entry["position"] for entry in second["ranks"]]
+    assert [position["cycle"] for position in positions] == [1, 1]
+    assert [set(position["order"]) for position in positions] == orders
+    resumed = _audited(run_dir)[192:]
+    assert len(resumed) == len(set(resumed)) == 2 * 2 * 32
+
+
+def test_an_s3_prefix_is_followed_by_one_process_only(s3: S3Bucket, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    s3.upload(_lake(tmp_path / "lake", 0, 96), "lake/")
+    code = cli.main(["run", "--workers", "2", "--data", s3.url("lake/"), "--run-dir", str(tmp_path / "run"),
+                     "--metrics-port", "0"])  # data.mode auto: a prefix is followed
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "streamssl: error: data.mode follow (the default for a lake directory or an s3 prefix) cannot be split across "
+        "workers; use --set data.mode=cycle or once, a ray+webdataset:// spec, or a Kafka topic"]
+
+
+def _record_batches(trainer: Trainer) -> list[Batch]:
+    """The batches a trainer's step is given: what reaches the augmentation."""
+    batches: list[Batch] = []
+    step = trainer.task.step
+
+    def recording_step(batch: Batch) -> Any:
+        batches.append(batch)
+        return step(batch)
+
+    trainer.task.step = recording_step
+    return batches
+
+
+def _rgb_config(run_dir: Path, lake: Path, source: str) -> Config:
+    return tiny_config(run_dir, lake, *RGB, f"data.source={source}", "data.mode=once", "data.shuffle_buffer=0",
+                       "checkpoint.every_steps=0")
+
+
+@pytest.fixture(scope="module")
+def rgb_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_rgb_lake.py's mixed-size RGB JPEGs (100-600 px), written as a lake by `streamssl lake --from`."""
+    lake = tmp_path_factory.mktemp("rgb-lake")
+    assert cli.main(["lake", "--from", str(make_photo_folder(tmp_path_factory.mktemp("photos"))), "--out", str(lake),
+                     "--shard-size", "10"]) == 0
+    return lake
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_the_ray_data_feed_hands_the_trainer_full_resolution_batches_as_the_loader_process_does(
+        tmp_path: Path, rgb_lake: Path, one_thread: None) -> None:
+    lake = rgb_lake
+    local = Trainer(_rgb_config(tmp_path / "local", lake, str(lake)))
+    local_batches = _record_batches(local)
+    local.run()
+    cfg = _rgb_config(tmp_path / "ray", lake, f"ray+webdataset://{lake}")
+    on_ray = WorkerTrainer(cfg, data_iterator=ray_dataset(cfg).iterator())  # what `run_distributed` runs
+    ray_batches = _record_batches(on_ray)
+    on_ray.run()
+
+    assert [batch.keys for batch in ray_batches] == [batch.keys for batch in local_batches] and len(ray_batches) == 3
+    for ours, theirs in zip(ray_batches, local_batches, strict=True):
+        assert ours.extents is not None and theirs.extents is not None
+        assert torch.equal(ours.images, theirs.images) and torch.equal(ours.extents, theirs.extents)
+    assert on_ray.state.samples_seen == local.state.samples_seen == 24
+    expected, actual = local.method.state_dict(), on_ray.method.state_dict()
+    assert [name for name in expected if not torch.equal(expected[name], actual[name])] == []
+
+    # Nothing squashed: each extent is the photo's own size, or (past the side a crop needs) its aspect shrunk.
+    side = full_resolution_side(64, 0.2)
+    sizes = {}
+    for shard in lake.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                handle = tar.extractfile(member)
+                if member.name.endswith(".jpg") and handle is not None:
+                    sizes[member.name.removesuffix(".jpg")] = Image.open(io.BytesIO(handle.read())).size
+    for batch in ray_batches:
+        for key, (height, width) in zip(batch.keys, batch.extents.tolist(), strict=True):
+            photo_width, photo_height = sizes[key]
+            if photo_width * photo_height <= side * side:
+                assert (height, width) == (photo_height, photo_width)
+            else:
+                assert height * width <= (side + 1) ** 2 and math.isclose(width / height, photo_width / photo_height,
+                                                                         rel_tol=0.02)
