@@ -3,11 +3,15 @@ own EventAccumulator, against the run's metrics.jsonl, across a resume, a crash,
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from streamssl.pipeline.cli import main
@@ -16,10 +20,11 @@ from streamssl.pipeline.config_show import describe
 from streamssl.pipeline.history import History, read_history
 from streamssl.pipeline.images import Trainer
 from streamssl.pipeline.loop import TrainingDiverged
+from streamssl.pipeline.ray.worker import WorkerTrainer
 from streamssl.pipeline.run_state import RunState
 from streamssl.pipeline.sections import LogConfig
 from streamssl.pipeline.series.job import SeriesJob
-from tests.conftest import tiny_config, tiny_sets
+from tests.conftest import free_port, tiny_config, tiny_sets
 from tests.pipeline.series.test_job import _config as series_config
 from tests.pipeline.series.test_job import _lake as series_lake
 from tests.pipeline.series.test_job import _series
@@ -114,6 +119,30 @@ def test_rollbacks_hide_the_steps_they_undo_and_the_exception_that_ends_the_run_
     assert [step for step, _ in logged] == [1, 2, 3, 3, 3, 3]  # step 3 trained once, then after each rollback
     assert scalars(run_dir / "tensorboard")["progress/loss"] == sorted(dict(logged).items())  # the last of each step
     assert diverging.history.tensorboard is not None and diverging.history.tensorboard._writer is None  # closed
+
+
+def _worker(worker: int, port: int, lake: str, run_dir: str) -> None:
+    """One of two DDP workers (real gloo collectives, as --workers 2 runs them under Ray Train) on one run dir."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=worker, world_size=2)
+    try:
+        WorkerTrainer(tiny_config(Path(run_dir), Path(lake), *ON, "train.max_steps=3")).run()
+        (Path(run_dir) / f"pid-{worker}").write_text(str(os.getpid()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes that each load torch and train: ~37 s on 2 busy cores
+def test_only_rank_0_of_two_workers_writes_event_files(tmp_path: Path, small_lake: Path) -> None:
+    run_dir = tmp_path / "run"
+    mp.spawn(_worker, args=(free_port(), str(small_lake), str(run_dir)), nprocs=2, join=True)
+    files = list((run_dir / "tensorboard").iterdir())
+    rank_zero = (run_dir / "pid-0").read_text()
+    assert len(files) == 1 and files[0].name.split(".")[-2] == rank_zero  # events.out.tfevents.TIME.HOST.PID.N
+    found, rows = scalars(run_dir / "tensorboard"), read_history(run_dir / "metrics.jsonl")
+    assert found["progress/loss"] == as_logged(rows, "progress", "loss") and len(found["progress/loss"]) == 3
+    assert [step for step, _ in found["publish/version"]] == [2, 3]
 
 
 def test_a_sigterm_stop_closes_the_event_file(tmp_path: Path, small_lake: Path) -> None:
