@@ -6,9 +6,11 @@ so `tensorboard --logdir RUN_DIR/tensorboard` draws what metrics.jsonl holds. Th
 so only rank 0 writes here. The event file opens at the first record (the run dir is locked by then) and is
 flushed at each eval and closed when the run ends, however it ends.
 
-A resumed run, or one rolled back, adds a new event file to the same folder that tells TensorBoard to hide what
-the earlier file logged past the checkpoint it continues from (those steps are trained again), so the curves go
-on from the checkpoint's step. Failing to write event files (a full disk) is logged once and never stops the run.
+A resumed run, or one rolled back, adds a new event file to the same folder that starts with a purge step: the
+session start that tells TensorBoard to hide what the earlier files logged past the checkpoint it continues from
+(those steps are trained again), so the curves go on from the checkpoint's step. (TensorBoard's Rust loader,
+`--load_fast`, ignores it and drops a point only when its tag logs that step again, as the progress tags do.)
+Failing to write event files (a full disk) is logged once and never stops the run.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from streamssl.pipeline.run_state import RunState
 from streamssl.pipeline.sections import LogConfig
 from streamssl.pipeline.series.job import SeriesJob
 from tests.conftest import free_port, tiny_config, tiny_sets
+from tests.pipeline.series.test_forecast_cli import cli
+from tests.pipeline.series.test_forecast_cli import sets as forecast_sets
 from tests.pipeline.series.test_job import _config as series_config
 from tests.pipeline.series.test_job import _lake as series_lake
 from tests.pipeline.series.test_job import _series
@@ -151,7 +153,7 @@ def test_a_sigterm_stop_closes_the_event_file(tmp_path: Path, small_lake: Path) 
                                                        "--set", "log.tensorboard=true")
     assert returncode == 0 and "SIGTERM received" in stderr, stderr
     found, rows = scalars(run_dir / "tensorboard"), read_history(run_dir / "metrics.jsonl")
-    # the last records (the final publish) reach the event file only through the close at the end of the run
+    # everything up to the final publish is in the event file once the signalled process has exited
     assert found["publish/version"] == as_logged(rows, "publish", "version") != []
     assert found["progress/loss"] == as_logged(rows, "progress", "loss") != []
 
@@ -175,6 +177,21 @@ def test_the_series_job_writes_its_loss_and_rolling_nrmse(tmp_path: Path, one_th
     assert found["progress/loss"] == as_logged(rows, "progress", "loss") and len(found["progress/loss"]) == 3
     assert found["eval/rolling_nrmse"] == as_logged(rows, "eval", "rolling_nrmse") != []
     assert "progress/points_per_second" in found  # the progress line's own values
+
+
+def test_streamssl_forecast_writes_its_loss_and_validation_checks(tmp_path: Path, one_thread: None,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    csv = tmp_path / "series.csv"
+    csv.write_text("timestamp,value\n" + "".join(f"{t},{value}\n" for t, value in enumerate(_series(200))))
+    run_dir = tmp_path / "run"
+    cli(["forecast", "--series", str(csv), "--lag", "4", "--max-steps", "20", "--run-dir", str(run_dir),
+         *forecast_sets(tmp_path / "cache", *ON, "series.window=16", "series.trials=2")], capsys)
+    found, rows = scalars(run_dir / "tensorboard"), read_history(run_dir / "metrics.jsonl")
+    assert found["progress/loss"] == as_logged(rows, "progress", "loss") and len(found["progress/loss"]) == 20
+    evals = {f"eval/{name}" for row in rows if row["kind"] == "eval" for name, value in row.items()
+             if isinstance(value, float) and name not in ("time", "step", "samples_seen")}
+    assert evals and evals <= set(found), evals
+    assert [step for step, _ in found["publish/version"]] == [20]
 
 
 @pytest.mark.parametrize(("sets", "message"), [
