@@ -68,16 +68,16 @@ JOB_DEFAULTS: dict[Job, dict[str, Any]] = {
                  "checkpoint.publish_every": 0, "metrics.port": 0},
 }
 # The keys each job reads (a section name = all of it), besides the method's own section.
-_LOOP = ("method", "run_dir", "checkpoint", "publish", "metrics", "train.max_steps", "train.max_minutes", "train.device",
-         "train.seed", "train.deterministic", "train.log_every_seconds", "train.log_format", "train.nan_rollback_after",
-         "train.max_rollbacks", "eval.every_steps", "eval.every_seconds")
+_LOOP = ("method", "run_dir", "checkpoint", "publish", "metrics", "log", "train.max_steps", "train.max_minutes",
+         "train.device", "train.seed", "train.deterministic", "train.log_every_seconds", "train.log_format",
+         "train.nan_rollback_after", "train.max_rollbacks", "eval.every_steps", "eval.every_seconds")
 _OFFLINE_ONLY = ("series.points", "series.train_fraction", "series.val_fraction", "series.patience", "series.cache_dir",
                  "series.weight_decay")
 _CONTINUOUS_ONLY = ("series.series_column", "series.warmup_points", "series.history", "series.points_per_step",
                     "series.eval_points", "series.processes", "series.max_series")
 APPLIES: dict[Job, tuple[str, ...]] = {
     "images": ("method", "run_dir", "data", "kafka", "model", "augment", "optim", "train", "checkpoint", "publish", "eval",
-               "metrics", "aux", "replay", "distill", "drift"),
+               "metrics", "log", "aux", "replay", "distill", "drift"),
     "series": (*_LOOP, "train.audit_keys", "data.source", "data.mode", "data.poll_seconds", "kafka", "series"),
     "forecast": (*_LOOP, "data.source", "series"),
 }
@@ -290,8 +290,10 @@ def validate(cfg: Config, job: Job) -> None:
 
         parse_source(cfg.data.source)
     from streamssl.pipeline.notify import check_targets
+    from streamssl.pipeline.tensorboard_log import check_tensorboard
 
     check_targets(cfg)
+    check_tensorboard(cfg, job)
     t, c = cfg.train, cfg.checkpoint
     at_least_one: dict[str, float] = {"checkpoint.keep": c.keep, "train.nan_rollback_after": t.nan_rollback_after}
     at_least_zero: dict[str, float] = {"train.max_steps": t.max_steps, "train.max_minutes": t.max_minutes,

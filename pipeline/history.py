@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from streamssl.pipeline.run_state import RunState
+from streamssl.pipeline.sections import LogConfig
+from streamssl.pipeline.tensorboard_log import TensorBoardLog, event_dir
 
 # Progress lines measured 290-430 bytes (moco, swav, deepcluster): every 10 s, 2.5-3.7 MB a day, so one part
 # holds 9-13 days and at least that much history is kept.
@@ -28,9 +30,25 @@ def rotated(path: Path) -> Path:
 
 
 class History:
-    def __init__(self, path: Path, enabled: bool = True, max_bytes: int = MAX_BYTES) -> None:
+    """Appends the run's records to `path` (the run dir's metrics.jsonl) and, with `log.tensorboard` on, to
+    TensorBoard event files (pipeline/tensorboard_log.py); disabled (ranks other than 0), it writes nothing."""
+
+    def __init__(self, path: Path, enabled: bool = True, max_bytes: int = MAX_BYTES,
+                 log_cfg: LogConfig | None = None) -> None:
         self.path, self.enabled, self.max_bytes = Path(path), enabled, max_bytes
         self._checked_tail = False
+        self.tensorboard: TensorBoardLog | None = None
+        if enabled and log_cfg is not None and log_cfg.tensorboard:
+            self.tensorboard = TensorBoardLog(event_dir(log_cfg, self.path.parent))
+
+    def restart(self, step: int) -> None:
+        """The run goes on from the checkpoint of `step` (a resume, a rollback); what was logged past it is stale."""
+        if self.tensorboard is not None:
+            self.tensorboard.restart(step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def append(self, kind: str, state: RunState, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -48,6 +66,8 @@ class History:
             text = text.lstrip("\n")
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(text)
+        if self.tensorboard is not None:
+            self.tensorboard.write(kind, state.step, values)
 
     def _separator(self) -> str:
         """"\\n" when the file ends in a torn line (no newline), else ""."""

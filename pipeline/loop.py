@@ -88,7 +88,7 @@ class Loop:
         self.checkpointer = checkpointer or Checkpointer(self.paths.checkpoints, keep=cfg.checkpoint.keep)
         self.commits = CommitJournal(self.paths.root, self.collective)  # what Kafka commits say, and the last ones
         self.publisher = Publisher(self.paths.published)
-        self.history = History(self.paths.history, enabled=self.collective.rank == 0)
+        self.history = History(self.paths.history, enabled=self.collective.rank == 0, log_cfg=cfg.log)
         self.release = Release(self)
         self.evaluate, self.publish = self.release.evaluate, self.release.publish  # rank 0's eval and publishing
         self.state = RunState()
@@ -150,6 +150,7 @@ class Loop:
                               ckpt.get("eval_step", int(metrics.get("knn_step", -1))),
                               position_from_dict(ckpt.get("first_source", {})))
         self._checkpointed = (self.state.step, self.state.position)
+        self.history.restart(self.state.step)
         log.info("resumed from %s at step %d (%d samples seen)", path.name, self.state.step, self.state.samples_seen)
         return True
 
@@ -173,6 +174,7 @@ class Loop:
         log.warning("rolled back from step %d to %s (rollback %d of at most %d)", self.state.step, path.name,
                     self._rollbacks, cfg.max_rollbacks)
         self.state.step, self.state.samples_seen = ckpt["step"], ckpt["samples_seen"]
+        self.history.restart(self.state.step)
 
     def save_checkpoint(self) -> None:
         started = time.perf_counter()
@@ -312,6 +314,7 @@ class Loop:
             if self.dead_letter_topic is not None:
                 self.dead_letter_topic.close()
             self.release.close()  # delivers the publish notifications still queued
+            self.history.close()
             self.metrics.close()
             self.lock.release()
         return self.state
@@ -367,9 +370,10 @@ class Loop:
                 waited = next(iter(self.metrics.wait_seconds.collect())).samples[0].value  # its _total, however labelled
                 fields = {"samples_per_second": rate, "loss": last_loss, **logs,
                           "input_wait_share": (waited - last_log_wait) / (now - last_log_time)}
-                self.history.append("progress", state, fields)
-                if self.collective.rank == 0:
-                    self.progress_log.progress(self.task.progress(rate, now - last_log_time, last_loss, logs), state, fields)
+                if self.collective.rank == 0:  # the history gets the line's own values too (the LR, points/s)
+                    line = self.task.progress(rate, now - last_log_time, last_loss, logs)
+                    self.history.append("progress", state, {**fields, **getattr(line, "fields", {})})
+                    self.progress_log.progress(line, state, fields)
                 last_log_time, last_log_samples, last_log_wait = now, state.samples_seen, waited
             if self.checkpoint_due(now - last_checkpoint_time):
                 self.save_checkpoint()

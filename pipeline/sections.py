@@ -215,6 +215,16 @@ class MetricsConfig:
 
 
 @dataclass
+class LogConfig:
+    """TensorBoard event files of the run's history (pipeline/tensorboard_log.py), besides RUN_DIR/metrics.jsonl."""
+
+    # also write the progress, eval and publish values (loss, LR, samples/s, kNN top-1, drift AUC, nRMSE, version) as
+    # TensorBoard scalars at their optimizer step; needs `pip install streamssl[tensorboard]`
+    tensorboard: bool = False
+    tensorboard_dir: str = ""  # where the event files go: "" = RUN_DIR/tensorboard; a relative path is under the run dir
+
+
+@dataclass
 class AuxConfig:
     """Pretext tasks added to any method as weighted auxiliary heads (0 = off)."""
 
@@ -331,6 +341,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     aux: AuxConfig = field(default_factory=AuxConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

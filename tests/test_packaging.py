@@ -62,15 +62,19 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
          "streamssl: error: streamssl forecast needs 'pip install streamssl[series]'"),
         (["run", "--data", "s3://bucket/lake/", "--run-dir", str(tmp_path / "o"), "--metrics-port", "0"],
          "streamssl: error: s3:// needs 'pip install streamssl[s3]'"),
+        (["run", "--run-dir", str(tmp_path / "t"), "--metrics-port", "0", "--set", "log.tensorboard=true"],
+         "streamssl: error: log.tensorboard needs 'pip install streamssl[tensorboard]'"),
     ]
-    done = subprocess.run([sys.executable, "-c", WITHOUT, "kafka,ray,pyarrow,s3fs", json.dumps([argv for argv, _ in cases])],
+    done = subprocess.run([sys.executable, "-c", WITHOUT, "kafka,ray,pyarrow,s3fs,tensorboard",
+                           json.dumps([argv for argv, _ in cases])],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     outputs = re.split(r"^--- exit (\d+)\n", done.stderr, flags=re.MULTILINE)
     for (argv, line), stderr, code in zip(cases, outputs[0::2], outputs[1::2], strict=False):
         assert (stderr, code) == (line + "\n", "2"), argv
     assert len(outputs) == 2 * len(cases) + 1 and outputs[-1] == ""
-    assert not (tmp_path / "k").exists() and not (tmp_path / "s").exists()  # refused before the run dir is made
+    for refused in ("k", "s", "t"):  # refused before the run dir is made
+        assert not (tmp_path / refused).exists()
 
 
 def test_require_names_the_extra_for_a_module_that_is_not_installed() -> None:
@@ -100,7 +104,7 @@ def _requirements(extra: str | None = None) -> list[Requirement]:
 
 
 def test_all_is_every_feature_extra_and_test_has_all() -> None:
-    features = {"kafka", "ray", "series", "onnx", "report", "s3"}
+    features = {"kafka", "ray", "series", "onnx", "report", "s3", "tensorboard"}
     assert set(PROJECT["optional-dependencies"]) == features | {"all", "bench", "test"}
     assert {str(r) for r in _requirements("all")} == {str(r) for name in features for r in _requirements(name)}
     assert {str(r) for r in _requirements("all")} <= {str(r) for r in _requirements("test")}
