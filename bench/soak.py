@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--shard-seconds", type=float, default=20.0, help="one new shard of 128 images this often")
     parser.add_argument("--checkpoint-seconds", type=float, default=60.0)
     parser.add_argument("--sample-seconds", type=float, default=10.0)
+    parser.add_argument("--samples-out", default="", help="also write every sample to this CSV file")
     args = parser.parse_args()
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
@@ -120,6 +121,7 @@ def main() -> None:
         samples: list[tuple[float, float, int, float]] = []
         started = time.monotonic()
         last: dict[str, float] = {}
+        trained_at = float("inf")  # when the first step was seen: start-up (imports, baselines) is not the steady state
         while process.poll() is None:
             time.sleep(args.sample_seconds)
             if process.poll() is not None:
@@ -127,11 +129,18 @@ def main() -> None:
             samples.append((time.monotonic() - started, _rss_mb(process.pid), _open_files(process.pid), _du_mb(run_dir)))
             with contextlib.suppress(OSError):
                 last = _scrape(port)
+            if last.get("streamssl_steps_total", 0) > 0:
+                trained_at = min(trained_at, samples[-1][0])
         stop.set()
         code = process.wait()
         print(f"exit code {code}; {len(samples)} samples over {samples[-1][0] / 60:.1f} min" if samples else f"exit {code}")
-        # After warm-up; memory compared by the minimum of each window, so that an eval's transient peak does not count.
-        samples = [s for s in samples if s[0] >= 120] or samples
+        if args.samples_out:
+            Path(args.samples_out).write_text("seconds,rss_mb,open_files,run_dir_mb\n" + "".join(
+                f"{t:.0f},{rss:.1f},{fds},{du:.2f}\n" for t, rss, fds, du in samples))
+        # After warm-up (a minute past the first step); memory compared by the minimum of each window, so that an
+        # eval's transient peak does not count.
+        print(f"first step seen after {trained_at:.0f} s; warm-up ends a minute later")
+        samples = [s for s in samples if s[0] >= trained_at + 60] or samples
         window = max(1, len(samples) // 5)
         warm = min(samples[:window], key=lambda s: s[1])
         end = min(samples[-window:], key=lambda s: s[1])
