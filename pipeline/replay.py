@@ -19,6 +19,7 @@ resumed run draws and evicts exactly as a straight one.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import torch
@@ -49,6 +50,8 @@ class ReplayBuffer:
         self.nn_sim = torch.full((capacity,), -2.0, device=device)  # cosine to the nearest other record (-2: none)
         self.nn_index = torch.zeros(capacity, dtype=torch.long, device=device)
         self.size = self.arrived = self.evicted = self.dropped = self.next_slot = 0
+        # host seconds in add and refresh since start (not checkpointed): its rate is the buffer's share of the time
+        self.update_seconds = 0.0
         self.generator = torch.Generator().manual_seed(seed)
 
     @property
@@ -64,12 +67,14 @@ class ReplayBuffer:
     def add(self, images: Tensor, ids: Tensor, features: Tensor) -> None:
         """Arrivals, in order, by the policy: each decision sees the writes of the arrivals before it in the call,
         as if they came one by one; the images, ids and fifo/reservoir features are written in bulk after."""
+        started = time.perf_counter()
         features = F.normalize(features.float(), dim=1)
         if self.policy == "minred":
             slots, arrivals = self._minred_slots(features)
         else:
             slots, arrivals = self._fifo_or_reservoir_slots(len(features))
         self._write(slots, arrivals, images, ids, features if self.policy != "minred" else None)
+        self.update_seconds += time.perf_counter() - started
 
     def _fifo_or_reservoir_slots(self, count: int) -> tuple[Tensor, Tensor]:
         """Where each arrival goes: the empty slots first, then the policy's victim; dropped arrivals are left out."""
@@ -150,10 +155,14 @@ class ReplayBuffer:
     @torch.no_grad()
     def refresh(self, slots: Tensor, features: Tensor) -> None:
         """Features that training just computed for replayed records."""
+        started = time.perf_counter()
         features = F.normalize(features.float(), dim=1)
         self.features[slots] = features
-        if self.policy != "minred":
-            return
+        if self.policy == "minred":
+            self._refresh_neighbours(slots, features)
+        self.update_seconds += time.perf_counter() - started
+
+    def _refresh_neighbours(self, slots: Tensor, features: Tensor) -> None:
         # all written first, so no feature moves in the loop: the full rows of the refreshed records and of every
         # record that may lose its neighbour (one pointing at a refreshed slot) are one matrix product
         suspects = self._pointing_at(slots)
@@ -208,7 +217,8 @@ class ReplayBuffer:
 
     def logs(self) -> dict[str, float]:
         logs = {"replay_fill": self.size / self.capacity, "replay_bytes": float(self.nbytes),
-                "replay_evicted": float(self.evicted), "replay_dropped": float(self.dropped)}
+                "replay_evicted": float(self.evicted), "replay_dropped": float(self.dropped),
+                "replay_update_seconds": self.update_seconds}
         if self.policy == "minred" and self.size > 1:  # maintained anyway; exact for the others: `redundancy()`
             logs["replay_redundancy"] = float(self.nn_sim[:self.size].mean())
         return logs
