@@ -87,7 +87,7 @@ class LoopReplayBuffer(ReplayBuffer):
 
 def exact_features(count: int, dim: int, generator: torch.Generator, earlier: Tensor | None) -> Tensor:
     """Unit vectors of 1 x ±1, 4 x ±1/2, 16 x ±1/4 or 2 x ±1/2 + 8 x ±1/4 entries (every product and sum exact),
-    scaled by a power of two (normalising them is exact too); a quarter repeat an earlier arrival exactly."""
+    scaled by a power of two (normalising them is exact too); one in five repeats an earlier arrival exactly."""
     rows = []
     for _ in range(count):
         pattern = int(torch.randint(5, (1,), generator=generator))
