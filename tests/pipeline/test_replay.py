@@ -101,3 +101,12 @@ def test_resume_draws_and_evicts_exactly_as_a_straight_run() -> None:
     for name in ("images", "ids", "features", "nn_sim", "nn_index"):
         assert torch.equal(getattr(resumed, name), getattr(straight, name)), name
     assert torch.equal(resumed.draw(8), straight.draw(8))
+
+
+def test_update_seconds_count_the_time_in_add_and_refresh() -> None:
+    buf = buffer(16, "minred")
+    assert buf.logs()["replay_update_seconds"] == 0.0
+    add(buf, list(range(20)), torch.randn(20, 4))
+    after_add = buf.logs()["replay_update_seconds"]
+    buf.refresh(buf.draw(4), torch.randn(4, 4))
+    assert 0 < after_add < buf.logs()["replay_update_seconds"] < 60
