@@ -140,7 +140,8 @@ def main() -> None:
         # After warm-up (a minute past the first step); memory compared by the minimum of each window, so that an
         # eval's transient peak does not count.
         print(f"first step seen after {trained_at:.0f} s; warm-up ends a minute later")
-        samples = [s for s in samples if s[0] >= trained_at + 60] or samples
+        # ... and before the budget ends (the final eval, checkpoint and publish, the loader already gone, are shutdown).
+        samples = [s for s in samples if trained_at + 60 <= s[0] < 60 * args.minutes] or samples
         window = max(1, len(samples) // 5)
         warm = min(samples[:window], key=lambda s: s[1])
         end = min(samples[-window:], key=lambda s: s[1])
