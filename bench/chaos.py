@@ -46,6 +46,7 @@ from bench.chaos_checks import (
 )
 from bench.chaos_kills import (
     INSIDE,
+    LOADER_REPLACED,
     TRAINER_AIMS,
     Kill,
     Target,
@@ -322,7 +323,7 @@ def verdict(source: Source, target: Target, kills: list[Kill], asked: int) -> li
     checks.append(Check("dead letters", str(sum(reasons.values())) + (f" {dict(reasons)}" if reasons else ""),
                         "0 (every record is good)", not reasons))
     if "loader" in source.kinds:  # the trainer's own log line for each loader it replaced
-        replaced = target.log_path.read_text(errors="replace").count("restarting it at the last position")
+        replaced = target.log_path.read_text(errors="replace").count(LOADER_REPLACED)
         wanted = sum(1 for kill in kills if kill.kind == "loader" and kill.hit.startswith("loader pid"))
         checks.append(Check("loaders replaced by the trainer", str(replaced), f"= {wanted} loader kills", replaced == wanted))
     checkpoints, newest = check_checkpoints(run_dir)

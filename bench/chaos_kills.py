@@ -26,6 +26,8 @@ TRAINER_AIMS = ("startup", "random", "checkpoint-write", "checkpoint-renamed", "
 POLL_SECONDS = 0.005
 AIM_SECONDS = 90.0  # an aim that saw nothing in this long kills anyway (and says so)
 ORPHAN_SECONDS = 10.0  # how long a dead trainer's loader may outlive it
+LOADER_REPLACED = "restarting it at the last position"  # the trainer's log line for a loader it replaced
+LOADER_REPLACE_SECONDS = 30.0  # how long a loader kill waits for that line before the next kill
 # What an aim returns when it killed nothing (the kill is logged, not counted as delivered).
 EXITED, NO_STEP, NO_LOADER = "exited before the aim", "no step to aim after", "no loader process found"
 INSIDE = "(still there after the kill)"  # what a kill aimed at a temp file adds when it landed inside the write
@@ -235,9 +237,23 @@ def kill_loader(target: Target, rng: random.Random) -> str:
         return NO_STEP if target.process is not None else EXITED
     time.sleep(rng.uniform(0, 1.0))
     loaders = loader_pids(target.pid) if target.process is not None else []
+    replaced = _replacements(target)
     for pid in loaders:
         os.kill(pid, signal.SIGKILL)
+    # The next kill waits for the trainer to notice and replace its loader: a trainer killed a moment later would
+    # never log the replacement this kill is there to check.
+    deadline = time.monotonic() + LOADER_REPLACE_SECONDS
+    while loaders and _replacements(target) == replaced and not target.exited() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return f"loader pid {loaders[0]}" if loaders else NO_LOADER
+
+
+def _replacements(target: Target) -> int:
+    """How many times the trainer's log says it replaced its loader."""
+    try:
+        return target.log_path.read_text(errors="replace").count(LOADER_REPLACED)
+    except OSError:
+        return 0
 
 
 def kill_broker(broker: Any, target: Target, rng: random.Random) -> str:
