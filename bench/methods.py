@@ -6,6 +6,9 @@ is scored by `streamssl eval` (60k bank, 10k test, k=200, T=0.1) next to raw pix
 (fed as trained encoders are). The goal, the untrained encoder + 2 points, prints next to every row.
 
     .venv/bin/python bench/methods.py [--samples 150000] [--methods moco,swav,...] [-- --set key=value ...]
+
+`--baselines '{"raw_pixels": …, "untrained": …, "untrained_unnormalised_input": …}'` reuses the baselines line an
+earlier run printed (the same seed and data score the same), so that a table measured in parts skips them.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=150_000, help="training samples per method")
     parser.add_argument("--methods", default=",".join(sorted(METHODS)))
     parser.add_argument("--keep", default="", help="keep the run dirs (and published encoders) under this folder")
+    parser.add_argument("--baselines", default="", help="an earlier run's baselines line (JSON) instead of scoring them")
     parser.add_argument("run_args", nargs="*", help="passed to every `streamssl run` (after --)")
     args = parser.parse_args()
     print(json.dumps(machine()), flush=True)
-    base = baselines()
+    base = json.loads(args.baselines) if args.baselines else baselines()
     print(json.dumps(base), flush=True)
     goal = base["untrained"] + GOAL_OVER_UNTRAINED
     rows: list[dict[str, object]] = []

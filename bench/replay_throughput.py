@@ -7,7 +7,10 @@ minutes apart, under the same load, even on a shared machine.
 
 With `replay.share` s, each step trains on (1 - s) arriving and s replayed records, so 1 / (1 - s) training samples
 per arriving one (2 at 0.5): the arriving rate is that much lower by construction. The goal (>= 0.9 of without) is
-read on training samples/s, which is what the buffer's own cost lowers.
+read on training samples/s, which is what the buffer's own cost lowers. `--share 0` is K = 1: each arriving record
+trains once and the buffer is filled, evicted and kept current (features, MinRed's neighbours) as in every other
+setting, but nothing is drawn from it, so the arriving and training rates are the same and the goal is read as
+stated, on arriving samples/s.
 """
 
 from __future__ import annotations
