@@ -6,9 +6,20 @@ L2-normalised embedding per instance from earlier visits; an image's embedding i
 to its own bank entry than to other instances' entries, under a softmax with temperature. The full
 softmax over all instances is approximated, as in the paper, by sampling a few thousand bank entries.
 The bank's bookkeeping (which slot holds a record, sampling, writing a batch) is in models/memory_bank.py.
+
+On a stream the paper's positive fails: an instance comes back rarely (never, in one pass), so its entry is an
+embedding by a much earlier encoder. Measured (150k samples, 2.5 passes over Fashion-MNIST): the first pass is all
+misses and trains only the uniformity half of the objective, and at the revisits the loss rose above ln(m + 1),
+the entries being further from their records than random negatives; the encoder ended 12 points below the
+untrained one. So by default (`positive="view"`) the positive is what the entry stands for, an embedding of the
+same instance under another augmentation, taken now: a second view, embedded without gradient. The bank keeps its
+role as the source of negatives, written as in the paper. `positive="bank"` is the paper's.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +28,7 @@ from torch import Tensor, nn
 from streamssl.models.distributed import gather_from_all
 from streamssl.models.losses import info_nce
 from streamssl.models.memory_bank import lookup, sample_filled_slots, write_bank
-from streamssl.models.method import Method, embedding_std
+from streamssl.models.method import Method, ViewSpec, embedding_std
 
 
 class NPID(Method):
@@ -35,6 +46,8 @@ class NPID(Method):
             ImageNet runs use 0.07].
         momentum: bank entry <- normalize(m · entry + (1 - m) · new embedding) on a revisit [0.5, the
             paper's].
+        positive: "view": the embedding of a second augmented view, without gradient (the module docstring
+            says why); "bank": the paper's, the record's bank entry on a hit (see Loss) ["view"].
 
     The bank of a stream cannot hold every instance, so it is a cache: `bank_size / ways` sets of `ways`
     slots, the record with id `i` may live in any slot of set `i mod num_sets`, and `bank_ids` (the tag)
@@ -57,7 +70,8 @@ class NPID(Method):
           and miss again next time.
 
     Loss: for each embedding f with positive v and the sampled entries n_1..n_m, the cross-entropy of
-    [f·v, f·n_1, ..., f·n_m] / tau with target 0 (`info_nce`), averaged over the whole batch. A miss
+    [f·v, f·n_1, ..., f·n_m] / tau with target 0 (`info_nce`), averaged over the whole batch. With
+    `positive="view"`, v is the second view's embedding for every record. With "bank", the paper's: a miss
     has no entry yet; its positive is its own embedding, detached: the entry its slot is about to hold,
     as the paper's v_i <- f_i would write it. Its positive logit is then a constant (f·f = 1), so its
     only gradient pushes f away from the sampled entries (the uniformity half of the NCE objective)
@@ -65,7 +79,7 @@ class NPID(Method):
     train nothing). Negatives are drawn only from written slots, never from empty ones, but may include
     a batch member's own entry (as in the paper, where one of m draws among all instances rarely is).
     Before anything is written (the first step of a run) there is no entry to draw: each record's
-    negatives are then the other records of its batch, detached.
+    negatives are then the other records' positives in its batch.
 
     Bank writes happen in `commit_step()` (staged by `forward`), so a step with a non-finite loss never
     touches the bank; with several workers every worker writes the whole global batch, so the banks stay
@@ -88,7 +102,7 @@ class NPID(Method):
     bank_clock: Tensor
 
     name = "npid"
-    num_views = 1
+    num_views = 1  # the paper's; `views()` asks for a second with positive="view"
 
     def __init__(
         self,
@@ -101,6 +115,7 @@ class NPID(Method):
         negatives: int = 4096,
         temperature: float = 0.1,
         momentum: float = 0.5,
+        positive: Literal["view", "bank"] = "view",
     ) -> None:
         super().__init__(backbone, feature_dim)
         if bank_size < 1 or ways < 1 or negatives < 1:
@@ -111,6 +126,7 @@ class NPID(Method):
         self.negatives = negatives
         self.temperature = temperature
         self.momentum = momentum
+        self.positive = positive
         self.head = nn.Linear(feature_dim, dim)
         # Slot s belongs to set s // ways: the slots of a set are contiguous rows.
         self.register_buffer("bank", torch.zeros(bank_size, dim))
@@ -118,23 +134,34 @@ class NPID(Method):
         self.register_buffer("bank_written", torch.full((bank_size,), -1, dtype=torch.long))
         self.register_buffer("bank_clock", torch.zeros((), dtype=torch.long))
 
+    def views(self) -> ViewSpec:
+        return replace(super().views(), full=2 if self.positive == "view" else 1)
+
     def forward(self, views: list[Tensor], ids: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if ids is None:
             raise ValueError("NPID needs the record ids: its memory bank is indexed by them")
-        embeddings = F.normalize(self.head(self.backbone(views[0])).float(), dim=1)  # f = normalize(W·backbone(x))
+        embeddings = self._embed(views[0])  # f = normalize(W·backbone(x))
         ids = ids.to(self.bank_ids.device)
         _, hits, slots = lookup(self.bank_ids, ids, self.ways)
         filled = self.bank_ids >= 0
-        # A hit's positive is its entry v_i; a miss's is the entry it is about to write, its own f (detached).
-        positives = torch.where(hits[:, None], self.bank[slots], embeddings.detach())
+        if self.positive == "view":
+            with torch.no_grad():
+                positives = self._embed(views[1])
+        else:  # a hit's positive is its entry v_i; a miss's the entry it is about to write, its own f (detached)
+            positives = torch.where(hits[:, None], self.bank[slots], embeddings.detach())
         loss = info_nce(embeddings, positives, self.bank[sample_filled_slots(filled, self.negatives)], self.temperature)
         # Nothing written yet (the run's first step): the batch's other records are the negatives. A `where`,
         # not an `if`: choosing on the device needs no host sync.
-        loss = torch.where(filled.any(), loss, _other_records_loss(embeddings, self.temperature))
+        first = _other_records_loss(embeddings, embeddings.detach() if self.positive == "bank" else positives,
+                                    self.temperature)
+        loss = torch.where(filled.any(), loss, first)
         # Gathered now (every worker reaches this point together), written only once the step is taken.
         all_embeddings, all_ids = gather_from_all(embeddings.detach()), gather_from_all(ids)
         self.stage(lambda: self._write(all_embeddings, all_ids))
         return loss, self._logs(embeddings, hits, filled)
+
+    def _embed(self, images: Tensor) -> Tensor:
+        return F.normalize(self.head(self.backbone(images)).float(), dim=1)  # float32: autocast may give bf16
 
     @torch.no_grad()
     def _write(self, embeddings: Tensor, ids: Tensor) -> None:
@@ -150,8 +177,8 @@ class NPID(Method):
         }
 
 
-def _other_records_loss(embeddings: Tensor, temperature: float) -> Tensor:
-    """NPID's loss with each record's own detached embedding as its positive and the batch's others as negatives."""
-    # Row i: [f_i·f_j]_j, the diagonal is the positive; float32 as in `info_nce` (bf16 autocast).
-    logits = (embeddings @ embeddings.detach().T).float() / temperature
+def _other_records_loss(embeddings: Tensor, positives: Tensor, temperature: float) -> Tensor:
+    """NPID's loss with each record's positive on the diagonal and the batch's other positives as negatives."""
+    # Row i: [f_i·v_j]_j, the diagonal is the positive; float32 as in `info_nce` (bf16 autocast).
+    logits = (embeddings @ positives.T).float() / temperature
     return F.cross_entropy(logits, torch.arange(len(embeddings), device=embeddings.device))

@@ -1,5 +1,6 @@
 """NPID: set-associative memory bank (hits, misses, LRU eviction, one batch's conflicts), staged writes,
-negatives from written slots only, a loss on misses and on the very first step, resume."""
+negatives from written slots only, a loss on misses and on the very first step, resume; the bank tests run the
+paper's positive (`positive="bank"`), and the default, a second view's embedding, has tests of its own."""
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:std\(\). degrees of freedom:Use
 
 def _tiny_npid(**options: object) -> NPID:
     backbone, feature_dim = build_backbone("convnet", 1)
-    options = {"dim": 8, "bank_size": BANK, "ways": WAYS, "negatives": NEGATIVES, **options}
+    options = {"dim": 8, "bank_size": BANK, "ways": WAYS, "negatives": NEGATIVES, "positive": "bank", **options}
     # eval BN: an image's embedding does not depend on the rest of its batch, so tests can recompute it
     return NPID(backbone, feature_dim, **options).eval()
 
@@ -132,6 +133,48 @@ def test_a_revisit_is_a_hit_whose_positive_is_its_entry_then_moved_by_momentum()
     torch.testing.assert_close(npid.bank[slots], F.normalize(0.3 * entries + 0.7 * embeddings[:2], dim=1))
     assert [_slot_of(npid, i) for i in (0, 1)] == slots  # a hit stays where it is
     torch.testing.assert_close(npid.bank[_slot_of(npid, 40)], embeddings[2])
+
+
+def test_by_default_the_positive_is_a_second_views_embedding_without_gradient() -> None:
+    torch.manual_seed(0)
+    npid = _tiny_npid(positive="view")
+    assert npid.views().full == 2 and _tiny_npid().views().full == 1
+    _step_views(npid, [0, 1, 2, 3])
+    first, second, ids = _images(4), _images(4), torch.tensor([0, 1, 40, 41])  # two hits, two misses: the same rule
+    negatives = _reference_negatives(npid)
+
+    loss, logs = npid([first, second], ids)
+
+    torch.testing.assert_close(loss.detach(), info_nce(_embed(npid, first), _embed(npid, second), negatives, 0.1))
+    assert logs["bank_hit_ratio"].item() == 0.5
+    loss.backward()
+    grads = [p.grad.clone() for p in npid.head.parameters()]
+    npid.zero_grad()
+    info_nce(_embed_with_grad(npid, first), _embed(npid, second), negatives, 0.1).backward()
+    for grad, expected in zip(grads, (p.grad for p in npid.head.parameters()), strict=True):
+        torch.testing.assert_close(grad, expected)  # nothing flows through the second view
+    npid.commit_step()
+    torch.testing.assert_close(npid.bank[_slot_of(npid, 40)], _embed(npid, first)[2])  # the bank gets view 1
+
+
+def test_by_default_the_first_step_contrasts_each_view_with_the_batchs_other_second_views() -> None:
+    torch.manual_seed(0)
+    npid = _tiny_npid(positive="view")
+    first, second = _images(), _images()
+
+    loss, _ = npid([first, second], torch.arange(8))
+
+    expected = F.cross_entropy(_embed(npid, first) @ _embed(npid, second).T / 0.1, torch.arange(8))
+    torch.testing.assert_close(loss.detach(), expected)
+
+
+def _embed_with_grad(npid: NPID, images: torch.Tensor) -> torch.Tensor:
+    return F.normalize(npid.head(npid.backbone(images)), dim=1)
+
+
+def _step_views(npid: NPID, ids: list[int]) -> None:
+    npid([_images(len(ids)), _images(len(ids))], torch.tensor(ids))
+    npid.commit_step()
 
 
 def test_negatives_are_drawn_uniformly_from_written_slots_only() -> None:

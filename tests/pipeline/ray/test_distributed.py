@@ -87,7 +87,7 @@ def _methods_step(worker: int) -> dict[str, Any]:
     torch.manual_seed(100 + worker)  # different images per worker
     views = [torch.rand(BATCH, 1, 28, 28), torch.rand(BATCH, 1, 28, 28)]
     ids = torch.arange(BATCH) + 10 * worker
-    for method, inputs in ((moco, (views,)), (swav, (views,)), (npid, (views[:1], ids))):
+    for method, inputs in ((moco, (views,)), (swav, (views,)), (npid, (views, ids))):
         method(*inputs)
         method.commit_step()  # the trainer's call after a taken step applies the staged queue/bank writes
     return {"keys": local_keys[0], "moco_queue": moco.queue.clone(), "moco_ptr": int(moco.queue_ptr),
