@@ -152,9 +152,8 @@ class NPID(Method):
         loss = info_nce(embeddings, positives, self.bank[sample_filled_slots(filled, self.negatives)], self.temperature)
         # Nothing written yet (the run's first step): the batch's other records are the negatives. A `where`,
         # not an `if`: choosing on the device needs no host sync.
-        first = _other_records_loss(embeddings, embeddings.detach() if self.positive == "bank" else positives,
-                                    self.temperature)
-        loss = torch.where(filled.any(), loss, first)
+        # (with "bank" every record is then a miss, so its positive is its own detached embedding)
+        loss = torch.where(filled.any(), loss, _other_records_loss(embeddings, positives, self.temperature))
         # Gathered now (every worker reaches this point together), written only once the step is taken.
         all_embeddings, all_ids = gather_from_all(embeddings.detach()), gather_from_all(ids)
         self.stage(lambda: self._write(all_embeddings, all_ids))
