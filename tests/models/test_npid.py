@@ -135,26 +135,65 @@ def test_a_revisit_is_a_hit_whose_positive_is_its_entry_then_moved_by_momentum()
     torch.testing.assert_close(npid.bank[_slot_of(npid, 40)], embeddings[2])
 
 
-def test_by_default_the_positive_is_a_second_views_embedding_without_gradient() -> None:
+@pytest.mark.parametrize("key_momentum", [0.99, 0.0])
+def test_by_default_the_positive_is_a_second_views_embedding_without_gradient(key_momentum: float) -> None:
     torch.manual_seed(0)
-    npid = _tiny_npid(positive="view")
+    npid = _tiny_npid(positive="view", key_momentum=key_momentum)
     assert npid.views().full == 2 and _tiny_npid().views().full == 1
-    _step_views(npid, [0, 1, 2, 3])
+    _sgd_step(npid, [0, 1, 2, 3])  # the online encoder moves; a key encoder follows it only by momentum
     first, second, ids = _images(4), _images(4), torch.tensor([0, 1, 40, 41])  # two hits, two misses: the same rule
     negatives = _reference_negatives(npid)
+    keys = _embed_keys(npid, second) if key_momentum else _embed(npid, second)
+    assert not key_momentum or not torch.allclose(keys, _embed(npid, second), atol=1e-4)
 
     loss, logs = npid([first, second], ids)
 
-    torch.testing.assert_close(loss.detach(), info_nce(_embed(npid, first), _embed(npid, second), negatives, 0.1))
+    torch.testing.assert_close(loss.detach(), info_nce(_embed(npid, first), keys, negatives, 0.1))
     assert logs["bank_hit_ratio"].item() == 0.5
     loss.backward()
     grads = [p.grad.clone() for p in npid.head.parameters()]
     npid.zero_grad()
-    info_nce(_embed_with_grad(npid, first), _embed(npid, second), negatives, 0.1).backward()
+    info_nce(_embed_with_grad(npid, first), keys, negatives, 0.1).backward()
     for grad, expected in zip(grads, (p.grad for p in npid.head.parameters()), strict=True):
         torch.testing.assert_close(grad, expected)  # nothing flows through the second view
     npid.commit_step()
-    torch.testing.assert_close(npid.bank[_slot_of(npid, 40)], _embed(npid, first)[2])  # the bank gets view 1
+    # The bank gets the key encoder's second view (consistent across writes); without one, the online first view.
+    written = keys[2] if key_momentum else _embed(npid, first)[2]
+    torch.testing.assert_close(npid.bank[_slot_of(npid, 40)], written)
+
+
+def test_the_key_encoder_follows_the_online_one_by_momentum_only_when_the_step_is_taken() -> None:
+    torch.manual_seed(0)
+    npid = _tiny_npid(positive="view", key_momentum=0.9)
+    before = [p.clone() for p in npid.key_head.parameters()]
+    _sgd_step(npid, [0, 1, 2, 3], commit=False)
+    npid.discard_step()
+    for key, old in zip(npid.key_head.parameters(), before, strict=True):
+        torch.testing.assert_close(key, old, rtol=0, atol=0)
+    _sgd_step(npid, [0, 1, 2, 3])
+    for key, old, online in zip(npid.key_head.parameters(), before, npid.head.parameters(), strict=True):
+        assert not torch.equal(online, old)
+        torch.testing.assert_close(key, 0.9 * old + 0.1 * online)
+    state = set(npid.state_dict())
+    assert "key_head.weight" in state and {f"key_backbone.{name}" for name, _ in npid.backbone.named_parameters()} <= state
+    assert not any(p.requires_grad for p in npid.key_backbone.parameters())
+    assert not hasattr(_tiny_npid(), "key_head")  # the paper's positive has no key encoder
+
+
+def _sgd_step(npid: NPID, ids: list[int], commit: bool = True) -> None:
+    """forward, backward, one SGD step on the online encoder, then commit_step as the trainer does."""
+    optimizer = torch.optim.SGD([p for p in npid.parameters() if p.requires_grad], lr=0.5)
+    loss, _ = npid([_images(len(ids)), _images(len(ids))], torch.tensor(ids))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    if commit:
+        npid.commit_step()
+
+
+@torch.no_grad()
+def _embed_keys(npid: NPID, images: torch.Tensor) -> torch.Tensor:
+    return F.normalize(npid.key_head(npid.key_backbone(images)), dim=1)
 
 
 def test_by_default_the_first_step_contrasts_each_view_with_the_batchs_other_second_views() -> None:
