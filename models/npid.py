@@ -18,7 +18,7 @@ role as the source of negatives, written as in the paper. `positive="bank"` is t
 That alone still fell below the untrained encoder (150k samples: 68–74%, embedding std down to 0.004): the online
 encoder moves too fast for its own bank, so the negatives are inconsistent with each other and with the query, as
 MoCo measured for a key encoder without momentum. So the second view and the bank writes come from a momentum copy
-of the encoder (`key_momentum`, MoCo's), which moved the same 150k-sample run from 68.4% to 79.6%.
+of the encoder (`key_momentum`, MoCo's), which moved it to 79.6% at 150k samples.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class NPID(Method):
         filled = self.bank_ids >= 0
         if self.positive == "view":
             with torch.no_grad():
-                positives = self._embed_keys(views[1]) if self.keyed else self._embed(views[1])
+                positives = self._embed(views[1], keys=self.keyed)
         else:  # a hit's positive is its entry v_i; a miss's the entry it is about to write, its own f (detached)
             positives = torch.where(hits[:, None], self.bank[slots], embeddings.detach())
         loss = info_nce(embeddings, positives, self.bank[sample_filled_slots(filled, self.negatives)], self.temperature)
@@ -177,12 +177,9 @@ class NPID(Method):
         self.stage(lambda: self._write(all_embeddings, all_ids))
         return loss, self._logs(embeddings, hits, filled)
 
-    def _embed(self, images: Tensor) -> Tensor:
-        return F.normalize(self.head(self.backbone(images)).float(), dim=1)  # float32: autocast may give bf16
-
-    @torch.no_grad()
-    def _embed_keys(self, images: Tensor) -> Tensor:
-        return F.normalize(self.key_head(self.key_backbone(images)).float(), dim=1)
+    def _embed(self, images: Tensor, keys: bool = False) -> Tensor:
+        backbone, head = (self.key_backbone, self.key_head) if keys else (self.backbone, self.head)
+        return F.normalize(head(backbone(images)).float(), dim=1)  # float32: autocast may give bf16
 
     @torch.no_grad()
     def _momentum_update_keys(self) -> None:

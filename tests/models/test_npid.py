@@ -211,11 +211,6 @@ def _embed_with_grad(npid: NPID, images: torch.Tensor) -> torch.Tensor:
     return F.normalize(npid.head(npid.backbone(images)), dim=1)
 
 
-def _step_views(npid: NPID, ids: list[int]) -> None:
-    npid([_images(len(ids)), _images(len(ids))], torch.tensor(ids))
-    npid.commit_step()
-
-
 def test_negatives_are_drawn_uniformly_from_written_slots_only() -> None:
     torch.manual_seed(0)
     npid = _tiny_npid(negatives=4000)
