@@ -114,7 +114,12 @@ def test_an_image_checkpoint_written_before_typed_positions_resumes_where_a_stra
     assert resumed.keys == straight.keys[2 * 32:]  # the same records, from exactly where the old run stopped
     assert resumed.state.position == straight.state.position
     expected, got = straight.method.state_dict(), resumed.method.state_dict()
-    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
+    # Bit for bit only on a CPU whose kernels round as the fixture's did (written on AVX2). On AVX-512, measured
+    # after 4 steps: up to 7.5e-5 in the conv weights, 6e-4 relative in the BN running variances; a state the
+    # resume lost would be off by orders of magnitude more. Integer state stays exact.
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=2e-3, atol=2e-4, msg=name)
 
 
 def test_resume_with_a_full_minred_buffer_and_a_snapshot_is_bit_exact(tmp_path: Path, small_lake: Path) -> None:

@@ -54,18 +54,21 @@ def _config(run_dir: Path, data: Path, method: str = "forecast", *sets: str, mod
     return cfg
 
 
-def _assert_same(a: Any, b: Any, where: str = "") -> None:
+def _assert_same(a: Any, b: Any, where: str = "", close: bool = False) -> None:
+    """Equal, recursively; with `close`, floats only to within kernel rounding (integers stay exact)."""
     assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
+    if close and (isinstance(a, float) or (isinstance(a, torch.Tensor) and a.is_floating_point())):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-4, msg=where)
+    elif isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
+            _assert_same(a[key], b[key], f"{where}.{key}", close)
     elif isinstance(a, list | tuple):
         assert len(a) == len(b), where
         for index, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{index}]")
+            _assert_same(x, y, f"{where}[{index}]", close)
     else:
         assert a == b, where
 
@@ -374,8 +377,8 @@ def _old_layout_config(run_dir: Path, data: Path, steps: int) -> Any:
 
 def test_a_checkpoint_written_before_the_one_loop_resumes_exactly_where_a_straight_run_is(tmp_path: Path) -> None:
     # OLD_CHECKPOINT was written by the series job as it was before pipeline/loop.py (commit bb62cee): 5 steps
-    # of the forecaster on the series below. Resumed by today's code it must continue bit for bit where a
-    # straight run of today's code is after 10 steps.
+    # of the forecaster on the series below. Resumed by today's code it must continue where a straight run of
+    # today's code is after 10 steps (bit for bit on the fixture's kind of CPU).
     t = np.arange(160)
     data = tmp_path / "series"
     data.mkdir()
@@ -392,7 +395,8 @@ def test_a_checkpoint_written_before_the_one_loop_resumes_exactly_where_a_straig
     # the straight run's at its first point; everything the next step depends on is the same.
     old, new = _resumable_state(resumed), _resumable_state(straight)
     assert old.pop("first_source")["row"] > new.pop("first_source")["row"]
-    _assert_same(old, new)
+    # Floats bit for bit only on a CPU whose kernels round as the fixture's did (written on AVX2, not AVX-512).
+    _assert_same(old, new, close=True)
 
 
 def test_repeated_nan_in_a_series_run_rolls_back_and_the_stream_goes_on(tmp_path: Path) -> None:
