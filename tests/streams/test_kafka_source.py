@@ -161,7 +161,9 @@ class _RawHeaderName(str):
 @pytest.mark.timeout(60)  # before the fix kafka-python's poll spun for ever on the bad record
 def test_a_record_kafka_python_cannot_parse_is_rejected_and_reading_goes_on(kafka_broker: Tansu) -> None:
     topic = new_topic(kafka_broker, partitions=1)
-    producer = kafka_module().KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    # linger: the three records sent without waiting below must share one batch even when a loaded machine's sender
+    # thread would otherwise ship the first alone (seen once under CI load: lost-4 then arrived readable)
+    producer = kafka_module().KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all", linger_ms=300)
     producer.send(topic, key=b"good-0", value=b"v").get(timeout=10)
     producer.send(topic, key=b"bad-1", value=b"v", headers=[(_RawHeaderName("x"), b"1")]).get(timeout=10)
     producer.send(topic, key=b"good-2", value=b"v").get(timeout=10)
